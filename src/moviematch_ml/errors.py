@@ -1,0 +1,89 @@
+"""The project's exceptions: one base class and a small tree, mapped to HTTP in ``api/errors.py``.
+
+    MovieMatchError
+    ├── InputError ............ a request the service refuses (HTTP 4xx)
+    │   └── FieldError ........ one field broke one rule (HTTP 422)
+    ├── ModelError ............ the model could not be loaded; the service falls back
+    │   ├── ModelNotFound
+    │   ├── ModelChecksumError
+    │   └── ModelFormatError
+    ├── DataError ............. a training data file is malformed (file, line, column)
+    ├── StoreError ............ the feedback store could not read or write
+    └── ConfigError ........... a setting is invalid
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MovieMatchError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InputError(MovieMatchError):
+    """A request the service refuses; ``status`` is its HTTP status."""
+
+    status = 400
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class FieldError(InputError):
+    """One field of a request broke one rule: carries the field's location, the rule and the offending value."""
+
+    status = 422
+
+    def __init__(self, loc: str, rule: str, value: Any) -> None:
+        self.loc = loc
+        self.rule = rule
+        self.value = value
+        super().__init__(f"{loc}: {rule} (got {_short(value)})")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ModelError(MovieMatchError):
+    """The model could not be loaded; the service answers with the fallback rule instead."""
+
+
+class ModelNotFound(ModelError):
+    """No model card or model file at the configured path."""
+
+
+class ModelChecksumError(ModelError):
+    """The model file's sha256 does not match the one in its model card."""
+
+
+class ModelFormatError(ModelError):
+    """The model card or model file is not in a format this version reads."""
+
+
+class DataError(MovieMatchError):
+    """A training data file is malformed; the message names the file, line and column."""
+
+    def __init__(self, path: str, message: str, *, line: int | None = None, column: str | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.column = column
+        where = path
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class StoreError(MovieMatchError):
+    """The feedback store could not read or write."""
+
+
+class ConfigError(MovieMatchError):
+    """A setting is invalid."""

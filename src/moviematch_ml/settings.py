@@ -1,0 +1,60 @@
+"""Service settings: read once from the environment at the edge (the CLI or the ASGI factory) and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variables use the upper-case field name (``MODEL_PATH``...)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, protected_namespaces=("settings_",))
+
+    host: str = Field("0.0.0.0", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port (Railway sets PORT).")
+    workers: int = Field(1, ge=1, le=64, description="Server worker processes.")
+    model_path: Path | None = Field(
+        None, description="Model directory or model_card.json; unset means the model bundled in the package."
+    )
+    log_level: LogLevel = Field("info", description="Minimum level of the JSON log lines.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS; '*' allows any origin, without credentials.",
+    )
+    cors_allow_credentials: bool = Field(
+        False, description="Send Access-Control-Allow-Credentials; refused together with '*'."
+    )
+    max_batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most movies in one /predict-batch.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes).")
+    graceful_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
+    database_url: str = Field(
+        "sqlite:///moviematch.sqlite3",
+        description="Feedback store: SQLite file by default, postgresql://... for PostgreSQL.",
+    )
+    redis_url: str | None = Field(None, description="Optional Redis for shared state and the prediction cache.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("cors_allow_credentials")
+    @classmethod
+    def _no_credentials_with_wildcard(cls, value: bool, info: object) -> bool:
+        data = getattr(info, "data", {})
+        if value and "*" in data.get("cors_origins", []):
+            # Browsers reject "Access-Control-Allow-Origin: *" on credentialed requests: the design document's
+            # allow_origins=["*"] with allow_credentials=True never worked, so it is refused here, loudly.
+            raise ValueError("CORS_ALLOW_CREDENTIALS cannot be true when CORS_ORIGINS contains '*'")
+        return value
