@@ -1,0 +1,289 @@
+"""The feedback store: ratings and per-user / per-movie state in SQLite (default) or PostgreSQL, via SQLAlchemy.
+
+The database is the one place replicas share: every replica writes ratings and reads state here, so two service
+processes behind Railway's load balancer see the same users. Writes are one transaction each (the ratings and
+the state they change commit together), so a 2xx from /feedback means the rating is on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from moviematch_ml.errors import ConfigError, StoreError
+from moviematch_ml.feedback import Feedback
+
+metadata = MetaData()
+
+feedback_table = Table(
+    "feedback",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("feedback_id", String(64), nullable=False, unique=True),
+    Column("user_id", String(128), nullable=False),
+    Column("movie_id", String(128), nullable=False),
+    Column("rating", Float, nullable=False),
+    Column("rated_at", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("prediction_id", String(128), nullable=True),
+    Index("ix_feedback_user_id", "user_id", "id"),
+    Index("ix_feedback_movie_id", "movie_id"),
+)
+
+user_state_table = Table(
+    "user_state",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("rating_sum", Float, nullable=False),
+    Column("rating_sumsq", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+movie_state_table = Table(
+    "movie_state",
+    metadata,
+    Column("movie_id", String(128), primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("rating_sum", Float, nullable=False),
+    Column("rating_sumsq", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+MIGRATIONS_DIR: Final[Path] = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Running totals of ratings (0-10 scale) for one user or movie."""
+
+    n: int
+    rating_sum: float
+    rating_sumsq: float
+
+    @property
+    def mean(self) -> float:
+        return self.rating_sum / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """What one write did: for each submitted rating, whether it was newly stored or a duplicate."""
+
+    stored: tuple[bool, ...]
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.stored)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.stored) - self.accepted
+
+
+def engine_url(url: str) -> str:
+    """Normalise a DATABASE_URL: Railway and Heroku hand out ``postgres://``; we drive PostgreSQL with psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith(("sqlite://", "postgresql+psycopg://")):
+        return url
+    raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql:// (got {url.split(':', 1)[0]}://...)")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine; SQLite gets WAL with synchronous=FULL so a commit survives a power cut."""
+    real = engine_url(url)
+    if real.startswith("sqlite"):
+        engine = create_engine(real, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(real, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class FeedbackStore:
+    """Durable, idempotent storage of feedback ratings and the running per-user and per-movie totals."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str, *, migrate: bool = True) -> FeedbackStore:
+        store = cls(make_engine(url))
+        if migrate:
+            store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to run from several replicas at once)."""
+        from moviematch_ml.migrations import upgrade
+
+        try:
+            upgrade(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not migrate the feedback store: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def add(self, ratings: Sequence[Feedback], *, received_at: float | None = None) -> StoreResult:
+        """Store ratings not seen before (by ``feedback_id``) and update the totals they change, in one transaction."""
+        if not ratings:
+            return StoreResult(())
+        now = time.time() if received_at is None else received_at
+        rows = [
+            {
+                "feedback_id": r.feedback_id,
+                "user_id": r.user_id,
+                "movie_id": r.movie_id,
+                "rating": r.rating,
+                "rated_at": r.rated_at,
+                "received_at": now,
+                "prediction_id": r.prediction_id,
+            }
+            for r in ratings
+        ]
+        try:
+            with self.engine.begin() as conn:
+                stmt = (
+                    _insert(conn, feedback_table)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["feedback_id"])
+                    .returning(feedback_table.c.feedback_id)
+                )
+                new_ids = {row[0] for row in conn.execute(stmt)}
+                stored: list[bool] = []
+                seen: set[str] = set()
+                for r in ratings:
+                    # A key repeated inside one request is stored once: its first occurrence.
+                    is_new = r.feedback_id in new_ids and r.feedback_id not in seen
+                    seen.add(r.feedback_id)
+                    stored.append(is_new)
+                fresh = [r for r, s in zip(ratings, stored, strict=True) if s]
+                self._bump(conn, user_state_table, "user_id", ((r.user_id, r.rating) for r in fresh), now)
+                self._bump(conn, movie_state_table, "movie_id", ((r.movie_id, r.rating) for r in fresh), now)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not store feedback: {exc.__class__.__name__}") from exc
+        return StoreResult(tuple(stored))
+
+    @staticmethod
+    def _bump(conn: Connection, table: Table, key: str, pairs: Iterable[tuple[str, float]], now: float) -> None:
+        totals: dict[str, list[float]] = {}
+        for k, rating in pairs:
+            t = totals.setdefault(k, [0.0, 0.0, 0.0])
+            t[0] += 1
+            t[1] += rating
+            t[2] += rating * rating
+        if not totals:
+            return
+        values = [
+            {key: k, "n": int(t[0]), "rating_sum": t[1], "rating_sumsq": t[2], "updated_at": now}
+            for k, t in sorted(totals.items())  # sorted: a fixed lock order, so two writers cannot deadlock
+        ]
+        stmt = _insert(conn, table).values(values)
+        # Increments, not overwrites: two replicas adding ratings for the same user at once both count.
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[key],
+            set_={
+                "n": table.c.n + stmt.excluded.n,
+                "rating_sum": table.c.rating_sum + stmt.excluded.rating_sum,
+                "rating_sumsq": table.c.rating_sumsq + stmt.excluded.rating_sumsq,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+        conn.execute(stmt)
+
+    def _counts(self, table: Table, key: str, ids: Iterable[str]) -> dict[str, Counts]:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        col = table.c[key]
+        out: dict[str, Counts] = {}
+        try:
+            with self.engine.connect() as conn:
+                # Chunked IN lists: SQLite caps bound parameters, and a 10,000-movie batch is one round trip per
+                # 900 ids rather than one per movie.
+                for start in range(0, len(wanted), 900):
+                    chunk = wanted[start : start + 900]
+                    q = select(col, table.c.n, table.c.rating_sum, table.c.rating_sumsq).where(col.in_(chunk))
+                    for k, n, s, ss in conn.execute(q):
+                        out[k] = Counts(int(n), float(s), float(ss))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read {table.name}: {exc.__class__.__name__}") from exc
+        return out
+
+    def user_counts(self, user_ids: Iterable[str]) -> dict[str, Counts]:
+        return self._counts(user_state_table, "user_id", user_ids)
+
+    def movie_counts(self, movie_ids: Iterable[str]) -> dict[str, Counts]:
+        return self._counts(movie_state_table, "movie_id", movie_ids)
+
+    def user_ratings(self, user_id: str) -> list[tuple[str, float]]:
+        """The user's ratings in arrival order (movie_id, rating): what the collaborative fold-in needs."""
+        q = (
+            select(feedback_table.c.movie_id, feedback_table.c.rating)
+            .where(feedback_table.c.user_id == user_id)
+            .order_by(feedback_table.c.id)
+        )
+        try:
+            with self.engine.connect() as conn:
+                return [(m, float(r)) for m, r in conn.execute(q)]
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
+
+    def iter_ratings(self, batch: int = 10_000) -> Iterator[tuple[str, str, float, float]]:
+        """Every stored rating (user_id, movie_id, rating 0-10, rated_at) in arrival order, for retraining."""
+        last = 0
+        cols = (feedback_table.c.id, feedback_table.c.user_id, feedback_table.c.movie_id)
+        with self.engine.connect() as conn:
+            while True:
+                q = (
+                    select(*cols, feedback_table.c.rating, feedback_table.c.rated_at)
+                    .where(feedback_table.c.id > last)
+                    .order_by(feedback_table.c.id)
+                    .limit(batch)
+                )
+                rows = conn.execute(q).all()
+                if not rows:
+                    return
+                for row_id, u, m, r, t in rows:
+                    last = int(row_id)
+                    yield u, m, float(r), float(t)

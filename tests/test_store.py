@@ -1,0 +1,126 @@
+"""The feedback store against real SQLite files and the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from moviematch_ml.errors import ConfigError
+from moviematch_ml.feedback import Feedback, parse_feedback
+from moviematch_ml.store import FeedbackStore, engine_url
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _pg_schema_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema per test, dropped afterwards, so tests never see each other's rows."""
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(PG_ADMIN)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    else:
+        yield from _pg_schema_url()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[FeedbackStore]:
+    s = FeedbackStore.from_url(db_url)
+    yield s
+    s.close()
+
+
+def _fb(fid: str, user: str, movie: str, rating: float, t: float = 100.0) -> Feedback:
+    return Feedback(fid, user, movie, rating, t, None)
+
+
+def test_ratings_are_stored_once_and_totals_follow(store: FeedbackStore) -> None:
+    first = store.add([_fb("a", "u1", "m1", 8.0), _fb("b", "u1", "m2", 6.0), _fb("c", "u2", "m1", 4.0)])
+    assert first.stored == (True, True, True)
+    again = store.add([_fb("a", "u1", "m1", 8.0), _fb("d", "u2", "m2", 10.0)])
+    assert again.stored == (False, True)
+    assert (again.accepted, again.duplicates) == (1, 1)
+    assert store.count() == 4
+    users = store.user_counts(["u1", "u2", "nobody"])
+    assert set(users) == {"u1", "u2"}
+    assert (users["u1"].n, users["u1"].rating_sum, users["u1"].rating_sumsq) == (2, 14.0, 100.0)
+    assert users["u2"].mean == 7.0  # (4 + 10) / 2
+    movies = store.movie_counts(["m1", "m2"])
+    assert (movies["m1"].n, movies["m1"].mean) == (2, 6.0)
+    assert store.user_ratings("u1") == [("m1", 8.0), ("m2", 6.0)]
+
+
+def test_a_key_repeated_inside_one_request_counts_once(store: FeedbackStore) -> None:
+    result = store.add([_fb("same", "u", "m", 5.0), _fb("same", "u", "m", 5.0)])
+    assert result.stored == (True, False)
+    assert store.user_counts(["u"])["u"].n == 1
+
+
+def test_retried_keyed_request_stores_nothing_new(store: FeedbackStore) -> None:
+    body = {"ratings": [{"user_id": 3, "movie_id": 9, "rating": 7}, {"user_id": 3, "movie_id": 10, "rating": 2}]}
+    assert store.add(parse_feedback(body, "req-42", 1.0)).accepted == 2
+    assert store.add(parse_feedback(body, "req-42", 2.0)).accepted == 0
+    assert store.user_counts(["3"])["3"].n == 2
+
+
+def test_bulk_lookup_beyond_one_in_list_chunk(store: FeedbackStore) -> None:
+    store.add([_fb(f"f{i}", "u", f"m{i}", float(i % 11)) for i in range(2000)])
+    got = store.movie_counts([f"m{i}" for i in range(2100)])
+    assert len(got) == 2000
+    assert got["m1999"].rating_sum == float(1999 % 11)
+
+
+def test_iter_ratings_returns_everything_in_arrival_order(store: FeedbackStore) -> None:
+    store.add([_fb(f"f{i}", f"u{i % 3}", f"m{i}", 5.0, t=float(i)) for i in range(25)])
+    rows = list(store.iter_ratings(batch=7))
+    assert [r[3] for r in rows] == [float(i) for i in range(25)]
+
+
+def test_concurrent_writers_lose_no_increment(db_url: str) -> None:
+    # Two stores (as two replicas would have) add ratings for the same user at the same time.
+    a, b = FeedbackStore.from_url(db_url), FeedbackStore.from_url(db_url)
+
+    def write(s: FeedbackStore, tag: str) -> None:
+        for i in range(20):
+            s.add([_fb(f"{tag}{i}", "shared", f"m{i}", 1.0)])
+
+    threads = [threading.Thread(target=write, args=(s, t)) for s, t in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = a.user_counts(["shared"])["shared"]
+    assert (counts.n, counts.rating_sum) == (40, 40.0)
+    a.close()
+    b.close()
+
+
+def test_migrations_are_idempotent(db_url: str) -> None:
+    FeedbackStore.from_url(db_url).close()
+    s = FeedbackStore.from_url(db_url)  # second upgrade to head is a no-op
+    assert s.count() == 0
+    s.close()
+
+
+def test_database_url_normalisation() -> None:
+    assert engine_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert engine_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert engine_url("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(ConfigError, match="mysql"):
+        engine_url("mysql://u@h/db")
