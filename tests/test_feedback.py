@@ -37,7 +37,9 @@ def test_idempotency_key_and_index_make_the_key() -> None:
 
 def test_timestamps_unix_and_iso() -> None:
     [a] = parse_feedback({"user_id": 1, "movie_id": 2, "rating": 5, "timestamp": 86400}, None, NOW)
-    [b] = parse_feedback({"user_id": 1, "movie_id": 2, "rating": 5, "timestamp": "1970-01-02T00:00:00+00:00"}, None, NOW)
+    [b] = parse_feedback(
+        {"user_id": 1, "movie_id": 2, "rating": 5, "timestamp": "1970-01-02T00:00:00+00:00"}, None, NOW
+    )
     assert a.rated_at == b.rated_at == 86400.0
 
 

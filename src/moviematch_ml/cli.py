@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moviematch_ml.errors import MovieMatchError
+
+if TYPE_CHECKING:
+    from moviematch_ml.data import Dataset
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -17,27 +22,151 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # --- serve (owned by the API work) ---------------------------------------------------------------------
-    serve = sub.add_parser("serve", help="run the prediction service")
+    serve = sub.add_parser(
+        "serve", help="run the prediction service", description="Run the prediction service (settings: environment)."
+    )
+    serve.add_argument("--host", help="interface to bind (default: HOST, else 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="TCP port (default: PORT, else 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: WORKERS, else 1)")
     serve.set_defaults(func=_serve)
 
     # --- train / evaluate (owned by the training work) -----------------------------------------------------
     train = sub.add_parser("train", help="train a model and write its model card and report")
+    _add_data_options(train)
+    train.add_argument("--out", type=Path, default=Path("model"), help="directory for model.txt and model_card.json")
+    train.add_argument("--report-dir", type=Path, help="directory for report.md and the plots (default: --out)")
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate every model and baseline on a protocol")
+    _add_data_options(evaluate)
+    evaluate.add_argument("--protocol", choices=("temporal", "kfold"), default="temporal")
+    evaluate.add_argument("--folds", type=int, default=5, help="folds of the kfold protocol (default 5)")
+    evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
     evaluate.set_defaults(func=_evaluate)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    """Run uvicorn on the app factory; each worker reads the settings from the environment once."""
+    import math
+    import signal
+    import types
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from moviematch_ml.api.app import ENV_ONLY
+    from moviematch_ml.errors import ConfigError
+    from moviematch_ml.logs import log_config
+    from moviematch_ml.settings import Settings
+
+    try:
+        settings = Settings(**ENV_ONLY)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+
+    def _graceful_exit(sig: int, frame: types.FrameType | None) -> None:
+        """Once uvicorn has drained the requests it re-raises SIGTERM; a graceful stop is a success (exit 0)."""
+
+    # uvicorn installs its own handler while serving and restores this one afterwards.
+    signal.signal(signal.SIGTERM, _graceful_exit)
+    uvicorn.run(
+        "moviematch_ml.api.app:app_from_env",
+        factory=True,
+        host=args.host if args.host is not None else settings.host,
+        port=args.port if args.port is not None else settings.port,
+        workers=workers,
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level,
+        access_log=False,  # the request middleware writes one JSON line per request instead
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout),
+        proxy_headers=True,
+        loop="auto",  # uvloop when installed (uvicorn[standard]), else asyncio
+        http="auto",  # httptools when installed, else h11
+    )
+    return 0
+
+
+# --- train / evaluate (owned by the training work) ---------------------------------------------------------
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("movielens-small",), help="built-in data set (default if no --ratings)")
+    p.add_argument("--ratings", type=Path, help="ratings.csv in the MovieLens ml-latest layout")
+    p.add_argument("--movies", type=Path, help="movies.csv in the MovieLens ml-latest layout")
+    p.add_argument("--movie-metadata", type=Path, help="per-movie vote_average,vote_count,popularity,release_year")
+    p.add_argument("--rating-scale", choices=("1-5", "0.5-5", "1-10"), help="rating scale (default: detected)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (folds, LightGBM)")
+
+
+def _load_dataset(args: argparse.Namespace) -> Dataset:
+    from moviematch_ml import data
+    from moviematch_ml.errors import DataError
+
+    if args.ratings is None and args.movies is None:
+        if args.movie_metadata is not None:
+            raise DataError("--movie-metadata", "only applies to --ratings/--movies files")
+        if args.rating_scale is not None:
+            raise DataError("--rating-scale", "the built-in data set is on the 0.5-5 scale; give --ratings instead")
+        return data.load_movielens_small()
+    if args.dataset is not None:
+        raise DataError("--dataset", "give either --dataset or --ratings/--movies, not both")
+    if args.ratings is None or args.movies is None:
+        raise DataError("--ratings" if args.ratings is None else "--movies", "--ratings and --movies go together")
+    scale = data.parse_scale(args.rating_scale) if args.rating_scale else None
+    return data.load_csv(args.ratings, args.movies, args.movie_metadata, scale)
 
 
 def _train(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from datetime import UTC, datetime
+
+    from moviematch_ml.report import write_report
+    from moviematch_ml.training import TrainConfig, train_six_feature_model, write_model
+
+    dataset = _load_dataset(args)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = train_six_feature_model(dataset, TrainConfig(seed=args.seed), created_at=now, progress=True)
+    card_file = write_model(args.out, result)
+    report = write_report(args.report_dir or args.out, result)
+    t = result.card.training
+    six = result.card.metrics["models"]["six_features"]
+    print(
+        f"wrote {card_file.parent / result.card.model_file} ({t['num_trees']} trees, {t['num_leaves_total']} leaves), "
+        f"{card_file} and {report}\nversion {result.card.version}; temporal hold-out RMSE {six['rmse']}, "
+        f"NDCG@10 {six['ndcg@10']}"
+    )
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import json
+    import math
+
+    from moviematch_ml.evaluation import evaluate
+
+    dataset = _load_dataset(args)
+    summary = evaluate(dataset, args.protocol, folds=args.folds, seed=args.seed)
+
+    def clean(x: object) -> object:
+        # JSON has no NaN: a metric that cannot be computed (e.g. no cold users in k-fold) is null.
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    if args.json:
+        print(json.dumps(clean(summary), sort_keys=False))
+        return 0
+    print(f"{summary['protocol']}: train {summary['n_train']:,} ratings, test {summary['n_test']:,}")
+    print(f"{'model':<14}{'RMSE':>8}{'MAE':>8}{'NDCG@10':>9}{'RMSE cold':>11}")
+    for name, m in summary["models"].items():
+        print(f"{name:<14}{m['rmse']:>8.4f}{m['mae']:>8.4f}{m['ndcg@10']:>9.4f}{m['rmse_cold_users']:>11.4f}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

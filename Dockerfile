@@ -1,0 +1,35 @@
+# The prediction service: python:3.11-slim, dependencies pinned by requirements.txt, run as a non-root user.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# LightGBM's wheel links OpenMP (libgomp.so.1), which the slim image does not ship.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /build
+# Dependencies first: this layer is reused until requirements.txt changes.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-deps . && rm -rf /build
+
+RUN useradd --create-home --uid 10001 app
+USER app
+# The default feedback store (sqlite:///moviematch.sqlite3) is a file in the working directory: make it writable.
+WORKDIR /home/app
+
+# Railway (and most platforms) set PORT; the service reads it itself, so no shell is needed to expand it.
+ENV PORT=8000
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('PORT', '8000'), timeout=2)" || exit 1
+
+# Exec form: the server is PID 1 and receives SIGTERM itself, so in-flight requests can finish on a redeploy.
+CMD ["moviematch-ml", "serve"]

@@ -1,0 +1,314 @@
+"""Benchmark: start the service and the common-way reference app, drive both with wrk over loopback, print a table.
+
+    python bench/run.py [--duration 10] [--workers 2] [--skip-reference] [--json results.json]
+
+Needs wrk (Debian: ``apt-get install wrk``) and scikit-learn for the reference app (``pip install -e '.[bench]'``).
+Traffic goes to 127.0.0.1 only; every run is bounded by --duration per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+LUA = """
+local bodies = {}
+local i = 0
+init = function(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  i = math.random(#bodies)
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def features(rng: random.Random) -> dict[str, float | int]:
+    """Realistic, varied inputs: TMDB-like vote counts are heavy-tailed, most films are a few years old."""
+    return {
+        "n_shared_genres": rng.randint(0, 4),
+        "vote_average": round(rng.uniform(2.0, 9.5), 1),
+        "vote_count": int(rng.paretovariate(1.2) * 50),
+        "is_favorite_genre": rng.randint(0, 1),
+        "years_since_release": rng.randint(0, 60),
+        "popularity": round(rng.expovariate(1 / 40.0), 3),
+    }
+
+
+def batch_body(rng: random.Random, n: int, user: int | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"movies": [{"movie_id": rng.randint(1, 200_000), **features(rng)} for _ in range(n)]}
+    if user is not None:
+        body["user_id"] = user
+    return body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def tree_rss_mb(pid: int) -> tuple[float, float]:
+    """(largest single process, whole tree) resident memory in MB, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    todo, rss = [pid], []
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss.append(int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return (max(rss, default=0.0), sum(rss))
+
+
+@dataclass
+class Result:
+    app: str
+    scenario: str
+    connections: int
+    rows_per_request: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    rows_per_s: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def run_wrk(url: str, bodies: Path, connections: int, duration: int, lua: Path) -> tuple[float, float, float, int]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url, "--", str(bodies)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in m.groups())
+    return rps, p50, p99, errors
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def post_json(url: str, body: object) -> object:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per scenario (default 10)")
+    ap.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
+    ap.add_argument("--skip-reference", action="store_true", help="do not run the common-way reference app")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    rng = random.Random(7)
+    tmp = Path(tempfile.mkdtemp(prefix="mmbench-"))
+    lua = tmp / "bodies.lua"
+    lua.write_text(LUA)
+
+    def bodies(name: str, items: list[object]) -> Path:
+        path = tmp / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(b, separators=(",", ":")) + "\n" for b in items))
+        return path
+
+    single = bodies("single", [features(rng) for _ in range(5000)])
+    batches = {
+        n: bodies(f"batch{n}", [batch_body(rng, n) for _ in range(k)]) for n, k in ((100, 200), (1000, 40), (10_000, 6))
+    }
+    known_users = list(range(1, 201))
+    personal_single = bodies(
+        "psingle",
+        [{**features(rng), "user_id": rng.choice(known_users), "movie_id": rng.randint(1, 2000)} for _ in range(5000)],
+    )
+    personal_batch = bodies("pbatch1000", [batch_body(rng, 1000, rng.choice(known_users)) for _ in range(40)])
+
+    results: list[Result] = []
+    extra: dict[str, float] = {}
+    py = sys.executable
+
+    # --- our service -------------------------------------------------------------------------------------------
+    port = free_port()
+    env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}"}
+    proc = start(
+        [
+            py,
+            "-m",
+            "moviematch_ml.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+        ],
+        env,
+        tmp / "service.log",
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        # Cold start: from spawning the process to the ready probe answering 200.
+        extra["cold_start_s"] = wait_ready(base + "/health/ready", 60)
+        # Seed feedback so the personalised scenarios hit known users (skipped if the endpoint is absent).
+        try:
+            for u in known_users:
+                ratings = [
+                    {"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)
+                ]
+                post_json(base + "/feedback", {"ratings": ratings})
+            have_feedback = True
+        except OSError:
+            have_feedback = False
+        scenarios: list[tuple[str, str, Path, int, int]] = [
+            ("predict", "/predict", single, 64, 1),
+            ("batch 100", "/predict-batch", batches[100], 8, 100),
+            ("batch 1000", "/predict-batch", batches[1000], 8, 1000),
+            ("batch 10000", "/predict-batch", batches[10_000], 4, 10_000),
+        ]
+        if have_feedback:
+            scenarios += [
+                ("personalised predict", "/predict", personal_single, 64, 1),
+                ("personalised batch 1000", "/predict-batch", personal_batch, 8, 1000),
+            ]
+        for name, path, body_file, conns, rows in scenarios:
+            rps, p50, p99, errors = run_wrk(base + path, body_file, conns, args.duration, lua)
+            results.append(Result("moviematch", name, conns, rows, rps, p50, p99, rps * rows, errors))
+            print(f"  measured moviematch {name}: {rps:,.0f} req/s", file=sys.stderr)
+        extra["worker_rss_mb"], extra["total_rss_mb"] = tree_rss_mb(proc.pid)
+    finally:
+        stop(proc)
+
+    # --- the common way -----------------------------------------------------------------------------------------
+    if not args.skip_reference:
+        port = free_port()
+        proc = start(
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "reference_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--log-level",
+                "warning",
+                "--app-dir",
+                str(HERE),
+            ],
+            dict(os.environ),
+            tmp / "reference.log",
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base + "/openapi.json", 120)
+            for name, path, body_file, conns, rows in (
+                ("predict", "/predict", single, 64, 1),
+                ("batch 1000", "/predict-batch", batches[1000], 8, 1000),
+            ):
+                rps, p50, p99, errors = run_wrk(base + path, body_file, conns, args.duration, lua)
+                results.append(Result("reference", name, conns, rows, rps, p50, p99, rps * rows, errors))
+                print(f"  measured reference {name}: {rps:,.0f} req/s", file=sys.stderr)
+            extra["reference_worker_rss_mb"], _ = tree_rss_mb(proc.pid)
+        finally:
+            stop(proc)
+
+    ref = {r.scenario: r for r in results if r.app == "reference"}
+    print(
+        f"\n{'app':<11} {'scenario':<24} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'rows/s':>11} {'errors':>6} {'vs ref':>7}"
+    )
+    for r in results:
+        ratio = ""
+        if r.app == "moviematch" and r.scenario in ref:
+            ratio = f"{r.rows_per_s / ref[r.scenario].rows_per_s:.1f}x"
+        print(
+            f"{r.app:<11} {r.scenario:<24} {r.connections:>5} {r.requests_per_s:>9,.0f} {r.p50_ms:>7.2f} "
+            f"{r.p99_ms:>7.2f} {r.rows_per_s:>11,.0f} {r.errors:>6} {ratio:>7}"
+        )
+    base_row = {r.scenario: r for r in results if r.app == "moviematch"}
+    if "personalised predict" in base_row:
+        extra["personalised_predict_cost_ratio"] = (
+            base_row["predict"].requests_per_s / base_row["personalised predict"].requests_per_s
+        )
+    for k, v in extra.items():
+        print(f"{k}: {v:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results], **extra}, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

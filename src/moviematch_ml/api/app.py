@@ -1,0 +1,97 @@
+"""The FastAPI application: ``create_app(settings)`` for tests and embedding, ``app_from_env`` for uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
+
+from moviematch_ml import __version__
+from moviematch_ml.api import errors, schemas
+from moviematch_ml.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from moviematch_ml.api.routes import build_router
+from moviematch_ml.logs import configure_logging
+from moviematch_ml.serving import ModelHolder, PredictionService
+from moviematch_ml.settings import Settings
+
+# No keyword overrides: every field comes from the environment. (Spelt as ** so that mypy accepts the call with or
+# without the pydantic plugin, which is what tells it the fields have defaults.)
+ENV_ONLY: Final[dict[str, Any]] = {}
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Predicts the rating (0-10, the scale of TMDB's `vote_average`) a user would give a movie, from six
+features the app computes. Answers come from the trained model, or from a documented fallback rule when the model
+cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
+`{"error": "<code>", "message": "<text>", "detail": [...]}`. Every response carries `X-Request-ID`."""
+
+
+def create_app(settings: Settings, *, holder: ModelHolder | None = None) -> FastAPI:
+    """Build the service from its settings; the model is loaded by the lifespan, not here."""
+    model_holder = holder if holder is not None else ModelHolder(settings)
+    service = PredictionService(model_holder, max_batch_size=settings.max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model_holder.load()
+        ready = model_holder.warm_up()
+        log.info(
+            "service started",
+            extra={
+                "status": model_holder.status,
+                "model_version": model_holder.active.version,
+                "reason": model_holder.reason,
+                "ready": ready,
+            },
+        )
+        yield
+        log.info("service stopped")
+
+    app = FastAPI(
+        title="MovieMatch ML",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.holder = model_holder
+    app.state.service = service
+    app.include_router(build_router(model_holder, service, time.monotonic()))
+    errors.install(app)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Content-Type", "Authorization", REQUEST_ID_HEADER, "Idempotency-Key"],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
+    # Added last, so it is the outermost layer: CORS preflights and errors get a request id and a log line too.
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # The predict routes read their body themselves; their schemas are added here for the docs.
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas.request_components())
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory (``--factory``): reads Settings from the environment once, in each worker process."""
+    settings = Settings(**ENV_ONLY)
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,120 @@
+"""Pure ASGI middleware: request id, body size limit, last-resort 500 and one JSON access-log line per request."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Final
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moviematch_ml.api.errors import input_error_response, internal_error_response
+from moviematch_ml.errors import InputError
+from moviematch_ml.logs import ACCESS_LOGGER
+from moviematch_ml.serving import BodyTooLargeError
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+error_log = logging.getLogger("moviematch_ml.api")
+
+REQUEST_ID_HEADER: Final[str] = "X-Request-ID"
+MAX_REQUEST_ID_LENGTH: Final[int] = 128
+_HEADER_KEY: Final[bytes] = b"x-request-id"
+
+
+def valid_request_id(value: str) -> bool:
+    """A client's id is echoed into our headers and logs, so only short printable ASCII is trusted."""
+    return 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+def _request_id(scope: Scope) -> str:
+    for key, raw in scope["headers"]:
+        if key == _HEADER_KEY:
+            value: str = raw.decode("latin-1")
+            if valid_request_id(value):
+                return value
+            break
+    return os.urandom(16).hex()
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, raw in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(raw)
+            except ValueError:
+                return None
+    return None
+
+
+class RequestContextMiddleware:
+    """Outermost layer of the app, so that every response, errors and CORS preflights included, is covered.
+
+    Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started = True
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        limit = self.max_body_bytes
+        received = 0
+
+        async def receive_limited() -> Message:
+            # Content-Length is checked up front; this also catches chunked bodies that grow past the limit.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(f"request body is larger than {limit} bytes")
+            return message
+
+        try:
+            length = _content_length(scope)
+            if length is not None and length > limit:
+                response = input_error_response(
+                    BodyTooLargeError(f"request body of {length} bytes is larger than {limit} bytes")
+                )
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive_limited, send_with_id)
+        except InputError as exc:
+            if not started:
+                await input_error_response(exc)(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception(
+                "unhandled error", extra={"request_id": request_id, "method": scope["method"], "path": scope["path"]}
+            )
+            if not started:
+                await internal_error_response()(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
+                    "request_id": request_id,
+                },
+            )

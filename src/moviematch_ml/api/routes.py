@@ -1,0 +1,117 @@
+"""The HTTP routes: predictions (bytes in, bytes out through PredictionService), service info and health probes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from moviematch_ml import SERVICE_NAME, __version__
+from moviematch_ml.api import schemas
+from moviematch_ml.api.errors import not_ready_response
+from moviematch_ml.serving import ModelHolder, PredictionService, UnsupportedMediaTypeError
+
+# Bodies above this size are parsed and predicted in a worker thread so that one 10 000-movie batch does not stall
+# the event loop for every other request; small bodies stay inline, where a thread hop would cost more than it saves.
+THREADPOOL_BODY_BYTES: Final[int] = 64 * 1024
+
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON (NaN, Infinity and 1e999 too)."},
+    413: {"model": schemas.ErrorResponse, "description": "The body is larger than MAX_BODY_BYTES."},
+    415: {"model": schemas.ErrorResponse, "description": "Content-Type is set and is not JSON."},
+    422: {"model": schemas.ErrorResponse, "description": "A field is missing, unknown, or breaks its rule."},
+}
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _check_json(request: Request) -> None:
+    # A missing Content-Type is accepted as JSON (curl -d sends form encoding only when told nothing else).
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"Content-Type must be application/json (got {content_type!r})")
+
+
+def build_router(holder: ModelHolder, service: PredictionService, started_at: float) -> APIRouter:
+    """The routes, bound to one holder and one prediction service (no globals, so tests can build many apps)."""
+    router = APIRouter()
+
+    @router.post(
+        "/predict",
+        summary="Predict one user's rating of one movie",
+        response_model=schemas.PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=schemas.request_body(
+            "PredictRequest",
+            {"design_document": schemas.PREDICT_EXAMPLE, "with_ids": {**schemas.PREDICT_EXAMPLE, "user_id": 42}},
+        ),
+    )
+    async def predict(request: Request) -> Response:
+        _check_json(request)
+        body = await request.body()
+        if len(body) > THREADPOOL_BODY_BYTES:
+            return _json_bytes(await run_in_threadpool(service.predict_one, body))
+        return _json_bytes(service.predict_one(body))
+
+    @router.post(
+        "/predict-batch",
+        summary="Predict ratings for many movies, in request order or ranked best-first",
+        response_model=schemas.BatchResponse,
+        responses=_ERRORS,
+        openapi_extra=schemas.request_body(
+            "BatchRequest", {"design_document": schemas.BATCH_EXAMPLE, "ranked_top_k": schemas.RANKED_EXAMPLE}
+        ),
+    )
+    async def predict_batch(request: Request) -> Response:
+        _check_json(request)
+        body = await request.body()
+        if len(body) > THREADPOOL_BODY_BYTES:
+            return _json_bytes(await run_in_threadpool(service.predict_batch, body))
+        return _json_bytes(service.predict_batch(body))
+
+    @router.get("/", summary="Service name, version and model summary", response_model=schemas.RootResponse)
+    async def root() -> Response:
+        return _json({"service": SERVICE_NAME, "version": __version__, "model": holder.summary(), "docs": "/docs"})
+
+    @router.get("/health", summary="Model status: ok, or degraded and why", response_model=schemas.HealthResponse)
+    async def health() -> Response:
+        current = holder.current
+        return _json(
+            {
+                "status": current.status,
+                "model_version": current.predictor.version,
+                "source": current.predictor.source,
+                "reason": current.reason,
+                "uptime_seconds": round(time.monotonic() - started_at, 3),
+            }
+        )
+
+    @router.get("/health/live", summary="The process is up", response_model=schemas.StatusResponse)
+    async def live() -> Response:
+        return _json({"status": "alive"})
+
+    @router.get(
+        "/health/ready",
+        summary="200 once the model or the fallback answered a canned prediction; 503 while starting",
+        response_model=schemas.StatusResponse,
+        responses={503: {"model": schemas.ErrorResponse, "description": "Still starting."}},
+    )
+    async def ready() -> Response:
+        if not holder.ready:
+            return not_ready_response("the service is starting: no canned prediction has succeeded yet")
+        return _json({"status": "ready"})
+
+    return router
+
+
+def _json_bytes(body: bytes) -> Response:
+    return Response(body, media_type="application/json")

@@ -1,0 +1,186 @@
+"""Pydantic models of the requests and responses, generated from FEATURES, used only for the OpenAPI docs.
+
+Requests are validated by ``features.row_from_mapping`` on the hot path; these models describe the same rules (a
+test checks both agree) so that ``/docs`` and ``/openapi.json`` tell clients the truth.
+"""
+
+from __future__ import annotations
+
+from types import GenericAlias
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic.json_schema import models_json_schema
+
+from moviematch_ml.features import EXAMPLE, FEATURES, ID_RULE, MAX_ID_LENGTH, Feature
+
+IdInt = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# "Printable" (Python's str.isprintable) has no exact JSON-schema pattern; the description states it.
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+Identifier = IdInt | IdStr
+
+_FORBID: Final = ConfigDict(extra="forbid")
+
+
+def _feature_field(feature: Feature) -> tuple[Any, Any]:
+    description = f"{feature.description} Rule: {feature.rule}. From TMDB: `{feature.tmdb}`."
+    if feature.kind == "flag":
+        return (Literal[0, 1] | bool, Field(description=description, examples=[int(feature.example)]))
+    if feature.kind == "count":
+        return (
+            int,
+            Field(
+                ge=int(feature.minimum),
+                le=int(feature.maximum),
+                description=description,
+                examples=[int(feature.example)],
+            ),
+        )
+    return (
+        float,
+        Field(
+            ge=feature.minimum,
+            le=feature.maximum,
+            allow_inf_nan=False,
+            description=description,
+            examples=[feature.example],
+        ),
+    )
+
+
+_FEATURE_FIELDS: Final[dict[str, Any]] = {f.name: _feature_field(f) for f in FEATURES}
+_USER_ID: Final[tuple[Any, Any]] = (
+    Identifier | None,
+    Field(None, description=f"The user the prediction is for (not a model input today). Rule: {ID_RULE}."),
+)
+
+PredictRequest: type[BaseModel] = create_model(
+    "PredictRequest",
+    __config__=_FORBID,
+    __doc__="The six features of one user-movie pair. Unknown fields are refused (422 'unknown field').",
+    **_FEATURE_FIELDS,
+    user_id=_USER_ID,
+    movie_id=(Identifier | None, Field(None, description=f"The movie, echoed in logs. Rule: {ID_RULE}.")),
+)
+
+BatchMovie: type[BaseModel] = create_model(
+    "BatchMovie",
+    __config__=_FORBID,
+    __doc__="One movie of a batch: its id and the six features for this user.",
+    movie_id=(Identifier, Field(description=f"The movie, echoed in the answer. Rule: {ID_RULE}.")),
+    **_FEATURE_FIELDS,
+)
+
+# list[BatchMovie], spelt so that mypy (with or without the pydantic plugin) accepts a model made by create_model.
+_MOVIE_LIST: Final[Any] = GenericAlias(list, (BatchMovie,))
+
+BatchRequest: type[BaseModel] = create_model(
+    "BatchRequest",
+    __config__=_FORBID,
+    __doc__="Movies to predict for one user; answered in request order unless `rank` or `top_k` is given.",
+    movies=(
+        _MOVIE_LIST,
+        Field(min_length=1, description="1 to MAX_BATCH_SIZE (default 10000) movies; `movie_id` is required."),
+    ),
+    user_id=_USER_ID,
+    rank=(bool, Field(False, description="Sort the predictions best-first (ties keep request order).")),
+    top_k=(int | None, Field(None, ge=1, description="Keep only the best k predictions; implies `rank`.")),
+)
+
+Source = Literal["model", "fallback", "personalized"]
+
+
+class PredictResponse(BaseModel):
+    """One predicted rating on the 0-10 scale of ``vote_average``."""
+
+    predicted_rating: float = Field(ge=0, le=10, description="Rounded to 3 decimals.", examples=[7.912])
+    model_version: str = Field(description="The model (or fallback rule) that answered.", examples=["fallback-1"])
+    source: Source = Field(description="Which predictor answered.")
+    prediction_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="Quote it when sending feedback.")
+
+
+class BatchPrediction(BaseModel):
+    movie_id: int | str
+    predicted_rating: float = Field(ge=0, le=10)
+    source: Source
+    prediction_id: str = Field(description="`<batch id>-<index of the movie in the request>`.")
+
+
+class BatchResponse(BaseModel):
+    predictions: list[BatchPrediction]
+    model_version: str
+    count: int = Field(description="Number of predictions returned (top_k may keep fewer than sent).")
+    ranked: bool = Field(description="True when sorted best-first (rank or top_k).")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(examples=["movies[3].vote_average"])
+    rule: str = Field(examples=["must be a finite number between 0 and 10"])
+    value: Any = Field(examples=[11])
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a stable code, a human message, and for 422 one entry per broken rule."""
+
+    error: str = Field(examples=["validation_error"])
+    message: str = Field(examples=["movies[3].vote_average: must be a finite number between 0 and 10 (got 11)"])
+    detail: list[FieldProblem] | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    model_version: str
+    source: Literal["model", "fallback"]
+    reason: str | None = Field(description="Why the service is degraded (null when ok).")
+    uptime_seconds: float
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+class RootResponse(BaseModel):
+    service: str
+    version: str
+    model: dict[str, Any]
+    docs: str
+
+
+# The examples are the design document's own requests.
+PREDICT_EXAMPLE: Final[dict[str, Any]] = dict(EXAMPLE)
+BATCH_EXAMPLE: Final[dict[str, Any]] = {"movies": [{"movie_id": 1, **EXAMPLE}]}
+RANKED_EXAMPLE: Final[dict[str, Any]] = {
+    "user_id": "u-42",
+    "top_k": 2,
+    "movies": [
+        {"movie_id": 1, **EXAMPLE},
+        {"movie_id": 2, **EXAMPLE, "vote_average": 6.1, "vote_count": 40, "is_favorite_genre": 0},
+        {"movie_id": 3, **EXAMPLE, "vote_average": 8.4, "n_shared_genres": 3},
+    ],
+}
+
+REQUEST_MODELS: Final[tuple[type[BaseModel], ...]] = (PredictRequest, BatchMovie, BatchRequest)
+
+
+def request_components() -> dict[str, Any]:
+    """JSON schemas of the request models, as OpenAPI ``components.schemas`` entries."""
+    _, top = models_json_schema(
+        [(m, "validation") for m in REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+    )
+    defs: dict[str, Any] = top.get("$defs", {})
+    return defs
+
+
+def request_body(schema_name: str, examples: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{schema_name}"},
+                    "examples": {name: {"value": value} for name, value in examples.items()},
+                }
+            },
+        }
+    }

@@ -1,0 +1,296 @@
+"""The serving core without HTTP: the active model with its fallback, and request bytes to response bytes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from moviematch_ml import model
+from moviematch_ml.errors import FieldError, InputError, ModelError
+from moviematch_ml.fallback import FallbackPredictor
+from moviematch_ml.features import EXAMPLE, N_FEATURES, parse_id, row_from_mapping
+from moviematch_ml.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "degraded"]
+Id = str | int
+
+NOT_LOADED: Final[str] = "starting: the model has not been loaded yet"
+
+
+class InvalidJSONError(InputError):
+    """The request body is not JSON (or holds numbers JSON cannot carry, like NaN or 1e999)."""
+
+    code = "invalid_json"
+    status = 400
+
+
+class BodyTooLargeError(InputError):
+    """The request body is larger than ``MAX_BODY_BYTES``."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class UnsupportedMediaTypeError(InputError):
+    """The request says its body is something other than JSON."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+@dataclass(frozen=True, slots=True)
+class Answering:
+    """One consistent snapshot: the predictor, why it is the fallback (if it is), and its model card."""
+
+    predictor: model.Predictor
+    reason: str | None
+    card: model.ModelCard | None
+
+    @property
+    def status(self) -> Status:
+        return "ok" if self.predictor.source != "fallback" else "degraded"
+
+
+class ModelHolder:
+    """Owns the predictor that answers right now: the trained model, or the fallback rule with the reason why.
+
+    ``current`` is replaced whole by ``swap`` (one attribute assignment), so a request that reads it once uses one
+    consistent model (version, source, predict) and ``/health`` one consistent status and reason, even while
+    another thread swaps in a new model.
+    """
+
+    def __init__(self, settings: Settings, *, loader: Callable[[Path], model.Predictor] | None = None) -> None:
+        self._path: Path = settings.model_path or model.BUNDLED_MODEL_DIR
+        self._loader = loader if loader is not None else model.load_predictor
+        self.current: Answering = Answering(FallbackPredictor(), NOT_LOADED, None)
+        self.ready: bool = False
+
+    @property
+    def active(self) -> model.Predictor:
+        """The predictor that answers now (read it once per request)."""
+        return self.current.predictor
+
+    @property
+    def status(self) -> Status:
+        return self.current.status
+
+    @property
+    def reason(self) -> str | None:
+        return self.current.reason
+
+    def load(self) -> None:
+        """Load the model from the configured path; on any model error keep the fallback and remember why."""
+        try:
+            predictor = self._loader(self._path)
+        except ModelError as exc:
+            reason = f"model not loaded, answering with the fallback rule: {type(exc).__name__}: {exc}"
+            log.error("model load failed", extra={"model_path": str(self._path), "reason": reason})
+            self.swap(FallbackPredictor(), reason=reason)
+            return
+        except Exception as exc:
+            # Not a refused model but a broken environment (say, LightGBM's native library missing from the image):
+            # still answer with the fallback rather than crash-loop, and keep the traceback in the log.
+            reason = f"model not loaded, answering with the fallback rule: {type(exc).__name__}: {exc}"
+            log.exception("model load failed", extra={"model_path": str(self._path), "reason": reason})
+            self.swap(FallbackPredictor(), reason=reason)
+            return
+        log.info("model loaded", extra={"model_path": str(self._path), "model_version": predictor.version})
+        self.swap(predictor)
+
+    def swap(self, predictor: model.Predictor, *, reason: str | None = None) -> None:
+        """Make ``predictor`` the one that answers; ``reason`` says why when it is the fallback."""
+        card = getattr(predictor, "card", None)
+        self.current = Answering(
+            predictor,
+            reason if predictor.source == "fallback" else None,
+            card if isinstance(card, model.ModelCard) else None,
+        )
+
+    def warm_up(self) -> bool:
+        """Answer the canned example; the service is ready only once this gave finite ratings on the 0-10 scale."""
+        x = np.array([[float(EXAMPLE[name]) for name in EXAMPLE]], dtype=np.float64)
+        try:
+            y = self.active.predict(x)
+            ok = y.shape == (1,) and math.isfinite(float(y[0])) and 0.0 <= float(y[0]) <= 10.0
+        except Exception:
+            log.exception("canned prediction failed")
+            ok = False
+        if not ok and self.active.source != "fallback":
+            # A model that loads but cannot answer is as good as no model: fall back rather than stay unready.
+            self.swap(FallbackPredictor(), reason="model loaded but its canned prediction failed")
+            return self.warm_up()
+        self.ready = ok
+        return ok
+
+    def summary(self) -> dict[str, object]:
+        """What ``GET /`` says about the model."""
+        current = self.current
+        out: dict[str, object] = {
+            "version": current.predictor.version,
+            "source": current.predictor.source,
+            "status": current.status,
+            "reason": current.reason,
+        }
+        card = current.card
+        if card is not None and current.predictor.source != "fallback":
+            out["name"] = card.name
+            out["created_at"] = card.created_at
+            out["features"] = card.features
+            out["rating_scale"] = card.rating_scale.model_dump()
+            out["metrics"] = card.metrics
+        return out
+
+
+class Personalizer(Protocol):
+    """Per-user predictions: for a known user, ratings for some rows and a mask of the rows it answered.
+
+    Returns None when it knows nothing about the user; the model's ratings are then used unchanged.
+    """
+
+    def __call__(
+        self, user_id: Id, movie_ids: Sequence[Id | None], x: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None: ...
+
+
+_PREDICT_EXTRA: Final[frozenset[str]] = frozenset({"user_id", "movie_id"})
+_MOVIE_EXTRA: Final[frozenset[str]] = frozenset({"movie_id"})
+_BATCH_KEYS: Final[frozenset[str]] = frozenset({"movies", "user_id", "rank", "top_k"})
+TOP_K_RULE: Final[str] = "must be an integer >= 1"
+RANK_RULE: Final[str] = "must be true or false"
+
+
+def _loads(body: bytes) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+class PredictionService:
+    """Turns the bytes of a /predict or /predict-batch request into the bytes of its JSON answer.
+
+    Validation writes straight into a preallocated feature matrix and the model is called once per request,
+    never row by row: this is the hot path, so no pydantic objects and no pandas here.
+    """
+
+    def __init__(self, holder: ModelHolder, *, max_batch_size: int, personalizer: Personalizer | None = None) -> None:
+        self.holder = holder
+        self.max_batch_size = max_batch_size
+        self.personalizer = personalizer
+        self.movies_rule = f"must be a list of 1 to {max_batch_size} movies"
+
+    def predict_one(self, body: bytes) -> bytes:
+        """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
+        obj = _loads(body)
+        x = np.empty((1, N_FEATURES), dtype=np.float64)
+        row_from_mapping(obj, "", x[0], _PREDICT_EXTRA)
+        assert isinstance(obj, dict)  # row_from_mapping refused anything else
+        user_id = parse_id(obj["user_id"], "user_id") if "user_id" in obj else None
+        movie_id = parse_id(obj["movie_id"], "movie_id") if "movie_id" in obj else None
+        predictor = self.holder.active
+        y = predictor.predict(x)
+        source = predictor.source
+        if user_id is not None and self.personalizer is not None:
+            answer = self.personalizer(user_id, [movie_id], x)
+            if answer is not None and bool(answer[1][0]):
+                y = answer[0]
+                source = "personalized"
+        return orjson.dumps(
+            {
+                "predicted_rating": round(float(y[0]), 3),
+                "model_version": predictor.version,
+                "source": source,
+                "prediction_id": _new_id(),
+            }
+        )
+
+    def predict_batch(self, body: bytes) -> bytes:
+        """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
+        obj = _loads(body)
+        if not isinstance(obj, dict):
+            raise FieldError("body", "must be a JSON object", obj)
+        for key in obj:
+            if key not in _BATCH_KEYS:
+                raise FieldError(str(key), "unknown field", obj[key])
+        if "movies" not in obj:
+            raise FieldError("movies", "is required", None)
+        movies = obj["movies"]
+        if not isinstance(movies, list):
+            raise FieldError("movies", self.movies_rule, movies)
+        n = len(movies)
+        if n == 0 or n > self.max_batch_size:
+            # The count, not the list: echoing ten thousand movies back in an error helps nobody.
+            raise FieldError("movies", self.movies_rule, n)
+        user_id = parse_id(obj["user_id"], "user_id") if "user_id" in obj else None
+        rank = obj.get("rank", False)
+        if not isinstance(rank, bool):
+            raise FieldError("rank", RANK_RULE, rank)
+        top_k = obj.get("top_k")
+        if top_k is not None and (type(top_k) is not int or top_k < 1):
+            raise FieldError("top_k", TOP_K_RULE, top_k)
+
+        x = np.empty((n, N_FEATURES), dtype=np.float64)
+        ids: list[Id] = [0] * n
+        for i, movie in enumerate(movies):
+            loc = f"movies[{i}]"
+            row_from_mapping(movie, loc, x[i], _MOVIE_EXTRA)
+            try:
+                raw_id = movie["movie_id"]
+            except KeyError:
+                raise FieldError(loc + ".movie_id", "is required", None) from None
+            ids[i] = parse_id(raw_id, loc + ".movie_id")
+
+        predictor = self.holder.active
+        y = predictor.predict(x)
+        sources: list[str] | None = None
+        if user_id is not None and self.personalizer is not None:
+            answer = self.personalizer(user_id, ids, x)
+            if answer is not None:
+                ratings, mask = answer
+                y = np.where(mask, ratings, y)
+                sources = ["personalized" if m else predictor.source for m in mask.tolist()]
+        rounded: list[float] = np.round(y, 3).tolist()
+
+        ranked = rank or top_k is not None
+        if ranked:
+            # Stable sort on the rounded ratings: equal answers keep request order, and the list reads sorted.
+            order: list[int] = np.argsort(-np.asarray(rounded), kind="stable").tolist()
+            if top_k is not None:
+                order = order[:top_k]
+        else:
+            order = list(range(n))
+
+        batch_id = _new_id()
+        source = predictor.source
+        predictions = [
+            {
+                "movie_id": ids[i],
+                "predicted_rating": rounded[i],
+                "source": source if sources is None else sources[i],
+                "prediction_id": f"{batch_id}-{i}",
+            }
+            for i in order
+        ]
+        return orjson.dumps(
+            {
+                "predictions": predictions,
+                "model_version": predictor.version,
+                "count": len(predictions),
+                "ranked": ranked,
+            }
+        )

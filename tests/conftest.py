@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny, deterministic LightGBM model with a valid model card, for any test that needs one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.model import ModelCard, RatingScale, sha256_file, write_card
+
+TINY_MODEL_VERSION = "tiny-1"
+
+
+def tiny_training_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic rows in FEATURES order, and star ratings (0.5-5) that rise with vote_average and shared genres."""
+    rng = np.random.default_rng(seed)
+    x = np.column_stack(
+        [
+            rng.integers(0, 6, n),  # n_shared_genres
+            rng.uniform(0, 10, n),  # vote_average
+            rng.integers(0, 5000, n),  # vote_count
+            rng.integers(0, 2, n),  # is_favorite_genre
+            rng.uniform(0, 60, n),  # years_since_release
+            rng.uniform(0, 500, n),  # popularity
+        ]
+    ).astype(np.float64)
+    y = np.clip(0.4 * x[:, 1] + 0.2 * x[:, 0] + 0.3 * x[:, 3] + rng.normal(0, 0.2, n), 0.5, 5.0)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory (LightGBM text + model_card.json with the right sha256) on a 0.5-5 star scale.
+
+    Session-scoped: treat it as read-only (copy it before corrupting anything).
+    """
+    import lightgbm as lgb
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    x, y = tiny_training_data()
+    params = {
+        "objective": "regression",
+        "num_leaves": 7,
+        "learning_rate": 0.2,
+        "min_data_in_leaf": 10,
+        "seed": 0,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 1,
+        "verbose": -1,
+    }
+    booster = lgb.train(params, lgb.Dataset(x, y, feature_name=list(FEATURE_NAMES)), num_boost_round=20)
+    (directory / "model.txt").write_text(booster.model_to_string(), encoding="utf-8")
+    card = ModelCard(
+        name="tiny",
+        version=TINY_MODEL_VERSION,
+        created_at="2026-01-01T00:00:00+00:00",
+        model_file="model.txt",
+        model_format="lightgbm-text",
+        sha256=sha256_file(directory / "model.txt"),
+        features=list(FEATURE_NAMES),
+        rating_scale=RatingScale(min=0.5, max=5.0, step=0.5),
+        metrics={"note": "synthetic test model"},
+    )
+    write_card(directory, card)
+    return directory
