@@ -13,6 +13,12 @@ from moviematch_ml.model import ModelCard, RatingScale, sha256_file, write_card
 TINY_MODEL_VERSION = "tiny-1"
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test in its own empty directory: the default SQLite store (a relative path) lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tiny_training_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic rows in FEATURES order, and star ratings (0.5-5) that rise with vote_average and shared genres."""
     rng = np.random.default_rng(seed)

@@ -14,11 +14,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from moviematch_ml import __version__
 from moviematch_ml.api import errors, schemas
+from moviematch_ml.api.feedback import build_feedback_router
 from moviematch_ml.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from moviematch_ml.api.routes import build_router
+from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
 from moviematch_ml.serving import ModelHolder, PredictionService
 from moviematch_ml.settings import Settings
+from moviematch_ml.store import FeedbackStore, make_engine
 
 # No keyword overrides: every field comes from the environment. (Spelt as ** so that mypy accepts the call with or
 # without the pydantic plugin, which is what tells it the fields have defaults.)
@@ -32,14 +35,20 @@ cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
 `{"error": "<code>", "message": "<text>", "detail": [...]}`. Every response carries `X-Request-ID`."""
 
 
-def create_app(settings: Settings, *, holder: ModelHolder | None = None) -> FastAPI:
-    """Build the service from its settings; the model is loaded by the lifespan, not here."""
+def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: FeedbackStore | None = None) -> FastAPI:
+    """Build the service from its settings; the model is loaded and the store migrated by the lifespan, not here."""
     model_holder = holder if holder is not None else ModelHolder(settings)
+    # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
+    feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
     service = PredictionService(model_holder, max_batch_size=settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_holder.load()
+        try:
+            feedback_store.migrate()
+        except StoreError as exc:
+            log.error("feedback store unavailable", extra={"reason": str(exc)})
         ready = model_holder.warm_up()
         log.info(
             "service started",
@@ -51,6 +60,7 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None) -> Fast
             },
         )
         yield
+        feedback_store.close()
         log.info("service stopped")
 
     app = FastAPI(
@@ -62,7 +72,9 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None) -> Fast
     app.state.settings = settings
     app.state.holder = model_holder
     app.state.service = service
+    app.state.store = feedback_store
     app.include_router(build_router(model_holder, service, time.monotonic()))
+    app.include_router(build_feedback_router(feedback_store, None))
     errors.install(app)
 
     if settings.cors_origins:

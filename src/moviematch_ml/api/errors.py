@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from moviematch_ml.errors import FieldError, InputError
+from moviematch_ml.errors import FieldError, InputError, StoreError
 
 log = logging.getLogger("moviematch_ml.api")
 
@@ -102,6 +102,12 @@ async def _on_input_error(request: Request, exc: Exception) -> Response:
     return input_error_response(exc)
 
 
+async def _on_store_error(request: Request, exc: Exception) -> Response:
+    # Nothing was committed (the transaction rolled back), so the client may safely retry with the same keys.
+    log.error("feedback store failed", extra={"reason": str(exc)})
+    return error_response(503, "store_unavailable", "the feedback store could not write; nothing was stored, retry")
+
+
 async def _on_request_validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = [
@@ -129,5 +135,6 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     """Register the handlers; unexpected exceptions are turned into 500s by the request middleware."""
     app.add_exception_handler(InputError, _on_input_error)
+    app.add_exception_handler(StoreError, _on_store_error)
     app.add_exception_handler(RequestValidationError, _on_request_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)

@@ -31,7 +31,8 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
 
 
-def _check_json(request: Request) -> None:
+def check_json(request: Request) -> None:
+    """Refuse (415) a body that says it is not JSON."""
     # A missing Content-Type is accepted as JSON (curl -d sends form encoding only when told nothing else).
     content_type = request.headers.get("content-type")
     if content_type is None:
@@ -56,7 +57,7 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         ),
     )
     async def predict(request: Request) -> Response:
-        _check_json(request)
+        check_json(request)
         body = await request.body()
         if len(body) > THREADPOOL_BODY_BYTES:
             return _json_bytes(await run_in_threadpool(service.predict_one, body))
@@ -72,7 +73,7 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         ),
     )
     async def predict_batch(request: Request) -> Response:
-        _check_json(request)
+        check_json(request)
         body = await request.body()
         if len(body) > THREADPOOL_BODY_BYTES:
             return _json_bytes(await run_in_threadpool(service.predict_batch, body))

@@ -159,7 +159,54 @@ RANKED_EXAMPLE: Final[dict[str, Any]] = {
     ],
 }
 
-REQUEST_MODELS: Final[tuple[type[BaseModel], ...]] = (PredictRequest, BatchMovie, BatchRequest)
+
+class FeedbackRating(BaseModel):
+    """One rating a user gave a movie, on the 0-10 scale the service answers in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Identifier = Field(description=f"Rule: {ID_RULE}.")
+    movie_id: Identifier = Field(description=f"Rule: {ID_RULE}.")
+    rating: float = Field(ge=0, le=10, allow_inf_nan=False, description="The user's rating, 0-10.")
+    timestamp: float | str | None = Field(
+        None, description="When the user rated: unix seconds, or ISO-8601 with a time zone. Default: arrival time."
+    )
+    prediction_id: IdStr | None = Field(None, description="The `prediction_id` the service returned, if any.")
+    feedback_id: IdStr | None = Field(
+        None, description="Idempotency key of this rating; a rating whose key was already stored is not stored again."
+    )
+
+
+class FeedbackBatch(BaseModel):
+    """Up to 1000 ratings in one request (one transaction)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratings: list[FeedbackRating] = Field(min_length=1, max_length=1000)
+
+
+class FeedbackResult(BaseModel):
+    feedback_id: str
+    status: Literal["stored", "duplicate"]
+
+
+class FeedbackResponse(BaseModel):
+    """What the write did: 201 when at least one rating was new, 200 when all were already stored."""
+
+    accepted: int
+    duplicates: int
+    results: list[FeedbackResult]
+
+
+FEEDBACK_EXAMPLE: Final[dict[str, Any]] = {"user_id": 42, "movie_id": 1, "rating": 8, "prediction_id": "9f" * 16}
+
+REQUEST_MODELS: Final[tuple[type[BaseModel], ...]] = (
+    PredictRequest,
+    BatchMovie,
+    BatchRequest,
+    FeedbackRating,
+    FeedbackBatch,
+)
 
 
 def request_components() -> dict[str, Any]:
