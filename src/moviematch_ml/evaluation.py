@@ -1,0 +1,271 @@
+"""Evaluation protocols (temporal, k-fold) and metrics (RMSE, MAE, NDCG@10, cold-user RMSE) for pluggable models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from moviematch_ml.baselines import BiasCandidate, FallbackCandidate, GlobalMeanCandidate, MovieMeanCandidate
+from moviematch_ml.data import RATING_COLUMNS, Dataset
+from moviematch_ml.errors import MovieMatchError
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.model import RatingScale
+from moviematch_ml.personalized import PersonalizedCandidate
+from moviematch_ml.trainfeatures import compute_features
+from moviematch_ml.training import SixFeatureCandidate, TrainConfig
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+Protocol_ = Literal["temporal", "kfold"]
+
+NDCG_K = 10
+NDCG_MIN_RATINGS = 5
+TEMPORAL_TRAIN_FRACTION = 0.8
+
+
+class EvaluationError(MovieMatchError):
+    """A candidate returned unusable predictions (wrong length, NaN, infinite)."""
+
+
+class Candidate(Protocol):
+    """A model under evaluation.
+
+    ``fit_predict(train, test, scale)``: ``train`` has columns user_id, movie_id, rating, timestamp and the six
+    FEATURE_NAMES; ``test`` has the same columns without rating. Return one prediction per test row, in test row
+    order, on the data's own rating scale (``scale``). Fit only on ``train``.
+    """
+
+    @property
+    def name(self) -> str:
+        """The key of this model in the output (``models``)."""
+        ...
+
+    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray: ...
+
+
+# The models `evaluate` compares, in output order. A new model is one more entry: name -> factory(config).
+CANDIDATES: dict[str, Callable[[TrainConfig], Candidate]] = {
+    "global_mean": lambda cfg: GlobalMeanCandidate(),
+    "movie_mean": lambda cfg: MovieMeanCandidate(),
+    "bias": lambda cfg: BiasCandidate(),
+    "fallback": lambda cfg: FallbackCandidate(),
+    "six_features": lambda cfg: SixFeatureCandidate(cfg),
+    "personalized": lambda cfg: PersonalizedCandidate(six_config=cfg),
+}
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+
+def rmse(truth: FloatArray, pred: FloatArray) -> float:
+    """sqrt(mean((ŷ - y)²))."""
+    return float(np.sqrt(np.mean((pred - truth) ** 2))) if truth.size else float("nan")
+
+
+def mae(truth: FloatArray, pred: FloatArray) -> float:
+    """mean(|ŷ - y|)."""
+    return float(np.mean(np.abs(pred - truth))) if truth.size else float("nan")
+
+
+def ndcg_at_k(
+    users: npt.ArrayLike, truth: FloatArray, pred: FloatArray, k: int = NDCG_K, min_ratings: int = NDCG_MIN_RATINGS
+) -> float:
+    """Mean over users with at least ``min_ratings`` rows of NDCG@k, gain = true rating.
+
+    Per user: order their rows by prediction (descending; ties keep row order), DCG@k = Σ_{i=1..k} y_(i) / log2(i+1);
+    IDCG@k is the same sum with the rows ordered by true rating; NDCG = DCG / IDCG (users with IDCG = 0 are
+    skipped). NaN if no user qualifies.
+    """
+    codes = pd.factorize(pd.Series(users))[0].astype(np.int64)
+    counts = np.bincount(codes)
+    keep = counts[codes] >= min_ratings
+    if not keep.any():
+        return float("nan")
+    codes, truth, pred = codes[keep], truth[keep], pred[keep]
+    rows = np.arange(codes.size)
+
+    def dcg(score: FloatArray) -> FloatArray:
+        order = np.lexsort((rows, -score, codes))
+        c = codes[order]
+        start = np.searchsorted(c, c, side="left")
+        rank = np.arange(c.size) - start  # 0-based rank within the user
+        top = rank < k
+        gains = truth[order][top] / np.log2(rank[top] + 2.0)
+        sums: FloatArray = np.bincount(c[top], weights=gains, minlength=int(codes.max()) + 1).astype(np.float64)
+        return sums
+
+    actual, ideal = dcg(pred), dcg(truth)
+    users_kept = np.unique(codes)
+    ok = ideal[users_kept] > 0
+    return float(np.mean(actual[users_kept][ok] / ideal[users_kept][ok])) if ok.any() else float("nan")
+
+
+# --- protocols ---------------------------------------------------------------------------------------------------
+
+
+def temporal_split(n: int) -> list[tuple[IntArray, IntArray]]:
+    """Rows are sorted by time: the first 80% train, the last 20% test."""
+    cut = round(n * TEMPORAL_TRAIN_FRACTION)
+    idx = np.arange(n, dtype=np.int64)
+    return [(idx[:cut], idx[cut:])]
+
+
+def kfold_split(n: int, folds: int, seed: int) -> list[tuple[IntArray, IntArray]]:
+    """Random folds of (nearly) equal size from a seeded permutation; each fold is the test set once."""
+    if folds < 2:
+        raise EvaluationError(f"k-fold needs at least 2 folds, got {folds}")
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    parts = np.array_split(perm, folds)
+    out = []
+    for i, test in enumerate(parts):
+        train = np.concatenate([p for j, p in enumerate(parts) if j != i])
+        out.append((np.sort(train), np.sort(test)))
+    return out
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """Predictions of every candidate on one test set."""
+
+    test: pd.DataFrame
+    predictions: dict[str, FloatArray]
+    cold: npt.NDArray[np.bool_]
+    seconds: dict[str, float]
+
+
+def check_predictions(name: str, pred: object, n: int, allow_missing: bool) -> FloatArray:
+    """Fail loudly on a wrong length or NaN/inf predictions (unless ``allow_missing``, then NaN stays NaN)."""
+    arr = np.asarray(pred, dtype=np.float64)
+    if arr.shape != (n,):
+        raise EvaluationError(f"{name}: returned {arr.shape} predictions for {n} test rows")
+    bad = ~np.isfinite(arr)
+    if bad.any() and not allow_missing:
+        raise EvaluationError(f"{name}: {int(bad.sum())} of {n} predictions are missing or not finite")
+    return arr
+
+
+def run_fold(
+    frame: pd.DataFrame,
+    train_idx: IntArray,
+    test_idx: IntArray,
+    candidates: Sequence[Candidate],
+    scale: RatingScale,
+    allow_missing: bool = False,
+) -> FoldResult:
+    """Fit and predict every candidate on one split of ``frame`` (ratings + six features)."""
+    train = frame.iloc[train_idx].reset_index(drop=True)
+    test = frame.iloc[test_idx].reset_index(drop=True)
+    blind = test.drop(columns=["rating"])
+    preds, seconds = {}, {}
+    for cand in candidates:
+        t0 = time.perf_counter()
+        preds[cand.name] = check_predictions(cand.name, cand.fit_predict(train, blind, scale), len(test), allow_missing)
+        seconds[cand.name] = time.perf_counter() - t0
+    cold = ~test["user_id"].isin(set(train["user_id"].tolist())).to_numpy()
+    return FoldResult(test, preds, cold, seconds)
+
+
+def fold_metrics(result: FoldResult) -> dict[str, dict[str, float]]:
+    """RMSE, MAE, NDCG@10 and cold/warm-user RMSE of every candidate on one fold (NaN predictions skipped)."""
+    truth = result.test["rating"].to_numpy(dtype=np.float64)
+    users = result.test["user_id"].to_numpy()
+    out = {}
+    for name, pred in result.predictions.items():
+        ok = np.isfinite(pred)
+        t, p, c = truth[ok], pred[ok], result.cold[ok]
+        out[name] = {
+            "rmse": rmse(t, p),
+            "mae": mae(t, p),
+            "ndcg@10": ndcg_at_k(users[ok], t, p),
+            "rmse_cold_users": rmse(t[c], p[c]),
+            "rmse_warm_users": rmse(t[~c], p[~c]),
+            "missing": float((~ok).sum()),
+        }
+    return out
+
+
+def feature_frame(dataset: Dataset, config: TrainConfig) -> pd.DataFrame:
+    """Ratings with their six leak-free features side by side (row order of dataset.ratings)."""
+    feats = compute_features(dataset, config.features)
+    return pd.concat([dataset.ratings.loc[:, list(RATING_COLUMNS)], feats], axis=1)
+
+
+def evaluate(
+    dataset: Dataset,
+    protocol: Protocol_ = "temporal",
+    *,
+    folds: int = 5,
+    seed: int = 42,
+    config: TrainConfig | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    allow_missing: bool = False,
+) -> dict[str, Any]:
+    """Run a protocol; returns the JSON-ready summary (metrics averaged over folds for k-fold)."""
+    cfg = config or TrainConfig(seed=seed)
+    cands = list(candidates) if candidates is not None else [make(cfg) for make in CANDIDATES.values()]
+    t0 = time.perf_counter()
+    frame = feature_frame(dataset, cfg)
+    splits = temporal_split(len(frame)) if protocol == "temporal" else kfold_split(len(frame), folds, seed)
+    per_fold, n_train, n_test, n_cold, secs = [], [], [], [], {c.name: 0.0 for c in cands}
+    for train_idx, test_idx in splits:
+        result = run_fold(frame, train_idx, test_idx, cands, dataset.scale, allow_missing)
+        per_fold.append(fold_metrics(result))
+        n_train.append(len(train_idx))
+        n_test.append(len(test_idx))
+        n_cold.append(int(result.cold.sum()))
+        for k, v in result.seconds.items():
+            secs[k] += v
+    models: dict[str, dict[str, float]] = {}
+    for cand in cands:
+        row = {key: _mean_finite([f[cand.name][key] for f in per_fold]) for key in per_fold[0][cand.name]}
+        row["missing"] = float(sum(f[cand.name]["missing"] for f in per_fold))
+        if not allow_missing:
+            row.pop("missing")
+        models[cand.name] = row
+    summary: dict[str, Any] = {
+        "protocol": protocol,
+        "n_train": round(float(np.mean(n_train))),
+        "n_test": round(float(np.mean(n_test))),
+        "rating_scale": dataset.scale.model_dump(mode="json"),
+        "models": models,
+        "dataset": dataset.name,
+        "n_ratings": len(frame),
+        "cold_user_test_ratings": round(float(np.mean(n_cold))),
+        "seed": seed,
+        "join": dataset.join,
+        "seconds": {k: round(v, 2) for k, v in secs.items()} | {"total": round(time.perf_counter() - t0, 2)},
+    }
+    if protocol == "kfold":
+        summary["folds"] = folds
+        summary["per_fold_rmse"] = {c.name: [_round(f[c.name]["rmse"]) for f in per_fold] for c in cands}
+    return summary
+
+
+def _mean_finite(values: list[float]) -> float:
+    """Mean over the folds where the metric exists (e.g. folds without cold users have no cold RMSE); else NaN."""
+    ok = [v for v in values if np.isfinite(v)]
+    return _round(float(np.mean(ok))) if ok else float("nan")
+
+
+def _round(x: float) -> float:
+    return round(x, 4) if np.isfinite(x) else x
+
+
+__all__ = [
+    "CANDIDATES",
+    "FEATURE_NAMES",
+    "Candidate",
+    "EvaluationError",
+    "evaluate",
+    "kfold_split",
+    "mae",
+    "ndcg_at_k",
+    "rmse",
+    "temporal_split",
+]

@@ -1,0 +1,705 @@
+"""The personalised model: gradient-boosted trees over the six features, user and movie state and the CF score."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from moviematch_ml.cf import MFConfig, MFModel, lookup, read_npz, write_npz
+from moviematch_ml.errors import ModelFormatError
+from moviematch_ml.features import FEATURE_NAMES, N_FEATURES
+from moviematch_ml.model import ModelCard, RatingScale, card_path, read_card, verified_bytes, write_card
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+Id = int | str
+Ids = Sequence[Id] | npt.NDArray[np.generic]
+
+_BASE_STATE_FEATURES: Final[tuple[str, ...]] = (
+    "user_count",
+    "user_mean",
+    "user_std",
+    "user_bias",
+    "movie_count",
+    "movie_mean",
+    "movie_std",
+    "movie_bias",
+    "cf_score",
+    "cf_dot",
+)
+RECENT_FEATURES: Final[tuple[str, ...]] = (
+    "user_recent_resid",
+    "user_recent3_resid",
+    "user_recent_days",
+    "user_day_count",
+)
+# How many of a user's latest ratings the recency feature averages (their residual against the item baseline).
+RECENT_RATINGS: Final[int] = 10
+RECENT_SHORT: Final[int] = 3
+SECONDS_PER_DAY: Final[float] = 86_400.0
+STATE_FEATURES: Final[tuple[str, ...]] = (*_BASE_STATE_FEATURES, *RECENT_FEATURES)
+MODEL_FEATURES: Final[tuple[str, ...]] = (*FEATURE_NAMES, *STATE_FEATURES)
+MODEL_FILE: Final[str] = "personalized.txt"
+STATE_FILE: Final[str] = "state.npz"
+_STATE_ARRAYS: Final[tuple[str, ...]] = (
+    "user_count",
+    "user_total",
+    "user_total_sq",
+    "item_count",
+    "item_total",
+    "item_total_sq",
+    "hist_user",
+    "hist_time",
+    "hist_resid",
+)
+
+
+class PersonalizedConfig(BaseModel):
+    """How the personalised model is trained (hyper-parameters chosen on a validation split of training data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mf: MFConfig = Field(default_factory=lambda: MFConfig())
+    inner_folds: int = Field(
+        default=5, ge=2, le=20, description="Out-of-fold folds for the state features of training rows."
+    )
+    seed: int = Field(default=42, ge=0)
+    n_estimators: int = Field(default=300, ge=1, le=20_000)
+    learning_rate: float = Field(default=0.05, gt=0, le=1)
+    num_leaves: int = Field(default=31, ge=2, le=4096)
+    min_child_samples: int = Field(default=50, ge=1)
+    feature_fraction: float = Field(default=0.8, gt=0, le=1)
+    lambda_l2: float = Field(default=1.0, ge=0)
+    new_user_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="Share of users made to look new in each inner fold (see the docs)."
+    )
+    new_user_max_ratings: int = Field(default=20, ge=1, description="Most ratings a simulated new user keeps.")
+    min_user_ratings: int = Field(
+        default=1, ge=1, description="Ratings a user needs before the model answers for them (see the docs)."
+    )
+    personalize: Literal["known_user", "known_user_and_movie"] = Field(
+        default="known_user", description="Which rows the model answers; the rest go to the six-feature model."
+    )
+    num_threads: int = Field(default=1, ge=1, le=64, description="LightGBM threads; 1 is fastest on a busy 2-core box.")
+
+
+# --- per-user online state ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """What the service keeps per user: additive sufficient statistics of their ratings (on the data's scale).
+
+    ``gram`` and ``rhs`` are sum(x x^T) and sum(x * (r - global_mean - item_bias)) with x = [1, item_factors], over
+    the ratings of movies the factorisation knows: the fold-in is one small solve on them. They depend on the
+    trained item state, so they are rebuilt (``user_state``) from the stored ratings after every retrain.
+    """
+
+    count: float
+    total: float
+    total_sq: float
+    cf_count: float
+    gram: FloatArray
+    rhs: FloatArray
+    recent_times: tuple[float, ...] = ()
+    recent_resid: tuple[float, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON form (lists of floats) for a database column or a Redis value."""
+        return {
+            "count": self.count,
+            "total": self.total,
+            "total_sq": self.total_sq,
+            "cf_count": self.cf_count,
+            "gram": self.gram.tolist(),
+            "rhs": self.rhs.tolist(),
+            "recent_times": list(self.recent_times),
+            "recent_resid": list(self.recent_resid),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> UserState:
+        return cls(
+            float(obj["count"]),
+            float(obj["total"]),
+            float(obj["total_sq"]),
+            float(obj["cf_count"]),
+            np.asarray(obj["gram"], dtype=np.float64),
+            np.asarray(obj["rhs"], dtype=np.float64),
+            tuple(float(v) for v in obj.get("recent_times", ())),
+            tuple(float(v) for v in obj.get("recent_resid", ())),
+        )
+
+
+def empty_user_state(mf: MFModel) -> UserState:
+    """The state of a user with no ratings."""
+    d = mf.config.factors + 1
+    return UserState(0.0, 0.0, 0.0, 0.0, np.zeros((d, d)), np.zeros(d))
+
+
+def update_user_state(
+    mf: MFModel,
+    state: UserState,
+    movie_id: Id,
+    rating: float,
+    timestamp: float,
+    previous_rating: float | None = None,
+) -> UserState:
+    """Pure update: the state after one more rating (data scale, unix seconds). Pass ``previous_rating`` when the
+    user re-rates a movie: its contribution is removed first, so the state stays that of their latest ratings.
+    """
+    i = mf.item_index.get(movie_id, -1)
+    out = state
+    if previous_rating is not None:
+        out = _add(mf, out, i, previous_rating, -1.0)
+    out = _add(mf, out, i, rating, 1.0)
+    resid = float(rating) - mf.global_mean - (float(mf.item_bias[i]) if i >= 0 else 0.0)
+    # Keep the latest RECENT_RATINGS in time order (a late-arriving old rating slots into place).
+    pairs = sorted([*zip(state.recent_times, state.recent_resid, strict=True), (float(timestamp), resid)])
+    pairs = pairs[-RECENT_RATINGS:]
+    return replace(out, recent_times=tuple(p[0] for p in pairs), recent_resid=tuple(p[1] for p in pairs))
+
+
+def _add(mf: MFModel, s: UserState, i: int, rating: float, sign: float) -> UserState:
+    r = float(rating)
+    if i < 0:
+        return replace(s, count=s.count + sign, total=s.total + sign * r, total_sq=s.total_sq + sign * r * r)
+    x = np.concatenate([[1.0], mf.item_factors[i]])
+    resid = r - mf.global_mean - mf.item_bias[i]
+    return UserState(
+        s.count + sign,
+        s.total + sign * r,
+        s.total_sq + sign * r * r,
+        s.cf_count + sign,
+        s.gram + sign * np.outer(x, x),
+        s.rhs + sign * resid * x,
+    )
+
+
+def user_state(
+    mf: MFModel, movie_ids: Ids, ratings: Sequence[float] | FloatArray, timestamps: Sequence[float] | FloatArray
+) -> UserState:
+    """A user's state from all their ratings at once (equal to folding ``update_user_state`` over them)."""
+    state = empty_user_state(mf)
+    rows = zip(
+        np.asarray(movie_ids).tolist(),
+        np.asarray(ratings, dtype=np.float64).tolist(),
+        np.asarray(timestamps, dtype=np.float64).tolist(),
+        strict=True,
+    )
+    for m, r, t in rows:
+        state = update_user_state(mf, state, m, r, t)
+    return state
+
+
+def update_movie_extra(
+    extra: tuple[float, float, float], rating: float, previous_rating: float | None = None
+) -> tuple[float, float, float]:
+    """Pure update of what a movie received since training, (count, sum, sum of squares) on the data scale.
+
+    Feed it to ``predict_user(movie_extra=...)``; after a retrain the trained moments include these ratings, so
+    every movie's extra starts again at (0, 0, 0).
+    """
+    count, total, total_sq = extra
+    r = float(rating)
+    if previous_rating is not None:
+        p = float(previous_rating)
+        return count, total - p + r, total_sq - p * p + r * r
+    return count + 1.0, total + r, total_sq + r * r
+
+
+def fold_in_state(mf: MFModel, state: UserState) -> tuple[float, FloatArray]:
+    """(bias, factors) of a user from their state: the same ridge solve as ``MFModel.fold_in``."""
+    d = mf.config.factors + 1
+    if state.cf_count <= 0:
+        return 0.0, np.zeros(d - 1)
+    diag = np.full(d, mf.config.reg_factors * state.cf_count)
+    diag[0] = mf.config.reg_bias * state.cf_count + mf.config.bias_damping
+    w = np.asarray(np.linalg.solve(state.gram + np.diag(diag), state.rhs), dtype=np.float64)
+    return float(w[0]), w[1:]
+
+
+# --- state built from a set of ratings ---------------------------------------------------------------------------
+
+
+def _moments(idx: IntArray, r: FloatArray, n: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    count: FloatArray = np.bincount(idx, minlength=n).astype(np.float64)
+    total: FloatArray = np.bincount(idx, weights=r, minlength=n).astype(np.float64)
+    total_sq: FloatArray = np.bincount(idx, weights=r * r, minlength=n).astype(np.float64)
+    return count, total, total_sq
+
+
+def _mean_std(count: FloatArray, total: FloatArray, total_sq: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Mean and standard deviation from moments; NaN where there is no rating (the trees learn what NaN means)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+        var = np.where(count > 0, total_sq / count - mean * mean, np.nan)
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def recent_features(times: FloatArray, resid: FloatArray, start: IntArray, end: IntArray, t: FloatArray) -> FloatArray:
+    """Recency features of queries whose user's earlier ratings are rows [start, end) of ``times``/``resid``
+    (sorted by time within each user): the mean residual of the last RECENT_RATINGS and of the last
+    RECENT_SHORT, days since the last one, and how many of the last RECENT_RATINGS fall in the day before t.
+    NaN (count 0) when the user has no earlier rating. Shape (n, len(RECENT_FEATURES)).
+    """
+    cum = np.concatenate([[0.0], np.cumsum(resid)])
+    out = np.full((len(end), len(RECENT_FEATURES)), np.nan)
+    has = end > start
+    for col, width in ((0, RECENT_RATINGS), (1, RECENT_SHORT)):
+        lo = np.maximum(start, end - width)
+        out[has, col] = (cum[end] - cum[lo])[has] / (end - lo)[has]
+    if len(times):
+        last = times[np.clip(end - 1, 0, len(times) - 1)]
+        out[has, 2] = (t - last)[has] / SECONDS_PER_DAY
+        # Ratings of the last RECENT_RATINGS within a day of t: the window keeps it computable from online state.
+        lo = np.maximum(start, end - RECENT_RATINGS)
+        count = np.zeros(len(end))
+        for back in range(1, RECENT_RATINGS + 1):
+            row = end - back
+            ok = row >= lo
+            count += ok & (times[np.clip(row, 0, len(times) - 1)] >= t - SECONDS_PER_DAY)
+        out[:, 3] = count
+    else:
+        out[:, 3] = 0.0
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RatingState:
+    """Everything learnt from a set of ratings: the factorisation, per-user / per-movie moments, and each user's
+    ratings in time order (their residual against the item baseline) for the recency features."""
+
+    mf: MFModel
+    user_count: FloatArray
+    user_total: FloatArray
+    user_total_sq: FloatArray
+    item_count: FloatArray
+    item_total: FloatArray
+    item_total_sq: FloatArray
+    hist_user: FloatArray
+    hist_time: FloatArray
+    hist_resid: FloatArray
+
+    @classmethod
+    def build(
+        cls, user_ids: Ids, movie_ids: Ids, ratings: FloatArray, timestamps: FloatArray, config: MFConfig
+    ) -> RatingState:
+        mf = MFModel.fit(user_ids, movie_ids, ratings, config)
+        u = lookup(mf.user_index, user_ids)
+        i = lookup(mf.item_index, movie_ids)
+        t = np.asarray(timestamps, dtype=np.float64)
+        order = np.lexsort((t, u))
+        resid = ratings - mf.global_mean - mf.item_bias[i]
+        return cls(
+            mf,
+            *_moments(u, ratings, len(mf.user_ids)),
+            *_moments(i, ratings, len(mf.item_ids)),
+            u[order].astype(np.float64),
+            t[order],
+            resid[order],
+        )
+
+    def _user_bounds(self, u: IntArray, t: FloatArray) -> tuple[IntArray, IntArray]:
+        """For each query, the range of the user's history rows strictly before time t."""
+        n_users = len(self.mf.user_ids)
+        starts = np.searchsorted(self.hist_user, np.arange(n_users + 1), side="left")
+        uu = np.where(u >= 0, u, n_users)
+        start = starts[uu]
+        # Within a user the rows are time-sorted: a combined key keeps it one searchsorted for all queries.
+        span = float(max(self.hist_time.max(initial=0.0), t.max(initial=0.0)) + 1.0)
+        keys = self.hist_user * span + self.hist_time
+        end = np.searchsorted(keys, uu * span + np.maximum(t, 0.0), side="left")
+        return start, np.maximum(end, start)
+
+    def features(self, u: IntArray, i: IntArray, t: FloatArray) -> FloatArray:
+        """The state features of (user index, movie index, time) queries; -1 (unknown) gives NaN for that side."""
+        mf = self.mf
+        ku, ki = u >= 0, i >= 0
+        uu, ii = np.where(ku, u, 0), np.where(ki, i, 0)
+        um, us = _mean_std(self.user_count[uu], self.user_total[uu], self.user_total_sq[uu])
+        im, is_ = _mean_std(self.item_count[ii], self.item_total[ii], self.item_total_sq[ii])
+        dot = np.einsum("nk,nk->n", mf.user_factors[uu], mf.item_factors[ii])
+        start, end = self._user_bounds(u, t)
+        recent = recent_features(self.hist_time, self.hist_resid, start, end, t)
+        return _assemble(
+            np.where(ku, self.user_count[uu], 0.0),
+            np.where(ku, um, np.nan),
+            np.where(ku, us, np.nan),
+            np.where(ku, mf.user_bias[uu], np.nan),
+            np.where(ki, self.item_count[ii], 0.0),
+            np.where(ki, im, np.nan),
+            np.where(ki, is_, np.nan),
+            np.where(ki, mf.item_bias[ii], np.nan),
+            ku & ki,
+            mf.global_mean,
+            dot,
+            recent,
+        )
+
+
+def _assemble(
+    ucount: FloatArray,
+    umean: FloatArray,
+    ustd: FloatArray,
+    ubias: FloatArray,
+    icount: FloatArray,
+    imean: FloatArray,
+    istd: FloatArray,
+    ibias: FloatArray,
+    known: BoolArray,
+    mu: float,
+    dot: FloatArray,
+    recent: FloatArray,
+) -> FloatArray:
+    score = np.where(known, mu + ubias + ibias + dot, np.nan)
+    return np.column_stack(
+        [ucount, umean, ustd, ubias, icount, imean, istd, ibias, score, np.where(known, dot, np.nan), recent]
+    )
+
+
+def inner_folds(n: int, k: int, seed: int) -> IntArray:
+    """A fold number in [0, k) for each of n rows: a seeded permutation cut into k near-equal parts."""
+    folds = np.empty(n, dtype=np.int64)
+    folds[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
+    return folds
+
+
+def out_of_fold_state_features(
+    user_ids: Ids, movie_ids: Ids, ratings: FloatArray, timestamps: FloatArray, config: PersonalizedConfig
+) -> FloatArray:
+    """State features of every training row, each from a state fitted WITHOUT that row (its inner fold held out).
+
+    In each inner fold a seeded share of the users (``new_user_fraction``) is made to look new: the state keeps
+    only their first m ratings in time (m uniform in 1..``new_user_max_ratings``). Without this every training
+    row's user has dozens of ratings in the state, and the trees never learn how little a user's first few
+    ratings say, which is exactly the situation of a new user of the app.
+    """
+    n = len(ratings)
+    folds = inner_folds(n, config.inner_folds, config.seed)
+    uarr, marr = np.asarray(user_ids), np.asarray(movie_ids)
+    t = np.asarray(timestamps, dtype=np.float64)
+    ucode = np.unique(uarr, return_inverse=True)[1].reshape(-1)
+    n_users = int(ucode.max()) + 1 if n else 0
+    out = np.empty((n, len(STATE_FEATURES)))
+    for k in range(config.inner_folds):
+        held = folds == k
+        keep = ~held
+        if config.new_user_fraction > 0 and n:
+            rng = np.random.default_rng([config.seed, k])
+            new = rng.random(n_users) < config.new_user_fraction
+            m = rng.integers(1, config.new_user_max_ratings + 1, n_users)
+            idx = np.flatnonzero(keep)
+            order = idx[np.lexsort((t[idx], ucode[idx]))]
+            c = ucode[order]
+            rank = np.full(n, n, dtype=np.int64)
+            rank[order] = np.arange(len(order)) - np.searchsorted(c, c, side="left")
+            keep &= ~new[ucode] | (rank < m[ucode])
+        st = RatingState.build(uarr[keep], marr[keep], ratings[keep], t[keep], config.mf)
+        out[held] = st.features(lookup(st.mf.user_index, uarr[held]), lookup(st.mf.item_index, marr[held]), t[held])
+    return out
+
+
+def _lgb_params(config: PersonalizedConfig) -> dict[str, Any]:
+    return {
+        "objective": "regression",
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "min_child_samples": config.min_child_samples,
+        "feature_fraction": config.feature_fraction,
+        "lambda_l2": config.lambda_l2,
+        "num_threads": config.num_threads,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+
+class PersonalizedModel:
+    """Trained personalised model: the trees, the rating state they read, and the scale of the ratings."""
+
+    def __init__(self, config: PersonalizedConfig, state: RatingState, booster: Any, scale: RatingScale) -> None:
+        self.config = config
+        self.state = state
+        self.booster = booster
+        self.scale = scale
+        self.card: ModelCard | None = None
+
+    @property
+    def mf(self) -> MFModel:
+        """The factorisation whose item state the online user states refer to."""
+        return self.state.mf
+
+    @property
+    def version(self) -> str:
+        """The model card's version once saved or loaded (what responses report as ``model_version``)."""
+        return self.card.version if self.card is not None else "personalized-unsaved"
+
+    def to_api(self, pred: FloatArray) -> FloatArray:
+        """Predictions on the data's scale -> the API's 0-10 scale (NaN stays NaN)."""
+        out: FloatArray = np.clip(np.asarray(pred, dtype=np.float64) * self.scale.to_api, 0.0, 10.0)
+        return out
+
+    def from_api(self, rating: float) -> float:
+        """A 0-10 rating from ``/feedback`` -> the data's scale the user state is kept in."""
+        return float(rating) / self.scale.to_api
+
+    @classmethod
+    def fit_frame(cls, frame: Any, scale: RatingScale, config: PersonalizedConfig | None = None) -> PersonalizedModel:
+        """Train from a DataFrame with user_id, movie_id, rating, timestamp and the six FEATURE_NAMES columns
+        (the training frame ``evaluation`` and ``trainfeatures`` build)."""
+        return cls.fit(
+            frame["user_id"].to_numpy(),
+            frame["movie_id"].to_numpy(),
+            frame["rating"].to_numpy(dtype=np.float64),
+            frame["timestamp"].to_numpy(dtype=np.float64),
+            frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64),
+            config or PersonalizedConfig.model_validate({}),
+            scale,
+        )
+
+    @classmethod
+    def fit(
+        cls,
+        user_ids: Ids,
+        movie_ids: Ids,
+        ratings: Sequence[float] | FloatArray,
+        timestamps: Sequence[float] | FloatArray,
+        x6: FloatArray,
+        config: PersonalizedConfig,
+        scale: RatingScale,
+    ) -> PersonalizedModel:
+        """Train on ratings (data scale, unix-second timestamps) and their six features ((n, 6), FEATURES order)."""
+        import lightgbm as lgb
+
+        r = np.asarray(ratings, dtype=np.float64)
+        t = np.asarray(timestamps, dtype=np.float64)
+        x6 = np.asarray(x6, dtype=np.float64)
+        if x6.shape != (len(r), N_FEATURES) or t.shape != r.shape:
+            raise ValueError(f"need {len(r)} timestamps and x6 of shape ({len(r)}, {N_FEATURES}), got {x6.shape}")
+        x = np.hstack([x6, out_of_fold_state_features(user_ids, movie_ids, r, t, config)])
+        train = lgb.Dataset(x, r, feature_name=list(MODEL_FEATURES), free_raw_data=True)
+        booster = lgb.train(_lgb_params(config), train, num_boost_round=config.n_estimators)
+        full = RatingState.build(user_ids, movie_ids, r, t, config.mf)
+        return cls(config, full, booster, scale)
+
+    def _predict_rows(self, x: FloatArray) -> FloatArray:
+        y = np.asarray(self.booster.predict(x, num_threads=1), dtype=np.float64)
+        return np.clip(y, self.scale.min, self.scale.max)
+
+    def _personalisable(self, known_user: BoolArray, known_movie: BoolArray) -> BoolArray:
+        if self.config.personalize == "known_user":
+            return known_user
+        return known_user & known_movie
+
+    def predict_pairs(
+        self, user_ids: Ids, movie_ids: Ids, timestamps: Sequence[float] | FloatArray, x6: FloatArray
+    ) -> tuple[FloatArray, BoolArray]:
+        """Predictions (data scale) for (user, movie, time) rows, with the training ratings as the state.
+
+        This is what evaluation calls. Returns (predictions, mask): mask marks the rows the model personalises
+        (a known user, see ``PersonalizedConfig.personalize``); the other rows are NaN and the caller answers
+        them with the six-feature model.
+        """
+        u = lookup(self.mf.user_index, user_ids)
+        i = lookup(self.mf.item_index, movie_ids)
+        enough = (u >= 0) & (self.state.user_count[np.maximum(u, 0)] >= self.config.min_user_ratings)
+        mask = self._personalisable(enough, i >= 0)
+        out = np.full(len(u), np.nan)
+        if mask.any():
+            t = np.asarray(timestamps, dtype=np.float64)[mask]
+            x = np.hstack([np.asarray(x6, dtype=np.float64)[mask], self.state.features(u[mask], i[mask], t)])
+            out[mask] = self._predict_rows(x)
+        return out, mask
+
+    def predict_user(
+        self,
+        user: UserState | None,
+        movie_ids: Ids,
+        x6: FloatArray,
+        now: float | None = None,
+        movie_extra: FloatArray | None = None,
+    ) -> tuple[FloatArray, BoolArray]:
+        """Predictions (data scale) of one user, described by their online state, for a batch of movies.
+
+        The service's per-request path: one dict lookup per movie, a fold-in solve, a few vectorised numpy
+        operations and one LightGBM call. ``now`` (unix seconds, default the clock) is the prediction time the
+        recency features are measured from. ``movie_extra``, optional (n, 3) in request order, is what the movies
+        received since training (count, sum, sum of squares of ratings: see ``update_movie_extra``); it is added
+        to the trained movie moments. Returns (predictions, mask) as ``predict_pairs``.
+        """
+        i = lookup(self.mf.item_index, movie_ids)
+        n = len(i)
+        out = np.full(n, np.nan)
+        if user is None or user.count <= 0 or user.count < self.config.min_user_ratings:
+            return out, np.zeros(n, dtype=bool)
+        mask = self._personalisable(np.ones(n, dtype=bool), i >= 0)
+        if not mask.any():
+            return out, mask
+        ii = i[mask]
+        m = len(ii)
+        ki = ii >= 0
+        iz = np.where(ki, ii, 0)
+        st = self.state
+        icount = np.where(ki, st.item_count[iz], 0.0)
+        itotal = np.where(ki, st.item_total[iz], 0.0)
+        itotal_sq = np.where(ki, st.item_total_sq[iz], 0.0)
+        if movie_extra is not None:
+            extra = np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)[mask]
+            icount, itotal, itotal_sq = icount + extra[:, 0], itotal + extra[:, 1], itotal_sq + extra[:, 2]
+        bu, pu = fold_in_state(self.mf, user)
+        umean, ustd = _mean_std(np.array([user.count]), np.array([user.total]), np.array([user.total_sq]))
+        im, is_ = _mean_std(icount, itotal, itotal_sq)
+        t_now = np.array([time.time() if now is None else float(now)])
+        rt = np.asarray(user.recent_times, dtype=np.float64)
+        end = np.searchsorted(rt, t_now, side="left")
+        recent = recent_features(
+            rt, np.asarray(user.recent_resid, dtype=np.float64), np.zeros(1, np.int64), end.astype(np.int64), t_now
+        )
+        feats = _assemble(
+            np.full(m, user.count),
+            np.full(m, umean[0]),
+            np.full(m, ustd[0]),
+            np.full(m, bu),
+            icount,
+            im,
+            is_,
+            np.where(ki, self.mf.item_bias[iz], np.nan),
+            ki,
+            self.mf.global_mean,
+            self.mf.item_factors[iz] @ pu,
+            np.repeat(recent, m, axis=0),
+        )
+        out[mask] = self._predict_rows(np.hstack([np.asarray(x6, dtype=np.float64)[mask], feats]))
+        return out, mask
+
+    # --- persistence -------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        directory: Path,
+        *,
+        name: str = "moviematch-personalized",
+        version: str | None = None,
+        created_at: str | None = None,
+        data: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> ModelCard:
+        """Write the trees (LightGBM text), the state (npz without pickle + JSON) and a card with every sha256."""
+        directory.mkdir(parents=True, exist_ok=True)
+        text = self.booster.model_to_string(num_iteration=-1).encode("utf-8")
+        (directory / MODEL_FILE).write_bytes(text)
+        extra = self.mf.save(directory)
+        st = self.state
+        arrays = {name_: np.asarray(getattr(st, name_)) for name_ in _STATE_ARRAYS}
+        npz = write_npz(arrays)
+        (directory / STATE_FILE).write_bytes(npz)
+        extra[STATE_FILE] = hashlib.sha256(npz).hexdigest()
+        sha = hashlib.sha256(text).hexdigest()
+        card = ModelCard(
+            name=name,
+            version=version or f"personalized-{sha[:12]}",
+            kind="personalized",
+            created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            model_file=MODEL_FILE,
+            model_format="lightgbm-text",
+            sha256=sha,
+            features=list(MODEL_FEATURES),
+            rating_scale=self.scale,
+            data=data or {},
+            training={"config": self.config.model_dump(mode="json")},
+            metrics=metrics or {},
+            extra_files=dict(sorted(extra.items())),
+        )
+        write_card(directory, card)
+        self.card = card
+        return card
+
+    @classmethod
+    def load(cls, path: Path) -> PersonalizedModel:
+        """Load a saved model, verifying the sha256 of the trees and of every extra file against the card."""
+        import lightgbm as lgb
+
+        card = read_card(path)
+        cfile = card_path(path)
+        if card.kind != "personalized" or card.model_format != "lightgbm-text":
+            raise ModelFormatError(f"{cfile}: a {card.kind} model in {card.model_format} is not a personalised model")
+        if card.features != list(MODEL_FEATURES):
+            raise ModelFormatError(
+                f"{cfile}: model expects features {card.features}, this version computes {list(MODEL_FEATURES)}"
+            )
+        missing = {"cf.npz", "cf.json", STATE_FILE} - set(card.extra_files)
+        if missing:
+            raise ModelFormatError(f"{cfile}: card lists no checksum for {sorted(missing)}")
+        text = verified_bytes(cfile, card.model_file, card.sha256)
+        for fname, sha in card.extra_files.items():
+            verified_bytes(cfile, fname, sha)
+        mf = MFModel.load(cfile.parent, card.extra_files)
+        arrays = read_npz(verified_bytes(cfile, STATE_FILE, card.extra_files[STATE_FILE]))
+        if set(arrays) != set(_STATE_ARRAYS):
+            raise ModelFormatError(f"{cfile.parent / STATE_FILE}: unexpected arrays {sorted(arrays)}")
+        n_hist = arrays["hist_user"].shape
+        for key in _STATE_ARRAYS:
+            want = (len(mf.user_ids),) if key.startswith("user") else (len(mf.item_ids),)
+            if key.startswith("hist"):
+                want = n_hist
+            if arrays[key].shape != want or len(n_hist) != 1:
+                raise ModelFormatError(f"{cfile.parent / STATE_FILE}: {key} has shape {arrays[key].shape}")
+        state = RatingState(mf, *(arrays[k] for k in _STATE_ARRAYS))
+        try:
+            booster = lgb.Booster(model_str=text.decode("utf-8"))
+        except (UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
+            raise ModelFormatError(f"{cfile.parent / card.model_file}: not a LightGBM model: {exc}") from exc
+        if booster.num_feature() != len(MODEL_FEATURES):
+            raise ModelFormatError(f"model has {booster.num_feature()} inputs, expected {len(MODEL_FEATURES)}")
+        config = PersonalizedConfig.model_validate(card.training.get("config", {}))
+        model = cls(config, state, booster, card.rating_scale)
+        model.card = card
+        return model
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+class PersonalizedCandidate:
+    """The personalised model as ``evaluation`` sees it: state from the training ratings only, and the six-feature
+    model (fitted on the same training rows) answering the rows the personalised model cannot, as in the service.
+    """
+
+    name: str = "personalized"
+
+    def __init__(self, config: PersonalizedConfig | None = None, six_config: Any = None) -> None:
+        self.config = config or PersonalizedConfig.model_validate({})
+        self.six_config = six_config
+        self.last_mask: BoolArray | None = None
+
+    def fit_predict(self, train: Any, test: Any, scale: RatingScale) -> FloatArray:
+        from moviematch_ml.training import SixFeatureCandidate, TrainConfig
+
+        six = SixFeatureCandidate(self.six_config or TrainConfig.model_validate({}))
+        fallback = six.fit_predict(train, test, scale)
+        cols = list(FEATURE_NAMES)
+        model = PersonalizedModel.fit_frame(train, scale, self.config)
+        pred, mask = model.predict_pairs(
+            test["user_id"].to_numpy(),
+            test["movie_id"].to_numpy(),
+            test["timestamp"].to_numpy(dtype=np.float64),
+            test.loc[:, cols].to_numpy(dtype=np.float64),
+        )
+        self.last_mask = mask
+        out: FloatArray = np.where(mask, pred, fallback)
+        return out

@@ -1,0 +1,170 @@
+"""Evaluation: metrics on hand-computed cases, the protocols' splits, loud failures and pluggable candidates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moviematch_ml.baselines import GlobalMeanCandidate
+from moviematch_ml.data import Dataset
+from moviematch_ml.evaluation import (
+    CANDIDATES,
+    EvaluationError,
+    check_predictions,
+    evaluate,
+    kfold_split,
+    mae,
+    ndcg_at_k,
+    rmse,
+    temporal_split,
+)
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.model import RatingScale
+
+FloatArray = np.ndarray
+
+
+def test_rmse_and_mae() -> None:
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([2.0, 2.0, 1.0, 4.0])
+    assert rmse(y, p) == pytest.approx(math.sqrt((1 + 0 + 4 + 0) / 4))
+    assert mae(y, p) == pytest.approx((1 + 0 + 2 + 0) / 4)
+
+
+def test_ndcg_by_hand() -> None:
+    users = ["a"] * 5 + ["b"] * 4 + ["c"] * 5
+    truth = np.array([5, 4, 3, 2, 1, 5, 1, 1, 1, 3, 2, 5, 4, 1], dtype=float)
+    pred = np.array([1, 2, 3, 4, 5, 0, 9, 9, 9, 3, 2, 5, 4, 1], dtype=float)
+    # User a is ranked exactly backwards; b has 4 ratings (< 5, skipped); c is ranked perfectly (NDCG 1).
+    dcg_a = 1 / math.log2(2) + 2 / math.log2(3) + 3 / math.log2(4) + 4 / math.log2(5) + 5 / math.log2(6)
+    idcg_a = 5 / math.log2(2) + 4 / math.log2(3) + 3 / math.log2(4) + 2 / math.log2(5) + 1 / math.log2(6)
+    assert ndcg_at_k(users, truth, pred) == pytest.approx((dcg_a / idcg_a + 1.0) / 2)
+
+
+def test_ndcg_cuts_at_k_and_ties_keep_row_order() -> None:
+    truth = np.array([1.0] * 10 + [5.0, 5.0])
+    pred = np.array([2.0] * 10 + [1.0, 1.0])
+    dcg = sum(1 / math.log2(i + 1) for i in range(1, 11))
+    idcg = 5 + 5 / math.log2(3) + sum(1 / math.log2(i + 1) for i in range(3, 11))
+    assert ndcg_at_k(["u"] * 12, truth, pred, k=10) == pytest.approx(dcg / idcg)
+    # Equal predictions: rows keep their order, so the two 5s at the end fall outside the top 10 too.
+    assert ndcg_at_k(["u"] * 12, truth, np.zeros(12), k=10) == pytest.approx(dcg / idcg)
+    assert math.isnan(ndcg_at_k(["u"] * 4, truth[:4], pred[:4]))
+
+
+def test_temporal_split_is_the_first_80_percent() -> None:
+    [(train, test)] = temporal_split(10)
+    assert train.tolist() == list(range(8))
+    assert test.tolist() == [8, 9]
+
+
+def test_kfold_split_partitions_and_is_seeded() -> None:
+    splits = kfold_split(103, 5, seed=1)
+    tests = [t for _, t in splits]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(103))
+    assert [len(t) for t in tests] == [21, 21, 21, 20, 20]
+    for train, test in splits:
+        assert not set(train.tolist()) & set(test.tolist())
+        assert len(train) + len(test) == 103
+    assert all((a[1] == b[1]).all() for a, b in zip(splits, kfold_split(103, 5, seed=1), strict=True))
+    assert not (kfold_split(103, 5, seed=2)[0][1] == tests[0]).all()
+    with pytest.raises(EvaluationError):
+        kfold_split(10, 1, seed=0)
+
+
+def test_missing_predictions_fail_loudly() -> None:
+    with pytest.raises(EvaluationError, match="1 of 3 predictions"):
+        check_predictions("m", [1.0, float("nan"), 2.0], 3, allow_missing=False)
+    with pytest.raises(EvaluationError, match=r"returned \(2,\) predictions for 3"):
+        check_predictions("m", [1.0, 2.0], 3, allow_missing=False)
+    assert np.isnan(check_predictions("m", [1.0, float("nan"), 2.0], 3, allow_missing=True)[1])
+
+
+def _dataset(n: int = 600, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    movies = pd.DataFrame(
+        {
+            "movie_id": np.arange(20),
+            "title": [f"m{i}" for i in range(20)],
+            "year": np.full(20, 1999.0),
+            "genres": [("Drama",) if i % 2 else ("Comedy", "Drama") for i in range(20)],
+            "vote_average": np.nan,
+            "vote_count": np.nan,
+            "popularity": np.nan,
+            "release_year": np.full(20, 1999.0),
+        }
+    )
+    ratings = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 15, n),
+            "movie_id": rng.integers(0, 20, n),
+            "rating": rng.integers(1, 6, n).astype(float),
+            "timestamp": 1_000_000_000 + np.arange(n) * 3600,
+        }
+    )
+    return Dataset("synthetic", ratings, movies, RatingScale(min=1.0, max=5.0, step=1.0))
+
+
+@dataclass(frozen=True)
+class _Blind:
+    """A candidate that checks it never sees the test ratings and predicts the training mean of each user."""
+
+    name: str = "user_mean"
+
+    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
+        assert "rating" not in test.columns
+        assert set(FEATURE_NAMES) <= set(train.columns)
+        assert set(FEATURE_NAMES) <= set(test.columns)
+        means = train.groupby("user_id")["rating"].mean()
+        out: FloatArray = test["user_id"].map(means).fillna(train["rating"].mean()).to_numpy(dtype=np.float64)
+        return out
+
+
+def test_evaluate_with_a_plugged_in_candidate() -> None:
+    ds = _dataset()
+    out = evaluate(ds, "temporal", candidates=[GlobalMeanCandidate(), _Blind()])
+    assert (out["protocol"], out["n_train"], out["n_test"]) == ("temporal", 480, 120)
+    assert out["rating_scale"] == {"min": 1.0, "max": 5.0, "step": 1.0}
+    assert list(out["models"]) == ["global_mean", "user_mean"]
+    test = ds.ratings.iloc[480:]
+    mu = ds.ratings["rating"].iloc[:480].mean()
+    assert out["models"]["global_mean"]["rmse"] == pytest.approx(
+        rmse(test["rating"].to_numpy(), np.full(120, mu)), abs=1e-4
+    )
+    assert set(out["models"]["user_mean"]) == {"rmse", "mae", "ndcg@10", "rmse_cold_users", "rmse_warm_users"}
+
+
+def test_evaluate_kfold_averages_the_folds() -> None:
+    ds = _dataset()
+    out = evaluate(ds, "kfold", folds=3, seed=7, candidates=[GlobalMeanCandidate()])
+    assert out["folds"] == 3
+    assert (out["n_train"], out["n_test"]) == (400, 200)
+    per_fold = out["per_fold_rmse"]["global_mean"]
+    assert out["models"]["global_mean"]["rmse"] == pytest.approx(np.mean(per_fold), abs=1e-4)
+    # No user is cold in random folds of this data: the cold RMSE is undefined, not zero.
+    assert math.isnan(out["models"]["global_mean"]["rmse_cold_users"])
+
+
+@dataclass(frozen=True)
+class _Broken:
+    name: str = "broken"
+
+    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
+        out = np.ones(len(test))
+        out[0] = np.nan
+        return out
+
+
+def test_evaluate_refuses_nan_unless_allowed() -> None:
+    with pytest.raises(EvaluationError, match="broken"):
+        evaluate(_dataset(), "temporal", candidates=[_Broken()])
+    out = evaluate(_dataset(), "temporal", candidates=[_Broken()], allow_missing=True)
+    assert out["models"]["broken"]["missing"] == 1
+
+
+def test_the_required_models_are_registered() -> None:
+    assert {"global_mean", "movie_mean", "bias", "fallback", "six_features"} <= set(CANDIDATES)
