@@ -72,3 +72,46 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_card(directory, card)
     return directory
+
+
+def tiny_ratings(n_users: int = 60, n_movies: int = 30, seed: int = 1) -> dict[str, np.ndarray]:
+    """Synthetic ratings (0.5-5) where the user matters: half the users rate 1.5 stars above the rest."""
+    rng = np.random.default_rng(seed)
+    users, movies = np.meshgrid(np.arange(n_users), np.arange(n_movies), indexing="ij")
+    users, movies = users.ravel(), movies.ravel()
+    keep = rng.random(users.size) < 0.6
+    users, movies = users[keep], movies[keep]
+    x, _ = tiny_training_data(users.size, seed)
+    movie_effect = np.linspace(-0.5, 0.5, n_movies)[movies]
+    user_effect = np.where(users % 2 == 0, 0.75, -0.75)
+    ratings = np.clip(np.round((3.0 + user_effect + movie_effect + rng.normal(0, 0.3, users.size)) * 2) / 2, 0.5, 5)
+    times = 1_000_000.0 + np.arange(users.size, dtype=np.float64)
+    return {"users": users, "movies": movies, "ratings": ratings, "times": times, "x": x}
+
+
+@pytest.fixture(scope="session")
+def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny six-feature model plus a tiny personalised model in ``personalized/`` (read-only, session-wide)."""
+    import shutil
+
+    from moviematch_ml.cf import MFConfig
+    from moviematch_ml.personalized import PersonalizedConfig, PersonalizedModel
+
+    directory = tmp_path_factory.mktemp("tiny_personalized")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    d = tiny_ratings()
+    config = PersonalizedConfig(
+        mf=MFConfig(factors=3, iterations=5), inner_folds=2, n_estimators=40, num_leaves=7, min_child_samples=5
+    )
+    model = PersonalizedModel.fit(
+        d["users"].tolist(),
+        d["movies"].tolist(),
+        d["ratings"],
+        d["times"],
+        d["x"],
+        config,
+        RatingScale(min=0.5, max=5.0, step=0.5),
+    )
+    model.save(directory / "personalized", version="tiny-personalized-1", created_at="2026-01-01T00:00:00Z")
+    return directory

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import signal
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,70 +19,12 @@ import orjson
 import pytest
 
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    def log_entries(self) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()]
-
-    def wait_for_log(self, message: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(e["message"] == message for e in self.log_entries()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no log line {message!r} within {timeout} s:\n{self.log_path.read_text()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _request(port: int, method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = orjson.dumps(body) if body is not None else None
-        all_headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers or {}
-        conn.request(method, path, body=data, headers=all_headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), orjson.loads(response.read())
-    finally:
-        conn.close()
-
-
-def _start(tmp_path: Path, **env: str) -> Server:
-    port = _free_port()
-    exe = shutil.which("moviematch-ml", path=str(Path(sys.executable).parent)) or "moviematch-ml"
-    full_env = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "info", "GRACEFUL_TIMEOUT": "20", **env}
-    full_env.pop("PORT", None)  # the command line says which port
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, port, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
-        try:
-            if _request(port, "GET", "/health/ready")[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server not ready within 30 s:\n{log_path.read_text()}")
+from realserver import Server, free_port, request, start
 
 
 @pytest.fixture
 def model_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    server = _start(tmp_path, MODEL_PATH=str(tiny_model_dir))
+    server = start(tmp_path, MODEL_PATH=str(tiny_model_dir))
     try:
         yield server
     finally:
@@ -101,19 +41,19 @@ def _expected_rating(tiny_model_dir: Path, row: dict[str, Any]) -> float:
 
 def test_real_server_answers_every_endpoint(model_server: Server, tiny_model_dir: Path) -> None:
     port = model_server.port
-    status, _, root = _request(port, "GET", "/")
+    status, _, root = request(port, "GET", "/")
     assert (status, root["service"], root["model"]["version"]) == (200, "moviematch-ml", "tiny-1")
-    status, _, health = _request(port, "GET", "/health")
+    status, _, health = request(port, "GET", "/health")
     assert (status, health["status"], health["source"]) == (200, "ok", "model")
-    assert _request(port, "GET", "/health/live")[2] == {"status": "alive"}
-    status, headers, body = _request(port, "POST", "/predict", EXAMPLE, {"X-Request-ID": "real-1"})
+    assert request(port, "GET", "/health/live")[2] == {"status": "alive"}
+    status, headers, body = request(port, "POST", "/predict", EXAMPLE, {"X-Request-ID": "real-1"})
     assert status == 200
     assert headers["x-request-id"] == "real-1"
     assert body["source"] == "model"
     assert body["predicted_rating"] == _expected_rating(tiny_model_dir, EXAMPLE)
-    status, _, batch = _request(port, "POST", "/predict-batch", {"movies": [{"movie_id": 9, **EXAMPLE}]})
+    status, _, batch = request(port, "POST", "/predict-batch", {"movies": [{"movie_id": 9, **EXAMPLE}]})
     assert (status, batch["predictions"][0]["movie_id"]) == (200, 9)
-    status, _, error = _request(port, "POST", "/predict", {**EXAMPLE, "vote_average": 11})
+    status, _, error = request(port, "POST", "/predict", {**EXAMPLE, "vote_average": 11})
     assert (status, error["error"]) == (422, "validation_error")
 
     model_server.proc.send_signal(signal.SIGTERM)
@@ -165,12 +105,12 @@ def test_sigterm_lets_an_in_flight_request_finish(model_server: Server, tiny_mod
 
 
 def test_real_server_starts_degraded_without_a_model(tmp_path: Path) -> None:
-    server = _start(tmp_path, MODEL_PATH=str(tmp_path / "missing"))
+    server = start(tmp_path, MODEL_PATH=str(tmp_path / "missing"))
     try:
-        status, _, health = _request(server.port, "GET", "/health")
+        status, _, health = request(server.port, "GET", "/health")
         assert (status, health["status"], health["source"]) == (200, "degraded", "fallback")
         assert "ModelNotFound" in health["reason"]
-        assert _request(server.port, "POST", "/predict", EXAMPLE)[2]["predicted_rating"] == 7.909
+        assert request(server.port, "POST", "/predict", EXAMPLE)[2]["predicted_rating"] == 7.909
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=20) == 0
     finally:
@@ -185,7 +125,7 @@ def test_real_server_starts_degraded_without_a_model(tmp_path: Path) -> None:
 def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
     exe = shutil.which("moviematch-ml", path=str(Path(sys.executable).parent)) or "moviematch-ml"
     env = {**os.environ, "CORS_ORIGINS": "*", "CORS_ALLOW_CREDENTIALS": "true"}
-    out = subprocess.run([exe, "serve", "--port", str(_free_port())], env=env, capture_output=True, timeout=60)
+    out = subprocess.run([exe, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=60)
     assert out.returncode == 1
     assert b"CORS_ALLOW_CREDENTIALS" in out.stderr
 

@@ -63,7 +63,7 @@ def test_ratings_are_stored_once_and_totals_follow(store: FeedbackStore) -> None
     assert users["u2"].mean == 7.0  # (4 + 10) / 2
     movies = store.movie_counts(["m1", "m2"])
     assert (movies["m1"].n, movies["m1"].mean) == (2, 6.0)
-    assert store.user_ratings("u1") == [("m1", 8.0), ("m2", 6.0)]
+    assert store.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 100.0)]
 
 
 def test_a_key_repeated_inside_one_request_counts_once(store: FeedbackStore) -> None:

@@ -252,16 +252,16 @@ class FeedbackStore:
     def movie_counts(self, movie_ids: Iterable[str]) -> dict[str, Counts]:
         return self._counts(movie_state_table, "movie_id", movie_ids)
 
-    def user_ratings(self, user_id: str) -> list[tuple[str, float]]:
-        """The user's ratings in arrival order (movie_id, rating): what the collaborative fold-in needs."""
+    def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
+        """The user's ratings in arrival order (movie_id, rating, rated_at): what the collaborative fold-in needs."""
         q = (
-            select(feedback_table.c.movie_id, feedback_table.c.rating)
+            select(feedback_table.c.movie_id, feedback_table.c.rating, feedback_table.c.rated_at)
             .where(feedback_table.c.user_id == user_id)
             .order_by(feedback_table.c.id)
         )
         try:
             with self.engine.connect() as conn:
-                return [(m, float(r)) for m, r in conn.execute(q)]
+                return [(m, float(r), float(t)) for m, r, t in conn.execute(q)]
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
