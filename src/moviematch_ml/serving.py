@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import random
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +19,7 @@ import orjson
 from moviematch_ml import model
 from moviematch_ml.errors import FieldError, InputError, ModelError
 from moviematch_ml.fallback import FallbackPredictor
-from moviematch_ml.features import EXAMPLE, N_FEATURES, parse_id, row_from_mapping
+from moviematch_ml.features import EXAMPLE, N_FEATURES, matrix_from_mappings, parse_id, row_from_mapping
 from moviematch_ml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "degraded"]
 Id = str | int
 
+# Only bodies up to this size are cached (a /predict body or a batch of ~100 movies): the key is the body itself, and
+# entries of big batches would make the cache's memory unbounded in practice.
+CACHE_MAX_BODY_BYTES: Final[int] = 16 * 1024
 NOT_LOADED: Final[str] = "starting: the model has not been loaded yet"
 
 
@@ -177,8 +182,30 @@ def _loads(body: bytes) -> object:
         raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
 
 
-def _new_id() -> str:
-    return os.urandom(16).hex()
+def _rows_one_by_one(movies: list[object]) -> tuple[npt.NDArray[np.float64], list[Id]]:
+    """The per-field loop: raises the exact error of the first broken rule (the vectorised check only says "no")."""
+    n = len(movies)
+    x = np.empty((n, N_FEATURES), dtype=np.float64)
+    ids: list[Id] = [0] * n
+    for i, movie in enumerate(movies):
+        loc = f"movies[{i}]"
+        row_from_mapping(movie, loc, x[i], _MOVIE_EXTRA)
+        assert isinstance(movie, dict)  # row_from_mapping refused anything else
+        try:
+            raw_id = movie["movie_id"]
+        except KeyError:
+            raise FieldError(loc + ".movie_id", "is required", None) from None
+        ids[i] = parse_id(raw_id, loc + ".movie_id")
+    return x, ids
+
+
+def new_id() -> str:
+    """A fresh 32-hex-digit id (prediction ids, request ids): unique, not secret.
+
+    Mersenne Twister bits instead of ``os.urandom``: one system call less per id on the hot path. The generator
+    is seeded from the OS at import and reseeded by Python after a fork, so workers do not share a sequence.
+    """
+    return f"{random.getrandbits(128):032x}"
 
 
 class PredictionService:
@@ -188,14 +215,38 @@ class PredictionService:
     never row by row: this is the hot path, so no pydantic objects and no pandas here.
     """
 
-    def __init__(self, holder: ModelHolder, *, max_batch_size: int, personalizer: Personalizer | None = None) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        *,
+        max_batch_size: int,
+        personalizer: Personalizer | None = None,
+        cache_size: int = 0,
+    ) -> None:
         self.holder = holder
         self.max_batch_size = max_batch_size
         self.personalizer = personalizer
+        self.cache: LRUCache | None = LRUCache(cache_size) if cache_size > 0 else None
         self.movies_rule = f"must be a list of 1 to {max_batch_size} movies"
 
     def predict_one(self, body: bytes) -> bytes:
         """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
+        cache = self.cache
+        if cache is not None and len(body) <= CACHE_MAX_BODY_BYTES:
+            predictor = self.holder.active
+            key = (predictor.version, predictor.source, body)
+            hit = cache.get(key)
+            if hit is not None:
+                return _render_one(hit)
+            answer = self._predict_one(body)
+            if answer[2]:
+                cache.put(key, answer)
+            return _render_one(answer)
+        answer = self._predict_one(body)
+        return _render_one(answer)
+
+    def _predict_one(self, body: bytes) -> tuple[float, str, bool, str]:
+        """(rounded rating, source, whether the answer depends on the body alone, model version)."""
         obj = _loads(body)
         x = np.empty((1, N_FEATURES), dtype=np.float64)
         row_from_mapping(obj, "", x[0], _PREDICT_EXTRA)
@@ -205,22 +256,32 @@ class PredictionService:
         predictor = self.holder.active
         y = predictor.predict(x)
         source = predictor.source
-        if user_id is not None and self.personalizer is not None:
-            answer = self.personalizer(user_id, [movie_id], x)
+        personalizer = self.personalizer
+        if user_id is not None and personalizer is not None:
+            answer = personalizer(user_id, [movie_id], x)
             if answer is not None and bool(answer[1][0]):
                 y = answer[0]
                 source = "personalized"
-        return orjson.dumps(
-            {
-                "predicted_rating": round(float(y[0]), 3),
-                "model_version": predictor.version,
-                "source": source,
-                "prediction_id": _new_id(),
-            }
-        )
+        # A personalised answer changes with the user's feedback: it is never cached.
+        cacheable = user_id is None or personalizer is None
+        return round(float(y[0]), 3), source, cacheable, predictor.version
 
     def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
+        cache = self.cache
+        if cache is not None and len(body) <= CACHE_MAX_BODY_BYTES:
+            predictor = self.holder.active
+            key = (predictor.version, predictor.source, body)
+            hit = cache.get(key)
+            if hit is not None:
+                return _render_batch(hit)
+            answer = self._predict_batch(body)
+            if answer.cacheable:
+                cache.put(key, answer)
+            return _render_batch(answer)
+        return _render_batch(self._predict_batch(body))
+
+    def _predict_batch(self, body: bytes) -> _BatchAnswer:
         obj = _loads(body)
         if not isinstance(obj, dict):
             raise FieldError("body", "must be a JSON object", obj)
@@ -244,16 +305,11 @@ class PredictionService:
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise FieldError("top_k", TOP_K_RULE, top_k)
 
-        x = np.empty((n, N_FEATURES), dtype=np.float64)
-        ids: list[Id] = [0] * n
-        for i, movie in enumerate(movies):
-            loc = f"movies[{i}]"
-            row_from_mapping(movie, loc, x[i], _MOVIE_EXTRA)
-            try:
-                raw_id = movie["movie_id"]
-            except KeyError:
-                raise FieldError(loc + ".movie_id", "is required", None) from None
-            ids[i] = parse_id(raw_id, loc + ".movie_id")
+        checked = matrix_from_mappings(movies, "movie_id")
+        if checked is not None:
+            x, ids = checked
+        else:
+            x, ids = _rows_one_by_one(movies)
 
         predictor = self.holder.active
         y = predictor.predict(x)
@@ -275,22 +331,81 @@ class PredictionService:
         else:
             order = list(range(n))
 
-        batch_id = _new_id()
-        source = predictor.source
-        predictions = [
-            {
-                "movie_id": ids[i],
-                "predicted_rating": rounded[i],
-                "source": source if sources is None else sources[i],
-                "prediction_id": f"{batch_id}-{i}",
-            }
-            for i in order
-        ]
-        return orjson.dumps(
-            {
-                "predictions": predictions,
-                "model_version": predictor.version,
-                "count": len(predictions),
-                "ranked": ranked,
-            }
-        )
+        cacheable = user_id is None or self.personalizer is None
+        return _BatchAnswer(ids, rounded, predictor.source, sources, order, ranked, predictor.version, cacheable)
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchAnswer:
+    """A batch's answer without its prediction ids (fresh for every response, cached or not)."""
+
+    ids: list[Id]
+    rounded: list[float]
+    source: str
+    sources: list[str] | None
+    order: list[int]
+    ranked: bool
+    version: str
+    cacheable: bool
+
+
+def _render_one(answer: tuple[float, str, bool, str]) -> bytes:
+    return orjson.dumps(
+        {"predicted_rating": answer[0], "model_version": answer[3], "source": answer[1], "prediction_id": new_id()}
+    )
+
+
+def _render_batch(answer: _BatchAnswer) -> bytes:
+    batch_id = new_id()
+    ids, rounded, source, sources = answer.ids, answer.rounded, answer.source, answer.sources
+    predictions = [
+        {
+            "movie_id": ids[i],
+            "predicted_rating": rounded[i],
+            "source": source if sources is None else sources[i],
+            "prediction_id": f"{batch_id}-{i}",
+        }
+        for i in answer.order
+    ]
+    return orjson.dumps(
+        {
+            "predictions": predictions,
+            "model_version": answer.version,
+            "count": len(predictions),
+            "ranked": answer.ranked,
+        }
+    )
+
+
+class LRUCache:
+    """Answers by (model version, source, request body): a bounded, least-recently-used map.
+
+    The model version is in the key, so a swapped model never answers from its predecessor's entries. Only
+    answers that depend on the body alone are stored (not personalised ones, which change with feedback).
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._data: OrderedDict[tuple[str, str, bytes], Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str, bytes]) -> Any:
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        with suppress(KeyError):  # evicted meanwhile by a thread-pool request: the value is still right
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str, bytes], value: Any) -> None:
+        data = self._data
+        data[key] = value
+        if len(data) > self.max_entries:
+            with suppress(KeyError):  # emptied meanwhile by another thread
+                data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -40,7 +39,23 @@ class Settings(BaseSettings):
         "sqlite:///moviematch.sqlite3",
         description="Feedback store: SQLite file by default, postgresql://... for PostgreSQL.",
     )
+    state_ttl_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long a replica reuses a user's state read from the store (0: read it on every request).",
+    )
     redis_url: str | None = Field(None, description="Optional Redis for shared state and the prediction cache.")
+    fast_path: bool = Field(
+        True,
+        description="Serve POST /predict and /predict-batch by the pure-ASGI fast path (false: through FastAPI).",
+    )
+    prediction_cache_size: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Entries of the in-process answer cache keyed on model version + request body (0: off; "
+        "off is faster on varied traffic, see docs/performance.md).",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

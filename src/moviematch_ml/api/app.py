@@ -14,13 +14,16 @@ from starlette.middleware.cors import CORSMiddleware
 
 from moviematch_ml import __version__
 from moviematch_ml.api import errors, schemas
+from moviematch_ml.api.fastpath import FastPathMiddleware
 from moviematch_ml.api.feedback import build_feedback_router
 from moviematch_ml.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from moviematch_ml.api.routes import build_router
 from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
+from moviematch_ml.model import BUNDLED_MODEL_DIR
 from moviematch_ml.serving import ModelHolder, PredictionService
 from moviematch_ml.settings import Settings
+from moviematch_ml.state import StatePersonalizer, load_personalized
 from moviematch_ml.store import FeedbackStore, make_engine
 
 # No keyword overrides: every field comes from the environment. (Spelt as ** so that mypy accepts the call with or
@@ -40,11 +43,18 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
     model_holder = holder if holder is not None else ModelHolder(settings)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
-    service = PredictionService(model_holder, max_batch_size=settings.max_batch_size)
+    personalizer = StatePersonalizer(feedback_store, ttl=settings.state_ttl_seconds)
+    service = PredictionService(
+        model_holder,
+        max_batch_size=settings.max_batch_size,
+        cache_size=settings.prediction_cache_size,
+        personalizer=personalizer,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_holder.load()
+        personalizer.set_model(load_personalized(settings.model_path or BUNDLED_MODEL_DIR))
         try:
             feedback_store.migrate()
         except StoreError as exc:
@@ -74,9 +84,13 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
     app.state.service = service
     app.state.store = feedback_store
     app.include_router(build_router(model_holder, service, time.monotonic()))
-    app.include_router(build_feedback_router(feedback_store, None))
+    app.state.personalizer = personalizer
+    app.include_router(build_feedback_router(feedback_store, personalizer.forget))
     errors.install(app)
 
+    if settings.fast_path:
+        # Added first, so it sits inside CORS and the request middleware: both still apply to the hot routes.
+        app.add_middleware(FastPathMiddleware, service=service)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Final
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moviematch_ml.api.errors import input_error_response, internal_error_response
 from moviematch_ml.errors import InputError
 from moviematch_ml.logs import ACCESS_LOGGER
-from moviematch_ml.serving import BodyTooLargeError
+from moviematch_ml.serving import BodyTooLargeError, new_id
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("moviematch_ml.api")
@@ -28,24 +26,23 @@ def valid_request_id(value: str) -> bool:
     return 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
 
 
-def _request_id(scope: Scope) -> str:
-    for key, raw in scope["headers"]:
-        if key == _HEADER_KEY:
-            value: str = raw.decode("latin-1")
-            if valid_request_id(value):
-                return value
-            break
-    return os.urandom(16).hex()
-
-
-def _content_length(scope: Scope) -> int | None:
+def _request_id_and_length(scope: Scope) -> tuple[str, int | None]:
+    """The client's request id if it is one we trust (else a new one) and the Content-Length, in one header pass."""
+    request_id: str | None = None
+    length: int | None = None
+    seen_id = False
     for key, raw in scope["headers"]:
         if key == b"content-length":
             try:
-                return int(raw)
+                length = int(raw)
             except ValueError:
-                return None
-    return None
+                length = None
+        elif key == _HEADER_KEY and not seen_id:
+            seen_id = True
+            value: str = raw.decode("latin-1")
+            if valid_request_id(value):
+                request_id = value
+    return (request_id if request_id is not None else new_id()), length
 
 
 class RequestContextMiddleware:
@@ -63,8 +60,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _request_id(scope)
+        request_id, length = _request_id_and_length(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (_HEADER_KEY, request_id.encode("latin-1"))
         status = 500
         started = False
 
@@ -73,14 +71,14 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         limit = self.max_body_bytes
         received = 0
 
         async def receive_limited() -> Message:
-            # Content-Length is checked up front; this also catches chunked bodies that grow past the limit.
+            # Only for bodies without Content-Length (chunked): they can grow past the limit while streaming.
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -90,14 +88,15 @@ class RequestContextMiddleware:
             return message
 
         try:
-            length = _content_length(scope)
             if length is not None and length > limit:
                 response = input_error_response(
                     BodyTooLargeError(f"request body of {length} bytes is larger than {limit} bytes")
                 )
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive_limited, send_with_id)
+                # With a Content-Length the server delivers exactly that many bytes, already checked above, so
+                # the counting wrapper (one more coroutine per receive) is needed only for chunked bodies.
+                await self.app(scope, receive if length is not None else receive_limited, send_with_id)
         except InputError as exc:
             if not started:
                 await input_error_response(exc)(scope, receive, send_with_id)
