@@ -123,6 +123,17 @@ def test_recent_buffer_keeps_the_latest_ratings_in_time_order(model: Personalize
     assert s.recent_times[0] == 1000.0 - RECENT_RATINGS + 1
 
 
+def test_ratings_with_one_timestamp_keep_their_arrival_order(model: PersonalizedModel) -> None:
+    # A batch of /feedback without timestamps shares the arrival time: the buffer must keep the last ones sent,
+    # not the ones with the largest residual (which would make every batch-fed user look like a fan).
+    mf = model.mf
+    s = empty_user_state(mf)
+    ratings = [5.0] * RECENT_RATINGS + [1.0] * RECENT_RATINGS
+    for r in ratings:
+        s = update_user_state(mf, s, 999_999, r, 1000.0)  # a movie the model does not know: residual r - mean
+    assert s.recent_resid == tuple([1.0 - mf.global_mean] * RECENT_RATINGS)
+
+
 def test_user_state_json_round_trip(model: PersonalizedModel) -> None:
     s = user_state(model.mf, [100, 101, 999], [4.0, 2.5, 5.0], [1.0, 2.0, 3.0])
     assert s.count == 3
@@ -296,8 +307,6 @@ def test_load_refuses_a_six_feature_card(tmp_path: Path, model: PersonalizedMode
 
 
 @pytest.mark.slow
-# evaluate() averages the cold-user RMSE over folds with np.nanmean; on k-fold there are no cold users at all.
-@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
 def test_real_data_targets() -> None:
     """The issue's targets on movielens-small (5-fold and temporal), as `moviematch-ml evaluate` computes them."""
     from moviematch_ml.data import load_movielens_small

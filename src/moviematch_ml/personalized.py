@@ -165,7 +165,11 @@ def update_user_state(
     out = _add(mf, out, i, rating, 1.0)
     resid = float(rating) - mf.global_mean - (float(mf.item_bias[i]) if i >= 0 else 0.0)
     # Keep the latest RECENT_RATINGS in time order (a late-arriving old rating slots into place).
-    pairs = sorted([*zip(state.recent_times, state.recent_resid, strict=True), (float(timestamp), resid)])
+    # Sorted on time only (a stable sort): ratings sent in one batch share a timestamp, and must keep their arrival
+    # order rather than be ordered by residual, which would keep the user's ten best-liked as "the latest".
+    pairs = sorted(
+        [*zip(state.recent_times, state.recent_resid, strict=True), (float(timestamp), resid)], key=lambda p: p[0]
+    )
     pairs = pairs[-RECENT_RATINGS:]
     return replace(out, recent_times=tuple(p[0] for p in pairs), recent_resid=tuple(p[1] for p in pairs))
 
