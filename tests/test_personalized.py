@@ -134,6 +134,33 @@ def test_ratings_with_one_timestamp_keep_their_arrival_order(model: Personalized
     assert s.recent_resid == tuple([1.0 - mf.global_mean] * RECENT_RATINGS)
 
 
+def test_bulk_user_state_equals_folding_the_updates(model: PersonalizedModel, data: dict[str, np.ndarray]) -> None:
+    mf = model.mf
+    rows = data["u"] == 5
+    ids = [*data["i"][rows].tolist(), 999_999]  # plus a movie the model does not know...
+    rs = [*data["r"][rows].tolist(), 4.0]
+    ts = [*data["t"][rows].tolist(), float(data["t"][rows][0])]  # ...rated at the same second as the first one
+    folded = empty_user_state(mf)
+    for m, r, t in zip(ids, rs, ts, strict=True):
+        folded = update_user_state(mf, folded, m, r, t)
+    bulk = user_state(mf, ids, rs, ts)
+    assert (bulk.count, bulk.cf_count) == (folded.count, folded.cf_count)
+    assert bulk.total == pytest.approx(folded.total)
+    np.testing.assert_allclose(bulk.gram, folded.gram, atol=1e-9)
+    np.testing.assert_allclose(bulk.rhs, folded.rhs, atol=1e-9)
+    assert bulk.recent_times == folded.recent_times
+    np.testing.assert_allclose(bulk.recent_resid, folded.recent_resid, atol=1e-12)
+
+
+def test_bulk_user_state_counts_a_rerated_movie_once(model: PersonalizedModel) -> None:
+    mf = model.mf
+    movie = next(iter(mf.item_index))
+    twice = user_state(mf, [movie, movie], [1.0, 5.0], [10.0, 20.0])
+    once = user_state(mf, [movie], [5.0], [20.0])
+    assert (twice.count, twice.total) == (once.count, once.total) == (1.0, 5.0)
+    np.testing.assert_allclose(twice.gram, once.gram)
+
+
 def test_user_state_json_round_trip(model: PersonalizedModel) -> None:
     s = user_state(model.mf, [100, 101, 999], [4.0, 2.5, 5.0], [1.0, 2.0, 3.0])
     assert s.count == 3

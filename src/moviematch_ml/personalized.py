@@ -193,17 +193,36 @@ def _add(mf: MFModel, s: UserState, i: int, rating: float, sign: float) -> UserS
 def user_state(
     mf: MFModel, movie_ids: Ids, ratings: Sequence[float] | FloatArray, timestamps: Sequence[float] | FloatArray
 ) -> UserState:
-    """A user's state from all their ratings at once (equal to folding ``update_user_state`` over them)."""
-    state = empty_user_state(mf)
-    rows = zip(
-        np.asarray(movie_ids).tolist(),
-        np.asarray(ratings, dtype=np.float64).tolist(),
-        np.asarray(timestamps, dtype=np.float64).tolist(),
-        strict=True,
+    """A user's state from all their ratings at once, in arrival order.
+
+    Equal to folding ``update_user_state`` over them, in a few vectorised operations (the service rebuilds a
+    user's state from the store on a cache miss, so this is on the request path). A movie rated more than once
+    counts once, with its latest rating: what ``update_user_state(..., previous_rating=...)`` keeps.
+    """
+    ids: list[Id] = np.asarray(movie_ids).tolist()
+    r = np.asarray(ratings, dtype=np.float64)
+    t = np.asarray(timestamps, dtype=np.float64)
+    if len(set(ids)) != len(ids):
+        latest = np.array(sorted({m: k for k, m in enumerate(ids)}.values()), dtype=np.int64)
+        ids, r, t = [ids[k] for k in latest], r[latest], t[latest]
+    i = lookup(mf.item_index, ids)
+    known = i >= 0
+    ik = i[known]
+    x = np.hstack([np.ones((len(ik), 1)), mf.item_factors[ik]])
+    bias = np.where(known, mf.item_bias[np.maximum(i, 0)], 0.0)
+    resid = r - mf.global_mean - bias
+    # The latest RECENT_RATINGS by time; the stable sort keeps arrival order among equal timestamps.
+    recent = np.argsort(t, kind="stable")[-RECENT_RATINGS:]
+    return UserState(
+        float(len(r)),
+        float(r.sum()),
+        float((r * r).sum()),
+        float(known.sum()),
+        x.T @ x,
+        x.T @ resid[known],
+        tuple(t[recent].tolist()),
+        tuple(resid[recent].tolist()),
     )
-    for m, r, t in rows:
-        state = update_user_state(mf, state, m, r, t)
-    return state
 
 
 def update_movie_extra(
