@@ -9,16 +9,20 @@ import pandas as pd
 import pytest
 
 from moviematch_ml.data import (
+    FEEDBACK_SCALE,
     Dataset,
     detect_scale,
     join_metadata,
     load_csv,
+    load_feedback,
     load_movielens_small,
     normalize_title,
     parse_scale,
     title_keys,
 )
-from moviematch_ml.errors import DataError
+from moviematch_ml.errors import DataError, StoreError
+from moviematch_ml.feedback import Feedback
+from moviematch_ml.store import FeedbackStore
 
 RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n2,1,5.0,964982224\n"
 MOVIES = (
@@ -221,6 +225,121 @@ def test_metadata_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         load_csv(r, m, meta)
     assert (exc.value.line, exc.value.column) == (2, "vote_average")
+
+
+# --- the service's feedback store ---------------------------------------------------------------------------------
+
+
+def _store(tmp_path: Path, rows: list[tuple[str, str, float, float]]) -> FeedbackStore:
+    """A SQLite feedback store holding ``rows`` (user_id, movie_id, rating 0-10, rated_at), stored in this order."""
+    store = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'feedback.sqlite3'}")
+    store.add([Feedback(f"f{i}", u, m, r, t, None) for i, (u, m, r, t) in enumerate(rows)])
+    return store
+
+
+FEEDBACK = [
+    ("alice", "1", 8.0, 1000.0),
+    ("alice", "2", 6.5, 1002.5),
+    ("bob", "1", 9.0, 1001.0),
+    ("bob", "3", 4.0, 1003.0),
+    ("alice", "1", 3.0, 1005.0),  # alice changes her mind about movie 1: only this rating counts
+    ("carol", "2", 7.0, 999.0),
+    ("carol", "3", 5.0, 1004.0),
+    ("dave", "1", 10.0, 1006.0),
+    ("dave", "2", 0.0, 1007.9),
+    ("erin", "3", 6.0, 1008.0),
+    ("erin", "99", 2.0, 1009.0),  # movie 99 is not in movies.csv: 1 of 11 ratings, dropped
+]
+
+
+def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    store = _store(tmp_path, FEEDBACK)
+    ds = load_feedback(store, movies, min_ratings=5)
+    r = ds.ratings
+    assert ds.name == "feedback"
+    assert ds.scale == FEEDBACK_SCALE
+    assert (ds.scale.min, ds.scale.max, ds.scale.to_api) == (0.0, 10.0, 1.0)
+    # Sorted by time (whole seconds); 11 rows less the unknown movie and alice's first rating of movie 1.
+    assert r["timestamp"].tolist() == [999, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008]
+    assert r["user_id"].tolist() == ["carol", "bob", "alice", "bob", "carol", "alice", "dave", "dave", "erin"]
+    assert r["movie_id"].tolist() == [2, 1, 2, 3, 3, 1, 1, 2, 3]
+    assert r["movie_id"].dtype == np.int64
+    assert r["rating"].tolist() == [7.0, 9.0, 6.5, 4.0, 5.0, 3.0, 10.0, 0.0, 6.0]
+    assert ds.source == {
+        "feedback_rows": 11,
+        "last_feedback_row_id": 11,
+        "last_rated_at": 1008.0,
+        "unmatched_ratings": 1,
+        "unmatched_movie_ids": 1,
+        "superseded_ratings": 1,
+    }
+    assert ds.movies["movie_id"].tolist() == [1, 2, 3]
+    # Text user ids are fingerprinted by their characters: the same store gives the same fingerprint.
+    assert ds.fingerprint() == load_feedback(store, movies, min_ratings=5).fingerprint()
+    store.close()
+
+
+def test_load_feedback_fingerprint_follows_the_ratings(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _store(tmp_path / "a", FEEDBACK)
+    b = _store(tmp_path / "b", [("zed" if u == "erin" else u, m, r, t) for u, m, r, t in FEEDBACK])
+    assert (
+        load_feedback(a, movies, min_ratings=5).fingerprint() != load_feedback(b, movies, min_ratings=5).fingerprint()
+    )
+    a.close()
+    b.close()
+
+
+def test_load_feedback_with_metadata(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("movieId,vote_average,vote_count,popularity,release_year\n3,6.1,40,2.5,1990\n", encoding="utf-8")
+    store = _store(tmp_path, FEEDBACK)
+    ds = load_feedback(store, movies, meta, min_ratings=5)
+    mv = ds.movies.set_index("movie_id")
+    assert (mv.loc[3, "vote_average"], mv.loc[3, "release_year"]) == (6.1, 1990.0)
+    assert ds.join["joined"] == 1
+    store.close()
+
+
+def test_load_feedback_too_few_ratings(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    store = _store(tmp_path, FEEDBACK)
+    with pytest.raises(DataError) as exc:
+        load_feedback(store, movies, min_ratings=12)
+    assert str(exc.value) == "feedback store: 11 ratings stored; training needs at least 12 ratings"
+    # Enough rows, but not once the unknown movie and the replaced rating are left out.
+    with pytest.raises(DataError) as exc2:
+        load_feedback(store, movies, min_ratings=10)
+    assert str(exc2.value) == (
+        "feedback store: 9 usable ratings (11 stored, 1 of unknown movies, 1 replaced by a later rating of the same "
+        "movie); training needs at least 10 ratings"
+    )
+    store.close()
+
+
+def test_load_feedback_refuses_a_movies_file_that_does_not_match(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    rows = [*FEEDBACK, ("erin", "98", 5.0, 1010.0)]  # 2 of 12 ratings unknown: 83% match, below 90%
+    store = _store(tmp_path, rows)
+    with pytest.raises(DataError) as exc:
+        load_feedback(store, movies, min_ratings=5)
+    msg = str(exc.value)
+    assert msg.startswith(f"{movies}, column 'movieId': 2 of 12 feedback ratings (16.7%) are of 2 movie ids not in")
+    assert "'98', '99'" in msg
+    assert "at least 90% of the ratings to match" in msg
+    store.close()
+
+
+def test_load_feedback_from_a_database_without_the_feedback_table(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    store = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'empty.sqlite3'}", migrate=False)
+    with pytest.raises(StoreError, match="could not read feedback"):
+        load_feedback(store, movies)
+    store.close()
 
 
 @pytest.mark.slow

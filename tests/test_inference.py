@@ -14,11 +14,13 @@ from conftest import tiny_training_data
 from moviematch_ml.errors import ModelFormatError
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.model import (
+    EnsembleBooster,
     LightGBMPredictor,
     ModelCard,
     RatingScale,
     TreeEnsemble,
     UnsupportedModelError,
+    fast_booster,
     load_predictor,
 )
 
@@ -162,3 +164,21 @@ def test_the_service_model_uses_the_numpy_evaluator(tiny_model_dir: Path) -> Non
 def test_garbage_is_still_refused_as_a_model() -> None:
     with pytest.raises(ModelFormatError):
         LightGBMPredictor(_card(), "this is not a model")
+
+
+def test_fast_booster_is_a_drop_in_for_other_feature_counts() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 10, (500, 9))
+    y = x[:, 0] * 0.3 + np.sin(x[:, 4]) + rng.normal(0, 0.1, 500)
+    booster = lgb.train(
+        {"objective": "regression", "num_leaves": 15, "verbose": -1, "num_threads": 1, "seed": 0},
+        lgb.Dataset(x, y),
+        30,
+    )
+    text = booster.model_to_string()
+    fast = fast_booster(text, 9)
+    assert isinstance(fast, EnsembleBooster)
+    assert fast.num_feature() == 9
+    np.testing.assert_allclose(fast.predict(x, num_threads=1), booster.predict(x, num_threads=1), rtol=0, atol=1e-9)
+    binary = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(x, (y > 2).astype(float)), 3)
+    assert isinstance(fast_booster(binary.model_to_string(), 9), lgb.Booster)  # link function: LightGBM runs it

@@ -11,11 +11,26 @@ import pytest
 from pydantic import ValidationError
 
 from moviematch_ml import cli
-from moviematch_ml.data import Dataset
+from moviematch_ml.data import MIN_FEEDBACK_RATINGS, Dataset
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import BUNDLED_MODEL_DIR, RatingScale, load_predictor, sha256_file
+from moviematch_ml.feedback import Feedback
+from moviematch_ml.model import BUNDLED_MODEL_DIR, CARD_NAME, RatingScale, load_predictor, read_card, sha256_file
+from moviematch_ml.personalized import MODEL_FEATURES, PersonalizedModel
 from moviematch_ml.report import decile_rmse, write_report
-from moviematch_ml.training import TrainConfig, feature_stats, train_six_feature_model, write_model
+from moviematch_ml.store import FeedbackStore
+from moviematch_ml.training import (
+    PERSONALIZED_DIR,
+    LightGBMParams,
+    TrainConfig,
+    feature_stats,
+    min_training_ratings,
+    personalized_config,
+    personalized_version,
+    remove_personalized,
+    train_models,
+    train_six_feature_model,
+    write_model,
+)
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
@@ -149,7 +164,19 @@ def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["train", "--ratings", str(r), "--movies", str(m), "--out", str(out), "--seed", "5"]) == 0
     assert {"model.txt", "model_card.json", "report.md", "feature_importance.png"} <= {p.name for p in out.iterdir()}
     assert load_predictor(out).version.startswith("six-")
-    capsys.readouterr()
+    # Both models by default; the report has a section for the personalised one; the run is timed.
+    assert PersonalizedModel.load(out / PERSONALIZED_DIR).version.startswith("personalized-")
+    assert "## Personalised model: personalized-" in (out / "report.md").read_text(encoding="utf-8")
+    printed = capsys.readouterr().out
+    assert "trained in " in printed
+    assert "personalized " in printed.rsplit("trained in ", 1)[1]
+    # --no-personalized trains the six-feature model only and removes the personalised model left in --out,
+    # which was trained for the previous six-feature model.
+    argv = ["train", "--ratings", str(r), "--movies", str(m), "--out", str(out), "--seed", "6", "--no-personalized"]
+    assert cli.main(argv) == 0
+    assert not (out / PERSONALIZED_DIR).exists()
+    assert "## Personalised model" not in (out / "report.md").read_text(encoding="utf-8")
+    assert "removed the earlier personalised model" in capsys.readouterr().err
     argv = ["evaluate", "--ratings", str(r), "--movies", str(m), "--protocol", "kfold", "--folds", "3", "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)  # exactly one JSON object
@@ -171,6 +198,169 @@ def test_cli_bad_data_exits_1_with_file_and_line(tmp_path: Path, capsys: pytest.
     assert f"{r}, line 6, column 'rating'" in err
     assert cli.main(["evaluate", "--ratings", str(r)]) == 1
     assert "--ratings and --movies go together" in capsys.readouterr().err
+
+
+# --- the personalised model -----------------------------------------------------------------------------------------
+
+
+def test_train_models_writes_both_models_and_they_load(tmp_path: Path) -> None:
+    ds = _dataset(1500)
+    cfg, pcfg = TrainConfig(seed=2), personalized_config(2)
+    result = train_models(ds, cfg, pcfg, created_at="2026-01-01T00:00:00Z")
+    assert result.personalized is not None
+    write_model(tmp_path, result)
+    six = load_predictor(tmp_path)
+    assert six.card.kind == "six_features"
+    pm = PersonalizedModel.load(tmp_path / PERSONALIZED_DIR)
+    card = pm.card
+    assert card is not None
+    assert card.kind == "personalized"
+    assert card.features == list(MODEL_FEATURES)
+    assert card.version == personalized_version(ds, pcfg, cfg)
+    assert card.version == f"personalized-{ds.fingerprint()[:10]}-{card.version.rsplit('-', 1)[1]}"
+    assert card.created_at == six.card.created_at == "2026-01-01T00:00:00Z"
+    assert card.data == six.card.data
+    assert card.data["fingerprint_sha256"] == ds.fingerprint()
+    # Every file of the personalised model is checksummed in its card.
+    folder = tmp_path / PERSONALIZED_DIR
+    assert {card.model_file, *card.extra_files} == {p.name for p in folder.iterdir()} - {CARD_NAME}
+    for name, sha in card.extra_files.items():
+        assert sha256_file(folder / name) == sha
+    assert card.training["config"]["seed"] == 2
+    assert card.training["config"]["mf"]["seed"] == 2
+    # Hold-out figures against the six-feature and bias models, from the same temporal split as the six's card.
+    m = card.metrics
+    assert set(m["models"]) == {"personalized", "six_features", "bias"}
+    for name in m["models"]:
+        assert m["models"][name]["rmse"] == result.card.metrics["models"][name]["rmse"]
+    cold = int(result.holdout.cold.sum())
+    assert m["n_test"] == 300
+    assert m["personalized_test_ratings"] == m["n_test"] - cold  # it answers every warm user (min 1 rating)
+    assert set(m["personalized_rows"]) == {"personalized", "six_features", "bias"}
+    # The loaded model predicts what the trained one does.
+    users, movies = ds.ratings["user_id"].to_numpy()[:20], ds.ratings["movie_id"].to_numpy()[:20]
+    t = np.full(20, float(ds.ratings["timestamp"].max()) + 1.0)
+    x6 = np.tile([2.0, 7.0, 100.0, 1.0, 10.0, 5.0], (20, 1))
+    want, mask = result.personalized.model.predict_pairs(users, movies, t, x6)
+    got, mask2 = pm.predict_pairs(users, movies, t, x6)
+    assert mask.all()
+    assert mask2.all()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_personalized_files_are_the_same_byte_for_byte_for_the_same_data_and_seed(tmp_path: Path) -> None:
+    ds = _dataset(1200)
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        write_model(tmp_path / name, train_models(ds, TrainConfig(seed=seed), personalized_config(seed)))
+    a, b, c = (tmp_path / n / PERSONALIZED_DIR for n in "abc")
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["cf.json", "cf.npz", "model_card.json", "personalized.txt", "state.npz"]
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # Another seed is another model, with another version (the data are the same: the fingerprint part is too).
+    assert (a / "personalized.txt").read_bytes() != (c / "personalized.txt").read_bytes()
+    va, vc = read_card(a).version, read_card(c).version
+    assert va != vc
+    assert va.rsplit("-", 1)[0] == vc.rsplit("-", 1)[0]
+
+
+def test_remove_personalized_only_removes_a_personalised_model(tmp_path: Path) -> None:
+    assert remove_personalized(tmp_path) is False
+    folder = tmp_path / PERSONALIZED_DIR
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
+    assert remove_personalized(tmp_path) is False  # no card: not a model, left alone
+    for name in ("model_card.json", "personalized.txt", "state.npz", "cf.npz", "cf.json"):
+        (folder / name).write_bytes(b"x")
+    assert remove_personalized(tmp_path) is True
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_min_training_ratings_by_hand() -> None:
+    # One split needs 2 leaves of min_data_in_leaf ratings among the 80% x 90% the hold-out's trees are fitted on.
+    assert min_training_ratings(TrainConfig()) == MIN_FEEDBACK_RATINGS == 556  # 400 / 0.72 = 555.6
+    small = TrainConfig(lightgbm=LightGBMParams(min_data_in_leaf=9), validation_fraction=0.2)
+    assert min_training_ratings(small) == 29  # 18 / 0.64 = 28.1
+
+
+# --- training from the service's own feedback ------------------------------------------------------------------------
+
+
+def _feedback_store(tmp_path: Path, ds: Dataset, extra: list[Feedback] | None = None) -> str:
+    """A SQLite store holding ``ds``'s ratings as the app would send them (0-10 scale, text ids), in time order."""
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    store = FeedbackStore.from_url(url)
+    rows = [
+        Feedback(f"f{i}", f"user-{u}", str(m), 2.0 * r, float(t), None)
+        for i, (u, m, r, t) in enumerate(ds.ratings.itertuples(index=False))
+    ]
+    store.add(rows + (extra or []))
+    store.close()
+    return url
+
+
+def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = _dataset(800)
+    _, movies = _csvs(tmp_path, ds)
+    stray = [Feedback(f"x{i}", "user-1", "9999", 5.0, 2_000_000_000.0 + i, None) for i in range(5)]
+    url = _feedback_store(tmp_path, ds, stray)
+    out = tmp_path / "v2"
+    argv = ["train", "--from-feedback", "--database-url", url, "--movies", str(movies), "--out", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    # The synthetic users rated some movies twice: the store keeps both, training the later one only.
+    n_twice = int(ds.ratings.duplicated(["user_id", "movie_id"]).sum())
+    assert n_twice > 0
+    n = 800 - n_twice
+    assert f"read 805 feedback ratings (up to row 805); training on {n} (5 of movies not in" in captured.err
+    six = load_predictor(out)
+    card = six.card
+    assert card.rating_scale == RatingScale(min=0.0, max=10.0)
+    d = card.data
+    assert (d["dataset"], d["n_ratings"], d["n_users"]) == ("feedback", n, ds.ratings["user_id"].nunique())
+    assert d["last_feedback_row_id"] == 805
+    assert d["last_rated_at"] == float(ds.ratings["timestamp"].max())
+    assert (d["unmatched_ratings"], d["unmatched_movie_ids"], d["superseded_ratings"]) == (5, 1, n_twice)
+    pm = PersonalizedModel.load(out / PERSONALIZED_DIR)
+    assert pm.card is not None
+    assert pm.card.data == d
+    assert pm.scale.max == 10.0
+    # The app's ids: users as the text it sent, movies as the movies.csv integers the service matches.
+    assert all(isinstance(u, str) and u.startswith("user-") for u in pm.mf.user_ids)
+    assert pm.mf.item_ids == sorted(ds.ratings["movie_id"].unique().tolist())
+    # Predictions come back on the 0-10 scale the ratings were stored in.
+    x = np.array([[2, 8.0, 5000, 1, 3, 40.0]])
+    assert 0.0 <= six.predict(x)[0] <= 10.0
+    pred, mask = pm.predict_pairs(["user-3"], [int(ds.ratings["movie_id"].iloc[0])], [2e9], x)
+    assert mask.all()
+    assert 0.0 <= pred[0] <= 10.0
+
+
+def test_cli_train_from_feedback_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = _dataset(300)
+    _, movies = _csvs(tmp_path, ds)
+    base = ["train", "--from-feedback", "--movies", str(movies), "--out", str(tmp_path / "out")]
+    url = _feedback_store(tmp_path, ds)
+    assert cli.main([*base, "--database-url", url]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "moviematch-ml train: feedback store: 300 ratings stored; training needs at least 556 ratings"
+    )
+    (tmp_path / "many").mkdir()
+    big = _dataset(700)
+    wrong = [Feedback(f"w{i}", "user-2", f"m{i}", 6.0, 2e9 + i, None) for i in range(100)]
+    url2 = _feedback_store(tmp_path / "many", big, wrong)  # 100 of 800 (12.5%) not in movies.csv
+    assert cli.main([*base, "--database-url", url2]) == 1
+    err = capsys.readouterr().err
+    assert "100 of 800 feedback ratings (12.5%) are of 100 movie ids not in this file" in err
+    assert not (tmp_path / "out").exists()
+    missing = f"sqlite:///{tmp_path / 'nope.sqlite3'}"
+    assert cli.main([*base, "--database-url", missing]) == 1
+    assert f"no SQLite database at {tmp_path / 'nope.sqlite3'}" in capsys.readouterr().err
+    assert not (tmp_path / "nope.sqlite3").exists()
+    assert cli.main(["train", "--from-feedback", "--database-url", url]) == 1
+    assert "--from-feedback needs --movies" in capsys.readouterr().err
+    assert cli.main([*base, "--database-url", url, "--dataset", "movielens-small"]) == 1
+    assert "--dataset: does not go with --from-feedback" in capsys.readouterr().err
 
 
 # --- real data ------------------------------------------------------------------------------------------------------
@@ -209,10 +399,31 @@ def test_bundled_model_loads_and_is_small() -> None:
     assert 0.0 <= y[1] < y[0] <= 10.0
 
 
+def test_bundled_personalized_model_loads_and_is_small() -> None:
+    folder = BUNDLED_MODEL_DIR / PERSONALIZED_DIR
+    pm = PersonalizedModel.load(folder)
+    card, six = pm.card, load_predictor(BUNDLED_MODEL_DIR).card
+    assert card is not None
+    assert card.kind == "personalized"
+    # Trained from the same data as the six-feature model next to it, in the same run.
+    assert card.data == six.data
+    assert card.created_at == six.created_at
+    assert card.version == f"personalized-{six.data['fingerprint_sha256'][:10]}-{card.version.rsplit('-', 1)[1]}"
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 5_000_000
+    # On its own hold-out it beats the six-feature model and the bias model it is measured against.
+    models = card.metrics["models"]
+    assert models["personalized"]["rmse"] < models["six_features"]["rmse"] < models["bias"]["rmse"]
+    rows = card.metrics["personalized_rows"]
+    assert rows["personalized"]["rmse"] < rows["bias"]["rmse"]
+
+
 @pytest.mark.slow
 def test_bundled_model_was_trained_on_the_built_in_data() -> None:
     from moviematch_ml.data import load_movielens_small
 
     card = load_predictor(BUNDLED_MODEL_DIR).card
-    assert card.data["fingerprint_sha256"] == load_movielens_small().fingerprint()
+    ds = load_movielens_small()
+    assert card.data["fingerprint_sha256"] == ds.fingerprint()
     assert card.version == f"six-{card.data['fingerprint_sha256'][:10]}-{TrainConfig().digest()[:8]}"
+    personalized = read_card(BUNDLED_MODEL_DIR / PERSONALIZED_DIR)
+    assert personalized.version == personalized_version(ds, personalized_config(), TrainConfig())

@@ -78,8 +78,8 @@ class Bias:
     """
 
     mu: float
-    user_bias: dict[int, float]
-    movie_bias: dict[int, float]
+    user_bias: dict[int | str, float]  # ids as in the data: integers, or the app's text user ids (feedback)
+    movie_bias: dict[int | str, float]
 
     @classmethod
     def fit(cls, train: pd.DataFrame, config: BaselineConfig) -> Bias:
@@ -96,8 +96,8 @@ class Bias:
             bm = np.bincount(m_codes, weights=r - bu[u_codes], minlength=len(m_ids)) / (config.reg_movie + n_m)
         return cls(
             mu,
-            {int(k): float(v) for k, v in zip(u_ids, bu, strict=True)},
-            {int(k): float(v) for k, v in zip(m_ids, bm, strict=True)},
+            {k: float(v) for k, v in zip(u_ids.tolist(), bu, strict=True)},
+            {k: float(v) for k, v in zip(m_ids.tolist(), bm, strict=True)},
         )
 
     def predict(self, rows: pd.DataFrame) -> FloatArray:

@@ -35,6 +35,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     train.add_argument("--out", type=Path, default=Path("model"), help="directory for model.txt and model_card.json")
     train.add_argument("--report-dir", type=Path, help="directory for report.md and the plots (default: --out)")
+    train.add_argument(
+        "--no-personalized",
+        action="store_true",
+        help="train only the six-feature model (default: also the personalised model, into OUT/personalized/)",
+    )
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate every model and baseline on a protocol")
     _add_data_options(evaluate)
@@ -99,12 +104,32 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--movie-metadata", type=Path, help="per-movie vote_average,vote_count,popularity,release_year")
     p.add_argument("--rating-scale", choices=("1-5", "0.5-5", "1-10"), help="rating scale (default: detected)")
     p.add_argument("--seed", type=int, default=42, help="random seed (folds, LightGBM)")
+    p.add_argument(
+        "--from-feedback",
+        action="store_true",
+        help="use every rating stored by the service (0-10 scale); needs --movies with the app's movie ids",
+    )
+    p.add_argument(
+        "--database-url",
+        help="the service's feedback store for --from-feedback (default: DATABASE_URL, else the service default)",
+    )
 
 
 def _load_dataset(args: argparse.Namespace) -> Dataset:
-    from moviematch_ml import data
-    from moviematch_ml.errors import DataError
+    from moviematch_ml.errors import ConfigError, DataError
 
+    try:
+        from moviematch_ml import data
+    except ImportError as exc:
+        # The service install leaves out the training extras; say how to get them instead of a traceback.
+        raise ConfigError(
+            f"training needs the 'train' extra ({exc.name} is missing): pip install 'moviematch-ml[train]'"
+        ) from None
+
+    if args.from_feedback:
+        return _load_feedback(args)
+    if args.database_url is not None:
+        raise DataError("--database-url", "only applies to --from-feedback")
     if args.ratings is None and args.movies is None:
         if args.movie_metadata is not None:
             raise DataError("--movie-metadata", "only applies to --ratings/--movies files")
@@ -119,16 +144,75 @@ def _load_dataset(args: argparse.Namespace) -> Dataset:
     return data.load_csv(args.ratings, args.movies, args.movie_metadata, scale)
 
 
+def _load_feedback(args: argparse.Namespace) -> Dataset:
+    """--from-feedback: the service's stored ratings joined with --movies (and --movie-metadata)."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    from moviematch_ml.data import load_feedback
+    from moviematch_ml.errors import DataError
+    from moviematch_ml.settings import Settings
+    from moviematch_ml.store import FeedbackStore, engine_url
+    from moviematch_ml.training import TrainConfig, min_training_ratings
+
+    for flag, value in (
+        ("--ratings", args.ratings),
+        ("--dataset", args.dataset),
+        ("--rating-scale", args.rating_scale),
+    ):
+        if value is not None:
+            raise DataError(flag, "does not go with --from-feedback (the ratings are the store's, on the 0-10 scale)")
+    if args.movies is None:
+        raise DataError("--movies", "--from-feedback needs --movies: the app's movies (movieId,title,genres)")
+    # The one place the CLI reads DATABASE_URL; the library is handed the URL.
+    url = args.database_url or os.environ.get("DATABASE_URL") or str(Settings.model_fields["database_url"].default)
+    real = make_url(engine_url(url))
+    file = real.database if real.get_backend_name() == "sqlite" and real.database not in ("", ":memory:") else None
+    if file is not None and not Path(file).is_file():
+        # Connecting would create an empty database and hide a wrong path behind "0 ratings".
+        raise DataError("--database-url", f"no SQLite database at {file}")
+    store = FeedbackStore.from_url(url, migrate=False)
+    try:
+        dataset = load_feedback(
+            store, args.movies, args.movie_metadata, min_ratings=min_training_ratings(TrainConfig(seed=args.seed))
+        )
+    finally:
+        store.close()
+    src = dataset.source
+    print(
+        f"read {src['feedback_rows']:,} feedback ratings (up to row {src['last_feedback_row_id']}); training on "
+        f"{len(dataset.ratings):,} ({src['unmatched_ratings']:,} of movies not in {args.movies} left out, "
+        f"{src['superseded_ratings']:,} replaced by a later rating of the same movie)",
+        file=sys.stderr,
+    )
+    return dataset
+
+
 def _train(args: argparse.Namespace) -> int:
+    import time
     from datetime import UTC, datetime
 
     from moviematch_ml.report import write_report
-    from moviematch_ml.training import TrainConfig, train_six_feature_model, write_model
+    from moviematch_ml.training import (
+        PERSONALIZED_DIR,
+        TrainConfig,
+        personalized_config,
+        remove_personalized,
+        train_models,
+        write_model,
+    )
 
+    started = time.perf_counter()
     dataset = _load_dataset(args)
+    loaded = time.perf_counter() - started
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    result = train_six_feature_model(dataset, TrainConfig(seed=args.seed), created_at=now, progress=True)
+    pconfig = None if args.no_personalized else personalized_config(args.seed)
+    result = train_models(dataset, TrainConfig(seed=args.seed), pconfig, created_at=now, progress=True)
+    trained = time.perf_counter()
     card_file = write_model(args.out, result)
+    if pconfig is None and remove_personalized(args.out):
+        print(f"removed the earlier personalised model from {args.out / PERSONALIZED_DIR}", file=sys.stderr)
     report = write_report(args.report_dir or args.out, result)
     t = result.card.training
     six = result.card.metrics["models"]["six_features"]
@@ -137,6 +221,20 @@ def _train(args: argparse.Namespace) -> int:
         f"{card_file} and {report}\nversion {result.card.version}; temporal hold-out RMSE {six['rmse']}, "
         f"NDCG@10 {six['ndcg@10']}"
     )
+    p = result.personalized
+    if p is not None:
+        folder = args.out / PERSONALIZED_DIR
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        own = p.metrics["models"]["personalized"]
+        print(
+            f"wrote the personalised model into {folder} ({size / 1e6:.1f} MB)\nversion {p.version}; temporal "
+            f"hold-out RMSE {own['rmse']} (six_features {six['rmse']}), NDCG@10 {own['ndcg@10']}"
+        )
+    done = time.perf_counter()
+    stages = {"loading data": loaded, **result.seconds, "writing files and report": done - trained}
+    total = done - started
+    stages_text = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+    print(f"trained in {total:.1f} s ({stages_text})")
     return 0
 
 

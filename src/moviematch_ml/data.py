@@ -7,13 +7,16 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pandas as pd
 
 from moviematch_ml.errors import DataError
 from moviematch_ml.model import RatingScale
+
+if TYPE_CHECKING:
+    from moviematch_ml.store import FeedbackStore
 
 RATING_COLUMNS: Final[tuple[str, ...]] = ("user_id", "movie_id", "rating", "timestamp")
 MOVIE_COLUMNS: Final[tuple[str, ...]] = (
@@ -40,9 +43,12 @@ class Dataset:
     """Ratings (sorted by time) and movies, with the rating scale and how the metadata join went.
 
     ``ratings``: user_id, movie_id (int64), rating (float64), timestamp (int64 unix seconds), sorted by timestamp
-    (stable, so equal timestamps keep file order) with a 0..n-1 index.
+    (stable, so equal timestamps keep file order) with a 0..n-1 index. Ratings read from the feedback store keep
+    the app's user ids as text (object dtype).
     ``movies``: one row per movie_id with title, year (float, NaN if unknown), genres (tuple of str), and the
     crowd metadata vote_average (0-10), vote_count, popularity, release_year (NaN where unknown).
+    ``source``: where the ratings came from beyond the name (for the feedback store: the last row id read...),
+    copied into the model cards' ``data``.
     """
 
     name: str
@@ -50,13 +56,20 @@ class Dataset:
     movies: pd.DataFrame
     scale: RatingScale
     join: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """sha256 of the ratings (ids, values, timestamps in order): identifies the training data in model cards."""
         h = hashlib.sha256()
         for col in RATING_COLUMNS:
             h.update(col.encode())
-            h.update(np.ascontiguousarray(self.ratings[col].to_numpy()).tobytes())
+            values = self.ratings[col].to_numpy()
+            if values.dtype == object:
+                # Text ids: their characters, not the addresses tobytes() would give. Ids are printable, so the
+                # unit separator cannot occur inside one.
+                h.update("\x1f".join(str(v) for v in values).encode("utf-8"))
+            else:
+                h.update(np.ascontiguousarray(values).tobytes())
         return h.hexdigest()
 
 
@@ -339,6 +352,27 @@ def load_csv(
     scale = rating_scale or detect_scale(ratings["rating"].to_numpy(dtype=np.float64), rpath)
     check_scale(ratings["rating"], scale, rpath)
 
+    movies = _load_movies(movies_path)
+    known = set(movies["movie_id"].tolist())
+    unknown = ~ratings["movie_id"].astype("int64").isin(known)
+    if unknown.any():
+        i = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(
+            rpath,
+            f"movieId {int(ratings['movie_id'].iloc[i])} is not in {mpath}",
+            line=i + 2,
+            column="movieId",
+        )
+    report: dict[str, Any] = {}
+    if metadata_path is not None:
+        movies, report = _apply_metadata(movies, metadata_path)
+    movies = movies.sort_values("movie_id", kind="stable").reset_index(drop=True)
+    return Dataset(Path(ratings_path).stem, _finish_ratings(ratings), movies.loc[:, list(MOVIE_COLUMNS)], scale, report)
+
+
+def _load_movies(movies_path: Path) -> pd.DataFrame:
+    """movies.csv (movieId,title,genres; the year in the title) as movie_id, title, year, genres + empty metadata."""
+    mpath = str(movies_path)
     mraw = _read_csv(movies_path, ("movieId", "title", "genres"))
     movie_ids = _numeric(mraw, "movieId", mpath, integer=True).astype("int64")
     dup = movie_ids.duplicated()
@@ -358,22 +392,7 @@ def load_csv(
             "genres": mraw["genres"].map(_split_genres),
         }
     )
-    movies = _with_empty_metadata(movies)
-    known = set(movies["movie_id"].tolist())
-    unknown = ~ratings["movie_id"].astype("int64").isin(known)
-    if unknown.any():
-        i = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise DataError(
-            rpath,
-            f"movieId {int(ratings['movie_id'].iloc[i])} is not in {mpath}",
-            line=i + 2,
-            column="movieId",
-        )
-    report: dict[str, Any] = {}
-    if metadata_path is not None:
-        movies, report = _apply_metadata(movies, metadata_path)
-    movies = movies.sort_values("movie_id", kind="stable").reset_index(drop=True)
-    return Dataset(Path(ratings_path).stem, _finish_ratings(ratings), movies.loc[:, list(MOVIE_COLUMNS)], scale, report)
+    return _with_empty_metadata(movies)
 
 
 def _apply_metadata(movies: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -409,3 +428,116 @@ def _apply_metadata(movies: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, dic
         "coverage": round(float(joined.mean()), 4),
     }
     return out, report
+
+
+# --- the service's own feedback ------------------------------------------------------------------------------
+
+# Ratings arrive through POST /feedback on the API's 0-10 scale, in any step.
+FEEDBACK_SCALE: Final[RatingScale] = RatingScale(min=0.0, max=10.0)
+# Below this share of feedback ratings whose movie is in movies.csv, the movies file is more likely the wrong one
+# than a few stray ids: training stops instead of quietly learning from a fraction of the ratings.
+MIN_MATCHED_SHARE: Final[float] = 0.9
+# What the default TrainConfig needs (training.min_training_ratings): fewer ratings cannot give even one split.
+MIN_FEEDBACK_RATINGS: Final[int] = 556
+FEEDBACK_SOURCE: Final[str] = "feedback store"
+_FEEDBACK_BATCH: Final[int] = 50_000
+
+
+def _feedback_rows(store: FeedbackStore) -> pd.DataFrame:
+    """Every stored rating with its row id, up to the highest id present when reading starts (a consistent cut:
+    ratings stored while we read are left for the next training)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from moviematch_ml.errors import StoreError
+    from moviematch_ml.store import feedback_table as t
+
+    cols = (t.c.id, t.c.user_id, t.c.movie_id, t.c.rating, t.c.rated_at)
+    rows: list[Any] = []
+    try:
+        with store.engine.connect() as conn:
+            top = conn.execute(select(func.max(t.c.id))).scalar_one()
+            last = 0
+            while top is not None and last < top:
+                q = select(*cols).where(t.c.id > last, t.c.id <= top).order_by(t.c.id).limit(_FEEDBACK_BATCH)
+                batch = conn.execute(q).all()
+                if not batch:
+                    break
+                rows.extend(batch)
+                last = int(batch[-1][0])
+    except SQLAlchemyError as exc:
+        name = exc.__class__.__name__
+        raise StoreError(f"could not read feedback ({name}): is this the service's database?") from exc
+    frame = pd.DataFrame(
+        [tuple(r) for r in rows], columns=["row_id", "user_id", "movie_id", "rating", "rated_at"], dtype=object
+    )
+    # The store's id columns are text already: they stay Python strings (object), as the app sent them.
+    return frame.astype({"row_id": "int64", "rating": "float64", "rated_at": "float64"})
+
+
+def load_feedback(
+    store: FeedbackStore,
+    movies_path: Path,
+    metadata_path: Path | None = None,
+    *,
+    min_ratings: int = MIN_FEEDBACK_RATINGS,
+) -> Dataset:
+    """Every rating the service stored (0-10 scale) with the movies of ``movies_path`` (ml-latest layout).
+
+    Stored movie ids are matched with movies.csv's movieId as text ("42" is movie 42). Ratings of unknown movies
+    are dropped if at least MIN_MATCHED_SHARE of all ratings match, else a DataError says how many did not. A user
+    who rated a movie again counts with their latest rating only (the store keeps every row). User ids stay text,
+    as the app sent them. Fewer than ``min_ratings`` usable ratings is a DataError naming the number needed.
+    """
+    rows = _feedback_rows(store)
+    n_rows = len(rows)
+    if n_rows < min_ratings:
+        raise DataError(FEEDBACK_SOURCE, f"{n_rows:,} ratings stored; training needs at least {min_ratings:,} ratings")
+    movies = _load_movies(movies_path)
+    known = rows["movie_id"].isin(set(movies["movie_id"].astype(str)))
+    n_unmatched = int((~known).sum())
+    unmatched_ids = sorted(set(rows.loc[~known, "movie_id"]))
+    if n_unmatched and known.mean() < MIN_MATCHED_SHARE:
+        examples = ", ".join(repr(m) for m in unmatched_ids[:5])
+        raise DataError(
+            str(movies_path),
+            f"{n_unmatched:,} of {n_rows:,} feedback ratings ({100 * n_unmatched / n_rows:.1f}%) are of "
+            f"{len(unmatched_ids):,} movie ids not in this file (e.g. {examples}); training needs at least "
+            f"{100 * MIN_MATCHED_SHARE:.0f}% of the ratings to match: is it the app's movie list?",
+            column="movieId",
+        )
+    used = rows[known.to_numpy()]
+    # The latest opinion wins: order by (rated_at, row id), keep each (user, movie)'s last row.
+    used = used.sort_values(["rated_at", "row_id"], kind="stable")
+    latest = ~used.duplicated(["user_id", "movie_id"], keep="last")
+    n_superseded = int((~latest).sum())
+    used = used[latest.to_numpy()]
+    if len(used) < min_ratings:
+        raise DataError(
+            FEEDBACK_SOURCE,
+            f"{len(used):,} usable ratings ({n_rows:,} stored, {n_unmatched:,} of unknown movies, {n_superseded:,} "
+            f"replaced by a later rating of the same movie); training needs at least {min_ratings:,} ratings",
+        )
+    ratings = pd.DataFrame(
+        {
+            "user_id": used["user_id"].to_numpy(dtype=object),
+            "movie_id": used["movie_id"].astype("int64").to_numpy(),
+            "rating": used["rating"].to_numpy(dtype=np.float64),
+            "timestamp": np.floor(used["rated_at"].to_numpy(dtype=np.float64)).astype(np.int64),
+        }
+    )
+    ratings = ratings.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    check_scale(ratings["rating"], FEEDBACK_SCALE, FEEDBACK_SOURCE)
+    report: dict[str, Any] = {}
+    if metadata_path is not None:
+        movies, report = _apply_metadata(movies, metadata_path)
+    movies = movies.sort_values("movie_id", kind="stable").reset_index(drop=True)
+    source = {
+        "feedback_rows": n_rows,
+        "last_feedback_row_id": int(rows["row_id"].max()),
+        "last_rated_at": float(used["rated_at"].max()),
+        "unmatched_ratings": n_unmatched,
+        "unmatched_movie_ids": len(unmatched_ids),
+        "superseded_ratings": n_superseded,
+    }
+    return Dataset("feedback", ratings, movies.loc[:, list(MOVIE_COLUMNS)], FEEDBACK_SCALE, report, source)

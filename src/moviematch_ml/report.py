@@ -101,6 +101,40 @@ def write_plots(directory: Path, result: TrainResult) -> dict[str, Path]:
     return paths
 
 
+def _personalized_section(result: TrainResult) -> list[str]:
+    """The personalised model: what it is and its hold-out figures against the six-feature and bias models."""
+    p = result.personalized
+    if p is None:
+        return []
+    cfg = p.model.config
+    m = p.metrics
+    lines = [
+        "",
+        f"## Personalised model: {p.version}",
+        "",
+        f"- Model: LightGBM, {cfg.n_estimators} trees of up to {cfg.num_leaves} leaves over the six features plus "
+        f"user and movie state and the collaborative-filtering score ({cfg.mf.factors} factors, "
+        f"{cfg.mf.iterations} ALS sweeps); state features of training rows computed out of fold "
+        f"({cfg.inner_folds} inner folds); the method is in docs/personalized.md",
+        f"- State: {len(p.model.mf.user_ids):,} users, {len(p.model.mf.item_ids):,} movies; it answers users with "
+        f"at least {cfg.min_user_ratings} rating(s), the six-feature model everyone else",
+        "",
+        f"Hold-out ({m['protocol']}, same split as above): it answered {m['personalized_test_ratings']:,} of the "
+        f"{m['n_test']:,} test ratings (users with ratings in the training part); the six-feature model answered "
+        "the rest, as in the service.",
+        "",
+        "| model | RMSE | MAE | NDCG@10 | RMSE cold users | RMSE warm users | RMSE on the rows it answered |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in m["models"].items():
+        own = m["personalized_rows"].get(name, {})
+        lines.append(
+            f"| {name} | {_fmt(row['rmse'])} | {_fmt(row['mae'])} | {_fmt(row['ndcg@10'])} | "
+            f"{_fmt(row['rmse_cold_users'])} | {_fmt(row['rmse_warm_users'])} | {_fmt(own.get('rmse'))} |"
+        )
+    return lines
+
+
 def render_markdown(result: TrainResult) -> str:
     """The report's Markdown: data, model size, held-out metrics of every model, feature ranges, plots."""
     card = result.card
@@ -154,6 +188,7 @@ def render_markdown(result: TrainResult) -> str:
             f"| {name} | {st.min:g} | {q['p05']:g} | {q['p50']:g} | {q['p95']:g} | {st.max:g} | {st.mean:.3f} | "
             f"{result.importance.get(name, 0.0):,.0f} |"
         )
+    lines += _personalized_section(result)
     lines += ["", "## Plots", ""]
     for key, file in PLOTS.items():
         lines.append(f"![{key.replace('_', ' ')}]({file})")

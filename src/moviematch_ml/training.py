@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from moviematch_ml.cf import MFConfig
 from moviematch_ml.data import Dataset
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.model import FeatureStats, ModelCard, RatingScale
 from moviematch_ml.trainfeatures import FeatureConfig
 
-if TYPE_CHECKING:  # evaluation imports this module for SixFeatureCandidate
+if TYPE_CHECKING:  # evaluation imports this module for SixFeatureCandidate; personalized imports it lazily
     from moviematch_ml.evaluation import FoldResult
+    from moviematch_ml.personalized import PersonalizedConfig, PersonalizedModel
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -209,39 +213,138 @@ def model_version(dataset: Dataset, config: TrainConfig) -> str:
     return f"six-{dataset.fingerprint()[:10]}-{config.digest()[:8]}"
 
 
+def personalized_config(seed: int = 42) -> PersonalizedConfig:
+    """The personalised model's config for a ``--seed``: its inner folds, trees and factorisation all follow it."""
+    from moviematch_ml.personalized import PersonalizedConfig
+
+    return PersonalizedConfig(seed=seed, mf=MFConfig(seed=seed))
+
+
+def personalized_digest(config: PersonalizedConfig, six: TrainConfig) -> str:
+    """sha256 of both configs: the personalised model reads the six features, so their config is part of it."""
+    both = {"personalized": config.model_dump(mode="json"), "six_features": six.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(both, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def personalized_version(dataset: Dataset, config: PersonalizedConfig, six: TrainConfig) -> str:
+    """Reproducible version of the personalised model: data fingerprint + hash of the configs, never the clock."""
+    return f"personalized-{dataset.fingerprint()[:10]}-{personalized_digest(config, six)[:8]}"
+
+
+def min_training_ratings(config: TrainConfig) -> int:
+    """Fewest ratings the six-feature trees can learn anything from: on the temporal hold-out they are fitted on
+    80% of the ratings less the latest ``validation_fraction``, and one split needs two leaves of
+    ``min_data_in_leaf`` ratings each (556 with the defaults)."""
+    from moviematch_ml.evaluation import TEMPORAL_TRAIN_FRACTION
+
+    fit_share = TEMPORAL_TRAIN_FRACTION * (1.0 - config.validation_fraction)
+    return math.ceil(2 * config.lightgbm.min_data_in_leaf / fit_share - 1e-9)
+
+
+@dataclass(frozen=True)
+class PersonalizedResult:
+    """The trained personalised model, its version and the card fields (data, hold-out metrics) it is saved with."""
+
+    model: PersonalizedModel
+    version: str
+    data: dict[str, Any]
+    metrics: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    """A trained model (LightGBM text + its card) and the held-out evidence the report is drawn from."""
+    """A trained model (LightGBM text + its card) and the held-out evidence the report is drawn from.
+
+    ``personalized`` is the personalised model trained from the same data (None with ``--no-personalized``);
+    ``seconds`` the wall time of each stage (kept out of the cards, which must not depend on the clock).
+    """
 
     model_text: str
     card: ModelCard
     holdout: FoldResult  # predictions of every model on the temporal split's test rows
     importance: dict[str, float]
+    personalized: PersonalizedResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 MODEL_NAME = "moviematch-six-features"
 MODEL_FILE = "model.txt"
+PERSONALIZED_NAME: Final[str] = "moviematch-personalized"
+# The service looks for the personalised model in this subdirectory of MODEL_PATH.
+PERSONALIZED_DIR: Final[str] = "personalized"
+# Models whose hold-out figures go into the personalised model's card (the model and what it is measured against).
+PERSONALIZED_COMPARED: Final[tuple[str, ...]] = ("personalized", "six_features", "bias")
 
 
-def train_six_feature_model(
-    dataset: Dataset, config: TrainConfig | None = None, *, created_at: str | None = None, progress: bool = False
+def _rounded(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (round(v, 4) if np.isfinite(v) else None) for k, v in metrics.items() if k != "missing"}
+
+
+def _personalized_metrics(holdout: FoldResult, mask: npt.NDArray[np.bool_], n_train: int) -> dict[str, Any]:
+    """Hold-out figures of the personalised model against the six-feature and bias models: on every test rating,
+    and on the ones it answered itself (users with ratings in the training part); the rest the six-feature
+    model answers, as in the service."""
+    from moviematch_ml import evaluation
+
+    metrics = evaluation.fold_metrics(holdout)
+    truth = holdout.test["rating"].to_numpy(dtype=np.float64)
+    answered = {}
+    for name in PERSONALIZED_COMPARED:
+        pred = holdout.predictions[name]
+        answered[name] = {
+            "rmse": round(evaluation.rmse(truth[mask], pred[mask]), 4) if mask.any() else None,
+            "mae": round(evaluation.mae(truth[mask], pred[mask]), 4) if mask.any() else None,
+        }
+    return {
+        "protocol": "temporal",
+        "note": "models fitted on the first 80% of ratings by time, scored on the last 20%, on the data's scale",
+        "n_train": n_train,
+        "n_test": len(truth),
+        "cold_user_test_ratings": int(holdout.cold.sum()),
+        "personalized_test_ratings": int(mask.sum()),
+        "models": {name: _rounded(metrics[name]) for name in PERSONALIZED_COMPARED},
+        "personalized_rows": answered,
+    }
+
+
+def train_models(
+    dataset: Dataset,
+    config: TrainConfig | None = None,
+    personalized: PersonalizedConfig | None = None,
+    *,
+    created_at: str | None = None,
+    progress: bool = False,
 ) -> TrainResult:
-    """Evaluate on the temporal split (model vs every baseline), then fit the final model on all ratings.
+    """Train the six-feature model and, given its config, the personalised model, from the same feature frame.
 
-    ``created_at`` defaults to the time of the latest rating, so that the same data and config give the same card
-    byte for byte; the CLI passes the wall clock.
+    Both are first evaluated on the temporal split (against every baseline), then fitted on all ratings.
+    ``created_at`` defaults to the time of the latest rating, so that the same data and configs give the same
+    files byte for byte; the CLI passes the wall clock.
     """
     import lightgbm as lgb
 
     from moviematch_ml import evaluation
+    from moviematch_ml.personalized import PersonalizedCandidate, PersonalizedModel
 
     cfg = config or TrainConfig()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     frame = evaluation.feature_frame(dataset, cfg)
+    seconds["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     train_idx, test_idx = evaluation.temporal_split(len(frame))[0]
-    candidates = [make(cfg) for make in evaluation.CANDIDATES.values()]
+    candidates: list[evaluation.Candidate] = [
+        make(cfg) for name, make in evaluation.CANDIDATES.items() if name != "personalized"
+    ]
+    pcand = PersonalizedCandidate(personalized, six_config=cfg) if personalized is not None else None
+    if pcand is not None:
+        candidates.append(pcand)
     holdout = evaluation.run_fold(frame, train_idx, test_idx, candidates, dataset.scale)
     metrics = evaluation.fold_metrics(holdout)
+    seconds["holdout"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     x = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
     fitted = fit_booster(
         x, frame["rating"].to_numpy(dtype=np.float64), frame["timestamp"].to_numpy(dtype=np.int64), cfg, progress
@@ -249,10 +352,22 @@ def train_six_feature_model(
     booster = lgb.Booster(model_str=fitted.text)
     gains = booster.feature_importance(importance_type="gain")
     importance = {name: round(float(v), 3) for name, v in zip(FEATURE_NAMES, gains, strict=True)}
+    seconds["six_features"] = time.perf_counter() - t0
     sha = hashlib.sha256(fitted.text.encode("utf-8")).hexdigest()
     ratings = dataset.ratings
     last_ts = int(ratings["timestamp"].max())
     when = created_at or pd.Timestamp(last_ts, unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    data = {
+        "dataset": dataset.name,
+        "fingerprint_sha256": dataset.fingerprint(),
+        "n_ratings": len(ratings),
+        "n_users": int(ratings["user_id"].nunique()),
+        "n_movies": int(ratings["movie_id"].nunique()),
+        "first_timestamp": int(ratings["timestamp"].min()),
+        "last_timestamp": last_ts,
+        "metadata_join": dataset.join,
+        **dataset.source,
+    }
     card = ModelCard(
         name=MODEL_NAME,
         version=model_version(dataset, cfg),
@@ -264,16 +379,7 @@ def train_six_feature_model(
         features=list(FEATURE_NAMES),
         rating_scale=dataset.scale,
         feature_stats=feature_stats(frame),
-        data={
-            "dataset": dataset.name,
-            "fingerprint_sha256": dataset.fingerprint(),
-            "n_ratings": len(ratings),
-            "n_users": int(ratings["user_id"].nunique()),
-            "n_movies": int(ratings["movie_id"].nunique()),
-            "first_timestamp": int(ratings["timestamp"].min()),
-            "last_timestamp": last_ts,
-            "metadata_join": dataset.join,
-        },
+        data=data,
         training={
             "config": cfg.model_dump(mode="json"),
             "config_sha256": cfg.digest(),
@@ -292,19 +398,65 @@ def train_six_feature_model(
             "n_train": len(train_idx),
             "n_test": len(test_idx),
             "cold_user_test_ratings": int(holdout.cold.sum()),
-            "models": {
-                name: {k: (round(v, 4) if np.isfinite(v) else None) for k, v in m.items() if k != "missing"}
-                for name, m in metrics.items()
-            },
+            "models": {name: _rounded(m) for name, m in metrics.items()},
         },
     )
-    return TrainResult(fitted.text, card, holdout, importance)
+    presult = None
+    if personalized is not None and pcand is not None and pcand.last_mask is not None:
+        t0 = time.perf_counter()
+        pmodel = PersonalizedModel.fit_frame(frame, dataset.scale, personalized)
+        seconds["personalized"] = time.perf_counter() - t0
+        presult = PersonalizedResult(
+            pmodel,
+            personalized_version(dataset, personalized, cfg),
+            dict(data),
+            _personalized_metrics(holdout, pcand.last_mask, len(train_idx)),
+        )
+    return TrainResult(fitted.text, card, holdout, importance, presult, seconds)
+
+
+def train_six_feature_model(
+    dataset: Dataset, config: TrainConfig | None = None, *, created_at: str | None = None, progress: bool = False
+) -> TrainResult:
+    """The six-feature model alone (``train_models`` without the personalised model)."""
+    return train_models(dataset, config, None, created_at=created_at, progress=progress)
 
 
 def write_model(directory: Path, result: TrainResult) -> Path:
-    """Write model.txt and model_card.json into ``directory``; returns the card's path."""
+    """Write model.txt and model_card.json into ``directory`` and, if trained, the personalised model into
+    ``directory/personalized/`` (its own card, every file checksummed); returns the six-feature card's path."""
     from moviematch_ml.model import write_card
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / result.card.model_file).write_bytes(result.model_text.encode("utf-8"))
-    return write_card(directory, result.card)
+    card_file = write_card(directory, result.card)
+    p = result.personalized
+    if p is not None:
+        p.model.save(
+            directory / PERSONALIZED_DIR,
+            name=PERSONALIZED_NAME,
+            version=p.version,
+            created_at=result.card.created_at,
+            data=p.data,
+            metrics=p.metrics,
+        )
+    return card_file
+
+
+def remove_personalized(directory: Path) -> bool:
+    """Delete a personalised model left in ``directory/personalized/`` by an earlier training, so the service
+    never pairs it with a newer six-feature model. Only the files a personalised model consists of are removed
+    (and the folder, once empty). Returns whether there was one."""
+    from moviematch_ml.cf import JSON_NAME, NPZ_NAME
+    from moviematch_ml.model import CARD_NAME
+    from moviematch_ml.personalized import MODEL_FILE as PERSONALIZED_FILE
+    from moviematch_ml.personalized import STATE_FILE
+
+    folder = directory / PERSONALIZED_DIR
+    if not (folder / CARD_NAME).is_file():
+        return False
+    for name in (CARD_NAME, PERSONALIZED_FILE, STATE_FILE, NPZ_NAME, JSON_NAME):
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return True
