@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -230,11 +232,32 @@ def test_metadata_file(tmp_path: Path) -> None:
 # --- the service's feedback store ---------------------------------------------------------------------------------
 
 
-def _store(tmp_path: Path, rows: list[tuple[str, str, float, float]]) -> FeedbackStore:
-    """A SQLite feedback store holding ``rows`` (user_id, movie_id, rating 0-10, rated_at), stored in this order."""
-    store = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'feedback.sqlite3'}")
+def _store(tmp_path: Path, rows: list[tuple[str, str, float, float]], url: str | None = None) -> FeedbackStore:
+    """A feedback store (SQLite unless ``url``) holding ``rows`` (user_id, movie_id, rating 0-10, rated_at), stored
+    in this order."""
+    store = FeedbackStore.from_url(url or f"sqlite:///{tmp_path / 'feedback.sqlite3'}")
     store.add([Feedback(f"f{i}", u, m, r, t, None) for i, (u, m, r, t) in enumerate(rows)])
     return store
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The feedback store's database: a SQLite file, and a fresh schema on the PostgreSQL server (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 FEEDBACK = [
@@ -252,9 +275,9 @@ FEEDBACK = [
 ]
 
 
-def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path) -> None:
+def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path, db_url: str) -> None:
     _, movies = _write(tmp_path)
-    store = _store(tmp_path, FEEDBACK)
+    store = _store(tmp_path, FEEDBACK, db_url)
     ds = load_feedback(store, movies, min_ratings=5)
     r = ds.ratings
     assert ds.name == "feedback"
@@ -277,6 +300,18 @@ def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path) -
     assert ds.movies["movie_id"].tolist() == [1, 2, 3]
     # Text user ids are fingerprinted by their characters: the same store gives the same fingerprint.
     assert ds.fingerprint() == load_feedback(store, movies, min_ratings=5).fingerprint()
+    store.close()
+
+
+def test_load_feedback_a_re_rating_counts_by_arrival_not_by_its_timestamp(tmp_path: Path) -> None:
+    _, movies = _write(tmp_path)
+    # bob's second rating of movie 3 arrives last but says it was given earlier (a client replaying history):
+    # the service's online state takes the last-arrived rating, and so does training.
+    store = _store(tmp_path, [*FEEDBACK[:10], ("bob", "3", 2.0, 990.0)])
+    r = load_feedback(store, movies, min_ratings=5).ratings
+    bob3 = r[(r["user_id"] == "bob") & (r["movie_id"] == 3)]
+    assert (bob3["rating"].tolist(), bob3["timestamp"].tolist()) == ([2.0], [990])
+    assert r["timestamp"].iloc[0] == 990  # still sorted by time
     store.close()
 
 

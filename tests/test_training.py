@@ -334,6 +334,13 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     pred, mask = pm.predict_pairs(["user-3"], [int(ds.ratings["movie_id"].iloc[0])], [2e9], x)
     assert mask.all()
     assert 0.0 <= pred[0] <= 10.0
+    # evaluate reads the same data.
+    capsys.readouterr()
+    argv = ["evaluate", "--from-feedback", "--database-url", url, "--movies", str(movies), "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert (payload["dataset"], payload["n_ratings"], payload["rating_scale"]["max"]) == ("feedback", n, 10.0)
+    assert "personalized" in payload["models"]
 
 
 def test_cli_train_from_feedback_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -486,7 +486,8 @@ def load_feedback(
 
     Stored movie ids are matched with movies.csv's movieId as text ("42" is movie 42). Ratings of unknown movies
     are dropped if at least MIN_MATCHED_SHARE of all ratings match, else a DataError says how many did not. A user
-    who rated a movie again counts with their latest rating only (the store keeps every row). User ids stay text,
+    who rated a movie again counts with the rating that arrived last (the store keeps every row; the service's
+    online state does the same). User ids stay text,
     as the app sent them. Fewer than ``min_ratings`` usable ratings is a DataError naming the number needed.
     """
     rows = _feedback_rows(store)
@@ -507,8 +508,7 @@ def load_feedback(
             column="movieId",
         )
     used = rows[known.to_numpy()]
-    # The latest opinion wins: order by (rated_at, row id), keep each (user, movie)'s last row.
-    used = used.sort_values(["rated_at", "row_id"], kind="stable")
+    # The rating that arrived last wins (rows are in row-id order), as in the service's online user state.
     latest = ~used.duplicated(["user_id", "movie_id"], keep="last")
     n_superseded = int((~latest).sum())
     used = used[latest.to_numpy()]
