@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moviematch_ml.cf import JSON_NAME, NPZ_NAME, MFConfig, MFModel, read_npz, write_npz
-from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFound
+from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
 
 
 def _additive() -> tuple[list[int], list[str], list[float]]:
@@ -156,7 +156,7 @@ def test_load_refuses_a_tampered_or_unlisted_file(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError):
         MFModel.load(tmp_path, {NPZ_NAME: sums[NPZ_NAME]})
     (tmp_path / NPZ_NAME).unlink()
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFoundError):
         MFModel.load(tmp_path, sums)
 
 

@@ -288,3 +288,18 @@ def test_personalised_answers_are_not_cached(tmp_path: Path) -> None:
     assert model.calls == 2
     assert service.cache is not None
     assert len(service.cache) == 0
+
+
+def test_cache_stays_within_its_memory_budget() -> None:
+    from moviematch_ml.serving import LRUCache
+
+    cache = LRUCache(max_entries=100, max_bytes=1000)
+    cache.put(("v", "model", b"a" * 300), "A")  # 300 + 100 = 400 bytes
+    cache.put(("v", "model", b"b" * 300), "B")  # 800
+    cache.put(("v", "model", b"c" * 300), "C")  # 1200 > 1000: "A", the least recently used, goes
+    assert (len(cache), cache.bytes) == (2, 800)
+    assert cache.get(("v", "model", b"a" * 300)) is None
+    assert cache.get(("v", "model", b"b" * 300)) == "B"  # now the most recently used
+    cache.put(("v", "model", b"d" * 100), "D", rows=5)  # 600 more: "C" goes, not "B"
+    assert cache.get(("v", "model", b"c" * 300)) is None
+    assert (cache.get(("v", "model", b"b" * 300)), len(cache), cache.bytes) == ("B", 2, 1000)

@@ -109,7 +109,7 @@ def test_real_server_starts_degraded_without_a_model(tmp_path: Path) -> None:
     try:
         status, _, health = request(server.port, "GET", "/health")
         assert (status, health["status"], health["source"]) == (200, "degraded", "fallback")
-        assert "ModelNotFound" in health["reason"]
+        assert "ModelNotFoundError" in health["reason"]
         assert request(server.port, "POST", "/predict", EXAMPLE)[2]["predicted_rating"] == 7.909
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=20) == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from moviematch_ml.errors import StoreError
-from moviematch_ml.feedback import Feedback
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
+from moviematch_ml.feedback import Feedback
 from moviematch_ml.personalized import PersonalizedModel
 from moviematch_ml.state import StatePersonalizer, TTLCache, load_personalized
 from moviematch_ml.store import Counts, FeedbackStore
@@ -79,8 +79,10 @@ def test_a_generous_user_is_predicted_higher_than_a_harsh_one(
     _rate(store, "harsh", {m: 2.0 for m in range(0, 10)})
     high = p("generous", [20, 21, 22], X)
     low = p("harsh", ["20", "21", "22"], X)  # ids as text or integers are the same movies
-    assert high is not None and low is not None
-    assert high[1].all() and low[1].all()
+    assert high is not None
+    assert low is not None
+    assert high[1].all()
+    assert low[1].all()
     assert ((high[0] - low[0]) > 1.0).all()  # on the 0-10 scale
     assert ((high[0] >= 0) & (high[0] <= 10)).all()
 
@@ -97,7 +99,8 @@ def test_cached_state_is_forgotten_when_this_replica_stores_a_rating(
     assert p("u", [5], X[:1]) == first  # still cached: another replica's write shows up after the ttl
     p.forget(["u"])
     after = p("u", [5], X[:1])
-    assert after is not None and first is not None
+    assert after is not None
+    assert first is not None
     assert after[0][0] > first[0][0]
 
 

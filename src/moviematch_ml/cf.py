@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFound
+from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -304,7 +304,7 @@ def read_verified(directory: Path, name: str, checksums: dict[str, str]) -> byte
     if expected is None:
         raise ModelFormatError(f"no checksum recorded for {name}; refusing to load it")
     if not path.is_file():
-        raise ModelNotFound(f"{path} does not exist")
+        raise ModelNotFoundError(f"{path} does not exist")
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:

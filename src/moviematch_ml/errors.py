@@ -1,15 +1,15 @@
 """The project's exceptions: one base class and a small tree, mapped to HTTP in ``api/errors.py``.
 
-    MovieMatchError
-    ├── InputError ............ a request the service refuses (HTTP 4xx)
-    │   └── FieldError ........ one field broke one rule (HTTP 422)
-    ├── ModelError ............ the model could not be loaded; the service falls back
-    │   ├── ModelNotFound
-    │   ├── ModelChecksumError
-    │   └── ModelFormatError
-    ├── DataError ............. a training data file is malformed (file, line, column)
-    ├── StoreError ............ the feedback store could not read or write
-    └── ConfigError ........... a setting is invalid
+MovieMatchError
+├── InputError ............ a request the service refuses (HTTP 4xx)
+│   └── FieldError ........ one field broke one rule (HTTP 422)
+├── ModelError ............ the model could not be loaded; the service falls back
+│   ├── ModelNotFoundError
+│   ├── ModelChecksumError
+│   └── ModelFormatError
+├── DataError ............. a training data file is malformed (file, line, column)
+├── StoreError ............ the feedback store could not read or write
+└── ConfigError ........... a setting is invalid
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ModelError(MovieMatchError):
     """The model could not be loaded; the service answers with the fallback rule instead."""
 
 
-class ModelNotFound(ModelError):
+class ModelNotFoundError(ModelError):
     """No model card or model file at the configured path."""
 
 

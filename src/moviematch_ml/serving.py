@@ -30,6 +30,8 @@ Id = str | int
 # Only bodies up to this size are cached (a /predict body or a batch of ~100 movies): the key is the body itself, and
 # entries of big batches would make the cache's memory unbounded in practice.
 CACHE_MAX_BODY_BYTES: Final[int] = 16 * 1024
+# Memory budget of the cache (approximate bytes), on top of its entry count.
+CACHE_MAX_BYTES: Final[int] = 32 * 1024 * 1024
 NOT_LOADED: Final[str] = "starting: the model has not been loaded yet"
 
 
@@ -277,7 +279,7 @@ class PredictionService:
                 return _render_batch(hit)
             answer = self._predict_batch(body)
             if answer.cacheable:
-                cache.put(key, answer)
+                cache.put(key, answer, len(answer.order))
             return _render_batch(answer)
         return _render_batch(self._predict_batch(body))
 
@@ -384,28 +386,39 @@ class LRUCache:
     answers that depend on the body alone are stored (not personalised ones, which change with feedback).
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self.max_entries = max_entries
-        self._data: OrderedDict[tuple[str, str, bytes], Any] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple[str, str, bytes], tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
     def get(self, key: tuple[str, str, bytes]) -> Any:
-        value = self._data.get(key)
-        if value is None:
+        entry = self._data.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self.hits += 1
         with suppress(KeyError):  # evicted meanwhile by a thread-pool request: the value is still right
             self._data.move_to_end(key)
-        return value
+        return entry[0]
 
-    def put(self, key: tuple[str, str, bytes], value: Any) -> None:
+    def put(self, key: tuple[str, str, bytes], value: Any, rows: int = 1) -> None:
+        """Store ``value``; ``rows`` (predictions in it) sizes the entry for the memory budget."""
         data = self._data
-        data[key] = value
-        if len(data) > self.max_entries:
-            with suppress(KeyError):  # emptied meanwhile by another thread
-                data.popitem(last=False)
+        if key in data:
+            return
+        # Rough bytes held: the body (the key) plus ~100 bytes of Python objects per prediction.
+        size = len(key[2]) + 100 * rows
+        data[key] = (value, size)
+        self.bytes += size
+        while len(data) > self.max_entries or self.bytes > self.max_bytes:
+            try:
+                _, (_, old_size) = data.popitem(last=False)
+            except KeyError:  # emptied meanwhile by another thread
+                break
+            self.bytes -= old_size
 
     def __len__(self) -> int:
         return len(self._data)

@@ -91,7 +91,7 @@ def _assert_fallback(health: dict[str, object], prediction: dict[str, object]) -
 def test_missing_model_dir(tmp_path: Path, logs: Any) -> None:
     health, prediction = _degraded(Settings(model_path=tmp_path / "missing"), logs)
     _assert_fallback(health, prediction)
-    assert "ModelNotFound" in str(health["reason"])
+    assert "ModelNotFoundError" in str(health["reason"])
     assert "no model card" in str(health["reason"])
 
 
