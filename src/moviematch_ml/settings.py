@@ -32,9 +32,7 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most movies in one /predict-batch.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes).")
-    graceful_timeout: float = Field(
-        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
-    )
+    graceful_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM.")
     database_url: str = Field(
         "sqlite:///moviematch.sqlite3",
         description="Feedback store: SQLite file by default, postgresql://... for PostgreSQL.",
