@@ -14,16 +14,21 @@ from moviematch_ml.data import Dataset
 from moviematch_ml.evaluation import (
     CANDIDATES,
     EvaluationError,
+    FeatureMode,
+    Protocol_,
     check_predictions,
     evaluate,
     kfold_split,
     mae,
     ndcg_at_k,
     rmse,
+    split_frames,
     temporal_split,
 )
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.model import RatingScale
+from moviematch_ml.trainfeatures import FeatureConfig, compute_features
+from moviematch_ml.training import TrainConfig
 
 FloatArray = np.ndarray
 
@@ -168,3 +173,122 @@ def test_evaluate_refuses_nan_unless_allowed() -> None:
 
 def test_the_required_models_are_registered() -> None:
     assert {"global_mean", "movie_mean", "bias", "fallback", "six_features"} <= set(CANDIDATES)
+
+
+# --- frozen features: the test rows' features come from the training ratings only -------------------------------
+
+
+@dataclass
+class _Recorder:
+    """Predicts 3 and keeps the frames it was given."""
+
+    name: str = "recorder"
+
+    def __post_init__(self) -> None:
+        self.seen: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+
+    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
+        self.seen.append((train.copy(), test.copy()))
+        return np.full(len(test), 3.0)
+
+
+def _ten() -> Dataset:
+    """8 training ratings (movie 0, 3 stars, users 0-7), then 2 test ratings of movie 1 (5 then 1 star)."""
+    movies = pd.DataFrame(
+        {
+            "movie_id": [0, 1],
+            "title": ["a", "b"],
+            "year": [1999.0, 1999.0],
+            "genres": [("Drama",), ("Comedy",)],
+            "vote_average": np.nan,
+            "vote_count": np.nan,
+            "popularity": np.nan,
+            "release_year": [1999.0, 1999.0],
+        }
+    )
+    ratings = pd.DataFrame(
+        {
+            "user_id": np.arange(10),
+            "movie_id": [0] * 8 + [1, 1],
+            "rating": [3.0] * 8 + [5.0, 1.0],
+            "timestamp": 1_000_000_000 + np.arange(10) * 3600,
+        }
+    )
+    return Dataset("ten", ratings, movies, RatingScale(min=1.0, max=5.0, step=1.0))
+
+
+def test_frozen_temporal_features_by_hand() -> None:
+    cfg = TrainConfig(features=FeatureConfig(vote_source="ratings", damping=1.0))
+    online, frozen = _Recorder(), _Recorder()
+    out_online = evaluate(_ten(), "temporal", config=cfg, candidates=[online])
+    out_frozen = evaluate(_ten(), "temporal", config=cfg, candidates=[frozen], features="frozen")
+    assert (out_online["features"], out_frozen["features"]) == ("online", "frozen")
+    [(train_on, test_on)] = online.seen
+    [(train_fr, test_fr)] = frozen.seen
+    # Training rows only ever see training rows: identical in both modes.
+    pd.testing.assert_frame_equal(train_on, train_fr, check_exact=True)
+    # Test row 8 (first rating of movie 1): 8 earlier ratings, all 3 stars, in both modes -> (0 + 1*3) / 1 = 3
+    # stars = 6.0, count 0, popularity 0 of 8.
+    # Test row 9, online: movie 1 had row 8 (5 stars); global earlier mean (8*3 + 5) / 9 = 29/9 ->
+    # (5 + 29/9) / 2 = 37/9 stars = 74/9 on 0-10, count 1, popularity 1 of 9 ratings in the window x 10,000.
+    # Frozen: row 8 is a test rating, so movie 1 has no history: 3 stars = 6.0, count 0, popularity 0.
+    assert test_on["vote_average"].tolist() == pytest.approx([6.0, 74 / 9])
+    assert test_fr["vote_average"].tolist() == pytest.approx([6.0, 6.0])
+    assert test_on["vote_count"].tolist() == [0, 1]
+    assert test_fr["vote_count"].tolist() == [0, 0]
+    assert test_on["popularity"].tolist() == pytest.approx([0.0, 10_000 / 9])
+    assert test_fr["popularity"].tolist() == [0.0, 0.0]
+    # The test rows' own time still sets the age (rated in 2001, released 1999).
+    assert test_fr["years_since_release"].tolist() == [2, 2]
+
+
+def _features_of_splits(ds: Dataset, protocol: Protocol_, mode: FeatureMode) -> list[pd.DataFrame]:
+    return [frame.loc[:, list(FEATURE_NAMES)] for frame, _, _ in split_frames(ds, protocol, mode, folds=3, seed=7)]
+
+
+@pytest.mark.parametrize("protocol", ["temporal", "kfold"])
+def test_frozen_features_never_see_a_test_rating(protocol: Protocol_) -> None:
+    ds = _dataset(900, seed=3)
+    before = _features_of_splits(ds, protocol, "frozen")
+    splits = list(split_frames(ds, protocol, "frozen", folds=3, seed=7))
+    for k, (_, _, test_idx) in enumerate(splits):
+        ratings = ds.ratings.copy()
+        # Every test rating of this split changes (1 <-> 5, 2 <-> 4; 3 -> 1).
+        old = ratings.loc[test_idx, "rating"].to_numpy()
+        ratings.loc[test_idx, "rating"] = np.where(old == 3.0, 1.0, 6.0 - old)
+        changed = Dataset(ds.name, ratings, ds.movies, ds.scale)
+        after = _features_of_splits(changed, protocol, "frozen")[k]
+        # Not one feature of any row (training or test) of this split moves.
+        pd.testing.assert_frame_equal(after, before[k], check_exact=True)
+        # Online, the same change does move features (so the check above can fail).
+        online_before = _features_of_splits(ds, protocol, "online")[k]
+        online_after = _features_of_splits(changed, protocol, "online")[k]
+        assert (online_after != online_before).any(axis=None)
+
+
+def test_frozen_frames_are_the_history_masked_features() -> None:
+    ds = _dataset(600, seed=1)
+    for frame, train_idx, test_idx in split_frames(ds, "kfold", "frozen", folds=3, seed=7):
+        history = np.zeros(600, dtype=bool)
+        history[train_idx] = True
+        expected = compute_features(ds, TrainConfig(seed=7).features, history=history)
+        pd.testing.assert_frame_equal(frame.loc[:, list(FEATURE_NAMES)], expected, check_exact=True)
+        assert len(train_idx) + len(test_idx) == 600
+    [(frame, train_idx, _)] = list(split_frames(ds, "temporal", "frozen"))
+    online = compute_features(ds, TrainConfig().features)
+    # Temporal: the training rows keep exactly their online features.
+    pd.testing.assert_frame_equal(
+        frame.loc[train_idx, list(FEATURE_NAMES)], online.loc[train_idx], check_exact=True, check_names=False
+    )
+
+
+def test_every_candidate_gets_the_same_frozen_frames_and_bad_modes_fail() -> None:
+    a, b = _Recorder("a"), _Recorder("b")
+    out = evaluate(_dataset(), "kfold", folds=3, seed=7, candidates=[a, b], features="frozen")
+    assert out["features"] == "frozen"
+    assert len(a.seen) == len(b.seen) == 3
+    for (tr_a, te_a), (tr_b, te_b) in zip(a.seen, b.seen, strict=True):
+        pd.testing.assert_frame_equal(tr_a, tr_b, check_exact=True)
+        pd.testing.assert_frame_equal(te_a, te_b, check_exact=True)
+    with pytest.raises(EvaluationError, match="features must be"):
+        evaluate(_dataset(), "temporal", candidates=[GlobalMeanCandidate()], features="stale")  # type: ignore[arg-type]

@@ -45,6 +45,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_options(evaluate)
     evaluate.add_argument("--protocol", choices=("temporal", "kfold"), default="temporal")
     evaluate.add_argument("--folds", type=int, default=5, help="folds of the kfold protocol (default 5)")
+    evaluate.add_argument(
+        "--features",
+        choices=("online", "frozen"),
+        default="online",
+        help="online: from all earlier ratings (default); frozen: only training ratings reach any feature",
+    )
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
     evaluate.set_defaults(func=_evaluate)
     return parser
@@ -245,7 +251,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from moviematch_ml.evaluation import evaluate
 
     dataset = _load_dataset(args)
-    summary = evaluate(dataset, args.protocol, folds=args.folds, seed=args.seed)
+    summary = evaluate(dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features)
 
     def clean(x: object) -> object:
         # JSON has no NaN: a metric that cannot be computed (e.g. no cold users in k-fold) is null.

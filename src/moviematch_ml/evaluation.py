@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -23,6 +23,7 @@ from moviematch_ml.training import SixFeatureCandidate, TrainConfig
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Protocol_ = Literal["temporal", "kfold"]
+FeatureMode = Literal["online", "frozen"]
 
 NDCG_K = 10
 NDCG_MIN_RATINGS = 5
@@ -190,10 +191,43 @@ def fold_metrics(result: FoldResult) -> dict[str, dict[str, float]]:
     return out
 
 
-def feature_frame(dataset: Dataset, config: TrainConfig) -> pd.DataFrame:
-    """Ratings with their six leak-free features side by side (row order of dataset.ratings)."""
-    feats = compute_features(dataset, config.features)
+def feature_frame(dataset: Dataset, config: TrainConfig, history: npt.ArrayLike | None = None) -> pd.DataFrame:
+    """Ratings with their six leak-free features side by side (row order of dataset.ratings).
+
+    ``history``: which ratings may serve as earlier ratings (see ``compute_features``); None = all of them.
+    """
+    feats = compute_features(dataset, config.features, history)
     return pd.concat([dataset.ratings.loc[:, list(RATING_COLUMNS)], feats], axis=1)
+
+
+def split_frames(
+    dataset: Dataset,
+    protocol: Protocol_,
+    features: FeatureMode = "online",
+    *,
+    folds: int = 5,
+    seed: int = 42,
+    config: TrainConfig | None = None,
+) -> Iterator[tuple[pd.DataFrame, IntArray, IntArray]]:
+    """(feature frame, train rows, test rows) of every split of a protocol.
+
+    online: one frame for all splits, every rating's features from all ratings strictly before it. frozen: one
+    frame per split whose history is that split's training ratings only, so no test rating reaches any feature
+    (temporal: the training rows' features are the online ones; the test rows see the training part).
+    """
+    if features not in ("online", "frozen"):
+        raise EvaluationError(f"features must be 'online' or 'frozen', got {features!r}")
+    cfg = config or TrainConfig(seed=seed)
+    n = len(dataset.ratings)
+    splits = temporal_split(n) if protocol == "temporal" else kfold_split(n, folds, seed)
+    online = feature_frame(dataset, cfg) if features == "online" else None
+    for train_idx, test_idx in splits:
+        if online is not None:
+            yield online, train_idx, test_idx
+        else:
+            history = np.zeros(n, dtype=bool)
+            history[train_idx] = True
+            yield feature_frame(dataset, cfg, history), train_idx, test_idx
 
 
 def evaluate(
@@ -205,15 +239,18 @@ def evaluate(
     config: TrainConfig | None = None,
     candidates: Sequence[Candidate] | None = None,
     allow_missing: bool = False,
+    features: FeatureMode = "online",
 ) -> dict[str, Any]:
-    """Run a protocol; returns the JSON-ready summary (metrics averaged over folds for k-fold)."""
+    """Run a protocol; returns the JSON-ready summary (metrics averaged over folds for k-fold).
+
+    ``features``: online (default) = every rating's features from all ratings strictly before it; frozen = from
+    the split's training ratings only (see ``split_frames``). Every candidate gets the same frames.
+    """
     cfg = config or TrainConfig(seed=seed)
     cands = list(candidates) if candidates is not None else [make(cfg) for make in CANDIDATES.values()]
     t0 = time.perf_counter()
-    frame = feature_frame(dataset, cfg)
-    splits = temporal_split(len(frame)) if protocol == "temporal" else kfold_split(len(frame), folds, seed)
     per_fold, n_train, n_test, n_cold, secs = [], [], [], [], {c.name: 0.0 for c in cands}
-    for train_idx, test_idx in splits:
+    for frame, train_idx, test_idx in split_frames(dataset, protocol, features, folds=folds, seed=seed, config=cfg):
         result = run_fold(frame, train_idx, test_idx, cands, dataset.scale, allow_missing)
         per_fold.append(fold_metrics(result))
         n_train.append(len(train_idx))
@@ -230,12 +267,13 @@ def evaluate(
         models[cand.name] = row
     summary: dict[str, Any] = {
         "protocol": protocol,
+        "features": features,
         "n_train": round(float(np.mean(n_train))),
         "n_test": round(float(np.mean(n_test))),
         "rating_scale": dataset.scale.model_dump(mode="json"),
         "models": models,
         "dataset": dataset.name,
-        "n_ratings": len(frame),
+        "n_ratings": len(dataset.ratings),
         "cold_user_test_ratings": round(float(np.mean(n_cold))),
         "seed": seed,
         "join": dataset.join,
@@ -262,10 +300,12 @@ __all__ = [
     "FEATURE_NAMES",
     "Candidate",
     "EvaluationError",
+    "FeatureMode",
     "evaluate",
     "kfold_split",
     "mae",
     "ndcg_at_k",
     "rmse",
+    "split_frames",
     "temporal_split",
 ]

@@ -14,6 +14,7 @@ from moviematch_ml.features import FEATURE_NAMES, FEATURES
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 SECONDS_PER_DAY: Final[int] = 86_400
 
@@ -81,9 +82,11 @@ class _Before:
     Sort by (group, time); a row's 'before' rows are then the contiguous run between its group's first row and
     the first row with the same (group, time) key: two searchsorted calls and a difference of cumulative sums.
     Rows with equal timestamps never see each other, which is what makes the features leak-free.
+    ``history`` (optional, one bool per row): only these rows count as earlier rows of anyone (values of the other
+    rows are multiplied by 0 before the cumulative sums), so their ratings reach no feature at all.
     """
 
-    def __init__(self, groups: IntArray, times: IntArray) -> None:
+    def __init__(self, groups: IntArray, times: IntArray, history: BoolArray | None = None) -> None:
         self.order, self.keys, span = _group_keys(groups, times)
         t0 = int(times.min()) if times.size else 0
         self.t0 = t0
@@ -92,23 +95,36 @@ class _Before:
         q = groups * span + (times - t0)
         self.end = np.searchsorted(self.keys, q, side="left")
         self.start = np.searchsorted(self.keys, groups * span, side="left")
+        self.weight: FloatArray | None = None
+        self.cum_weight: FloatArray | None = None
+        if history is not None:
+            self.weight = history[self.order].astype(np.float64)
+            self.cum_weight = np.concatenate([np.zeros(1), np.cumsum(self.weight)])
 
     def sums(self, values: FloatArray) -> FloatArray:
-        """Per row, the sum of ``values`` (n or n x k) over the same group's strictly earlier rows."""
+        """Per row, the sum of ``values`` (n or n x k) over the same group's strictly earlier (history) rows."""
         v = values[self.order]
+        if self.weight is not None:
+            v = v * self.weight.reshape(-1, *([1] * (v.ndim - 1)))
         zero = np.zeros((1, *v.shape[1:]), dtype=np.float64)
         cs = np.concatenate([zero, np.cumsum(v, axis=0, dtype=np.float64)])
         out: FloatArray = cs[self.end] - cs[self.start]
         return out
 
+    def _count(self, begin: IntArray) -> FloatArray:
+        if self.cum_weight is None:
+            return (self.end - begin).astype(np.float64)
+        out: FloatArray = self.cum_weight[self.end] - self.cum_weight[begin]
+        return out
+
     def counts(self) -> FloatArray:
-        return (self.end - self.start).astype(np.float64)
+        return self._count(self.start)
 
     def counts_within(self, times: IntArray, seconds: int) -> FloatArray:
-        """Per row, how many same-group rows fall in [t - seconds, t)."""
+        """Per row, how many same-group (history) rows fall in [t - seconds, t)."""
         lo = np.maximum(times - seconds - self.t0, 0)
         begin = np.searchsorted(self.keys, self.groups * self.span + lo, side="left")
-        return (self.end - np.maximum(begin, self.start)).astype(np.float64)
+        return self._count(np.maximum(begin, self.start))
 
 
 def genre_matrix(genres: pd.Series) -> tuple[list[str], npt.NDArray[np.bool_]]:
@@ -122,15 +138,28 @@ def genre_matrix(genres: pd.Series) -> tuple[list[str], npt.NDArray[np.bool_]]:
     return vocab, out
 
 
-def compute_features(dataset: Dataset, config: FeatureConfig | None = None) -> pd.DataFrame:
+def compute_features(
+    dataset: Dataset, config: FeatureConfig | None = None, history: npt.ArrayLike | None = None
+) -> pd.DataFrame:
     """The six features of every rating of ``dataset`` (same row order), columns exactly FEATURE_NAMES.
 
     Every feature of a rating at time t uses only ratings with timestamp < t plus the static movie metadata,
     so no rating ever reaches its own features (nor those of ratings given in the same second).
+
+    ``history`` (optional, one bool per rating): only the marked ratings may serve as earlier ratings, for every
+    row (the "frozen" evaluation features: history = the training ratings). The unmarked ratings still get
+    features (from the marked ones before them, their own time setting the age and the popularity window) but
+    reach none, not even through the first-rating year that stands in for an unknown release year. ``None``
+    (the default) means every rating is history, exactly the online definition.
     """
     cfg = config or FeatureConfig()
     r = dataset.ratings
     n = len(r)
+    hist: BoolArray | None = None
+    if history is not None:
+        hist = np.asarray(history, dtype=bool)
+        if hist.shape != (n,):
+            raise ValueError(f"history has shape {hist.shape}, expected ({n},)")
     times = r["timestamp"].to_numpy(dtype=np.int64)
     y = r["rating"].to_numpy(dtype=np.float64)
     users = pd.factorize(r["user_id"])[0].astype(np.int64)
@@ -142,7 +171,7 @@ def compute_features(dataset: Dataset, config: FeatureConfig | None = None) -> p
     # --- favourite genres ------------------------------------------------------------------------------------
     _vocab, movie_genres = genre_matrix(mrows["genres"].reset_index(drop=True))
     g = movie_genres[mcodes]  # n x G genres of each rated movie
-    by_user = _Before(users, times)
+    by_user = _Before(users, times, hist)
     n_prev = by_user.counts()
     sum_prev = by_user.sums(y)
     # A rating is "liked" when it is at least the user's mean of their strictly earlier ratings (a first rating
@@ -182,10 +211,10 @@ def compute_features(dataset: Dataset, config: FeatureConfig | None = None) -> p
         is_fav = np.zeros(n)
 
     # --- crowd average and count -----------------------------------------------------------------------------
-    by_movie = _Before(mcodes, times)
+    by_movie = _Before(mcodes, times, hist)
     m_n = by_movie.counts()
     m_sum = by_movie.sums(y)
-    everyone = _Before(np.zeros(n, dtype=np.int64), times)
+    everyone = _Before(np.zeros(n, dtype=np.int64), times, hist)
     all_n = everyone.counts()
     all_sum = everyone.sums(y)
     midpoint = (dataset.scale.min + dataset.scale.max) / 2.0
@@ -211,7 +240,11 @@ def compute_features(dataset: Dataset, config: FeatureConfig | None = None) -> p
     rating_year = pd.to_datetime(times, unit="s", utc=True).year.to_numpy().astype(np.float64)
     release = mrows["release_year"].to_numpy(dtype=np.float64)[mcodes]
     # Unknown release year: the year of the movie's first rating in the data stands in for it.
-    first_seen = pd.Series(rating_year).groupby(mcodes).transform("min").to_numpy(dtype=np.float64)
+    # With a history mask: the movie's first history rating, or this rating's own year if that is earlier
+    # (years are non-decreasing in time, so without a mask this is the same first year as before).
+    seen = rating_year if hist is None else np.where(hist, rating_year, np.nan)
+    first_seen = pd.Series(seen).groupby(mcodes).transform("min").to_numpy(dtype=np.float64)
+    first_seen = np.fmin(first_seen, rating_year)
     release = np.where(np.isnan(release), first_seen, release)
     years = rating_year - release
 
