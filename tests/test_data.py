@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -238,26 +236,6 @@ def _store(tmp_path: Path, rows: list[tuple[str, str, float, float]], url: str |
     store = FeedbackStore.from_url(url or f"sqlite:///{tmp_path / 'feedback.sqlite3'}")
     store.add([Feedback(f"f{i}", u, m, r, t, None) for i, (u, m, r, t) in enumerate(rows)])
     return store
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The feedback store's database: a SQLite file, and a fresh schema on the PostgreSQL server (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
-        return
-    from sqlalchemy import create_engine, text
-
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 FEEDBACK = [

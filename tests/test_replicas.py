@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from sqlalchemy import create_engine, text
-
 from moviematch_ml.features import EXAMPLE
 from realserver import request, start, stop
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-        return
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def _predict(port: int, user: str) -> Any:
@@ -37,8 +15,8 @@ def _predict(port: int, user: str) -> Any:
     return answer
 
 
-def test_feedback_on_one_replica_reaches_the_other(tiny_personalized_dir: Path, tmp_path: Path, shared_db: str) -> None:
-    env = {"MODEL_PATH": str(tiny_personalized_dir), "DATABASE_URL": shared_db, "STATE_TTL_SECONDS": "0"}
+def test_feedback_on_one_replica_reaches_the_other(tiny_personalized_dir: Path, tmp_path: Path, db_url: str) -> None:
+    env = {"MODEL_PATH": str(tiny_personalized_dir), "DATABASE_URL": db_url, "STATE_TTL_SECONDS": "0"}
     a = start(tmp_path, "a", **env)
     b = start(tmp_path, "b", **env)
     try:

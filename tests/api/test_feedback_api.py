@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.settings import Settings
 from moviematch_ml.store import FeedbackStore
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fb.sqlite3'}"
-        return
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
 @pytest.fixture
-def fb_client(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    settings = Settings(model_path=tmp_path / "none", database_url=database_url)
+def fb_client(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
+    settings = Settings(model_path=tmp_path / "none", database_url=db_url)
     with TestClient(create_app(settings)) as c:
         yield c
 
