@@ -52,25 +52,22 @@ feedback_table = Table(
     Index("ix_feedback_movie_id", "movie_id"),
 )
 
-user_state_table = Table(
-    "user_state",
-    metadata,
-    Column("user_id", String(128), primary_key=True),
-    Column("n", Integer, nullable=False),
-    Column("rating_sum", Float, nullable=False),
-    Column("rating_sumsq", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
 
-movie_state_table = Table(
-    "movie_state",
-    metadata,
-    Column("movie_id", String(128), primary_key=True),
-    Column("n", Integer, nullable=False),
-    Column("rating_sum", Float, nullable=False),
-    Column("rating_sumsq", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
+def _totals_table(name: str, key: str) -> Table:
+    """Running totals of the ratings (0-10) of one user or one movie: what the online state starts from."""
+    return Table(
+        name,
+        metadata,
+        Column(key, String(128), primary_key=True),
+        Column("n", Integer, nullable=False),
+        Column("rating_sum", Float, nullable=False),
+        Column("rating_sumsq", Float, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    )
+
+
+user_state_table = _totals_table("user_state", "user_id")
+movie_state_table = _totals_table("movie_state", "movie_id")
 
 MIGRATIONS_DIR: Final[Path] = Path(__file__).parent / "migrations"
 
