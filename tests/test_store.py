@@ -62,7 +62,8 @@ def test_bulk_lookup_beyond_one_in_list_chunk(store: FeedbackStore) -> None:
 def test_iter_ratings_returns_everything_in_arrival_order(store: FeedbackStore) -> None:
     store.add([_fb(f"f{i}", f"u{i % 3}", f"m{i}", 5.0, t=float(i)) for i in range(25)])
     rows = list(store.iter_ratings(batch=7))
-    assert [r[3] for r in rows] == [float(i) for i in range(25)]
+    assert [r[4] for r in rows] == [float(i) for i in range(25)]
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
 
 
 def test_concurrent_writers_lose_no_increment(db_url: str) -> None:

@@ -444,32 +444,11 @@ _FEEDBACK_BATCH: Final[int] = 50_000
 
 
 def _feedback_rows(store: FeedbackStore) -> pd.DataFrame:
-    """Every stored rating with its row id, up to the highest id present when reading starts (a consistent cut:
-    ratings stored while we read are left for the next training)."""
-    from sqlalchemy import func, select
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from moviematch_ml.errors import StoreError
-    from moviematch_ml.store import feedback_table as t
-
-    cols = (t.c.id, t.c.user_id, t.c.movie_id, t.c.rating, t.c.rated_at)
-    rows: list[Any] = []
-    try:
-        with store.engine.connect() as conn:
-            top = conn.execute(select(func.max(t.c.id))).scalar_one()
-            last = 0
-            while top is not None and last < top:
-                q = select(*cols).where(t.c.id > last, t.c.id <= top).order_by(t.c.id).limit(_FEEDBACK_BATCH)
-                batch = conn.execute(q).all()
-                if not batch:
-                    break
-                rows.extend(batch)
-                last = int(batch[-1][0])
-    except SQLAlchemyError as exc:
-        name = exc.__class__.__name__
-        raise StoreError(f"could not read feedback ({name}): is this the service's database?") from exc
+    """Every stored rating with its row id, as the store reads them (a consistent cut, in arrival order)."""
     frame = pd.DataFrame(
-        [tuple(r) for r in rows], columns=["row_id", "user_id", "movie_id", "rating", "rated_at"], dtype=object
+        list(store.iter_ratings(_FEEDBACK_BATCH)),
+        columns=["row_id", "user_id", "movie_id", "rating", "rated_at"],
+        dtype=object,
     )
     # The store's id columns are text already: they stay Python strings (object), as the app sent them.
     return frame.astype({"row_id": "int64", "rating": "float64", "rated_at": "float64"})

@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -68,8 +67,6 @@ def _totals_table(name: str, key: str) -> Table:
 
 user_state_table = _totals_table("user_state", "user_id")
 movie_state_table = _totals_table("movie_state", "movie_id")
-
-MIGRATIONS_DIR: Final[Path] = Path(__file__).parent / "migrations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,21 +263,27 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
 
-    def iter_ratings(self, batch: int = 10_000) -> Iterator[tuple[str, str, float, float]]:
-        """Every stored rating (user_id, movie_id, rating 0-10, rated_at) in arrival order, for retraining."""
-        last = 0
-        cols = (feedback_table.c.id, feedback_table.c.user_id, feedback_table.c.movie_id)
-        with self.engine.connect() as conn:
-            while True:
-                q = (
-                    select(*cols, feedback_table.c.rating, feedback_table.c.rated_at)
-                    .where(feedback_table.c.id > last)
-                    .order_by(feedback_table.c.id)
-                    .limit(batch)
-                )
-                rows = conn.execute(q).all()
-                if not rows:
-                    return
-                for row_id, u, m, r, t in rows:
-                    last = int(row_id)
-                    yield u, m, float(r), float(t)
+    def iter_ratings(self, batch: int = 10_000) -> Iterator[tuple[int, str, str, float, float]]:
+        """Every stored rating (row id, user_id, movie_id, rating 0-10, rated_at) in arrival order, for retraining.
+
+        Reads up to the highest row id present when reading starts: a consistent cut, so ratings stored meanwhile
+        are left for the next read instead of half-appearing.
+        """
+        t = feedback_table
+        cols = (t.c.id, t.c.user_id, t.c.movie_id, t.c.rating, t.c.rated_at)
+        try:
+            with self.engine.connect() as conn:
+                top = conn.execute(select(func.max(t.c.id))).scalar_one()
+                last = 0
+                while top is not None and last < top:
+                    q = select(*cols).where(t.c.id > last, t.c.id <= top).order_by(t.c.id).limit(batch)
+                    rows = conn.execute(q).all()
+                    if not rows:
+                        return
+                    for row_id, u, m, r, ts in rows:
+                        yield int(row_id), u, m, float(r), float(ts)
+                    last = int(rows[-1][0])
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"could not read feedback ({exc.__class__.__name__}): is this the service's database?"
+            ) from exc
