@@ -47,9 +47,9 @@ def main() -> None:
     ensemble = TreeEnsemble.from_lightgbm_text(text, 6)
     runtimes["numpy TreeEnsemble"] = ensemble.predict_raw
     try:
-        import onnxmltools
+        import onnxmltools  # type: ignore[import-untyped]
         import onnxruntime as ort
-        from onnxmltools.convert.common.data_types import DoubleTensorType
+        from onnxmltools.convert.common.data_types import DoubleTensorType  # type: ignore[import-untyped]
 
         onx = onnxmltools.convert_lightgbm(booster, initial_types=[("x", DoubleTensorType([None, 6]))], target_opset=15)
         options = ort.SessionOptions()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.api.fastpath import FastPathMiddleware
-from moviematch_ml.errors import FieldError
+from moviematch_ml.errors import FieldError, InputError
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.logs import JsonFormatter
 from moviematch_ml.serving import ModelHolder, PredictionService
@@ -303,3 +304,114 @@ def test_cache_stays_within_its_memory_budget() -> None:
     cache.put(("v", "model", b"d" * 100), "D", rows=5)  # 600 more: "C" goes, not "B"
     assert cache.get(("v", "model", b"c" * 300)) is None
     assert (cache.get(("v", "model", b"b" * 300)), len(cache), cache.bytes) == ("B", 2, 1000)
+
+
+# --- the msgspec batch decoder ---------------------------------------------------------------------------------
+
+ENVELOPES: list[Any] = [
+    {},
+    {"user_id": 7},
+    {"user_id": "u-7"},
+    {"user_id": ""},
+    {"user_id": "tab\t"},
+    {"user_id": None},
+    {"user_id": -1},
+    {"rank": True},
+    {"rank": None},
+    {"rank": 1},
+    {"top_k": 2},
+    {"top_k": None},
+    {"top_k": 0},
+    {"top_k": True},
+    {"top_k": 2.0},
+    {"colour": 1},
+]
+
+
+def _both(service: PredictionService, body: bytes) -> tuple[Any, Any]:
+    try:
+        slow: Any = service._decode_batch(body)
+    except InputError as exc:
+        slow = exc
+    return service._decode_batch_fast(body), slow
+
+
+@pytest.mark.parametrize("envelope", ENVELOPES, ids=[str(e) for e in ENVELOPES])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) for v in VARIANTS])
+def test_msgspec_decoder_never_accepts_what_the_rules_refuse(
+    tmp_path: Path, envelope: dict[str, Any], variant: dict[str, Any]
+) -> None:
+    holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
+    service = PredictionService(holder, max_batch_size=3)
+    # The standard library's json, which (unlike orjson) writes integers beyond 64 bits.
+    body = json.dumps({"movies": [MOVIE, {**MOVIE, **variant}], **envelope}).encode()
+    fast, slow = _both(service, body)
+    if isinstance(slow, InputError):
+        assert fast is None
+        return
+    if fast is None:  # allowed (the slow path then serves it), but not for plain, common bodies
+        assert variant or envelope.get("top_k", 1) is None or envelope.get("user_id") == "tab\t"
+        return
+    np.testing.assert_array_equal(fast[0], slow[0])
+    assert fast[1:] == slow[1:]
+    assert [type(i) for i in fast[1]] == [type(i) for i in slow[1]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"movies": [{"movie_id": 1}]}',
+        b'{"movies": "x"}',
+        b"{}",
+        b"[]",
+        b'{"movies": [NaN]}',
+        b'{"movies": [' + orjson.dumps(MOVIE) + b"]" + b"}" + b" trailing",
+        b'{"movies": [' + b",".join([orjson.dumps(MOVIE)] * 4) + b"]}",  # over max_batch_size
+        orjson.dumps({"movies": [{**MOVIE, "vote_average": 1e300}]}),
+        b'{"movies": [' + orjson.dumps(MOVIE)[:-1] + b', "vote_average": 11}]}',  # duplicate key, last wins
+        b'{"movies": [' + orjson.dumps({**MOVIE, "vote_average": 11})[:-1] + b', "vote_average": 5}]}',
+    ],
+)
+def test_msgspec_decoder_on_odd_bodies(tmp_path: Path, body: bytes) -> None:
+    holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
+    service = PredictionService(holder, max_batch_size=3)
+    fast, slow = _both(service, body)
+    if isinstance(slow, InputError):
+        assert fast is None
+    elif fast is not None:
+        np.testing.assert_array_equal(fast[0], slow[0])
+        assert fast[1:] == slow[1:]
+
+
+def test_msgspec_decoder_serves_plain_batches(tmp_path: Path) -> None:
+    holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
+    service = PredictionService(holder, max_batch_size=3)
+    fast = service._decode_batch_fast(orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": "m2"}], "top_k": 1}))
+    assert fast is not None
+    assert fast[0].tolist() == [[2.0, 7.5, 1000.0, 1.0, 3.0, 50.0]] * 2
+    assert fast[1:] == ([1, "m2"], None, False, 1)
+
+
+def test_served_under_a_root_path(tmp_path: Path) -> None:
+    holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
+    holder.load()
+    app = FastPathMiddleware(_teapot, service=PredictionService(holder, max_batch_size=10))
+    c = TestClient(app, root_path="/ml")
+    r = c.post("/ml/predict", json=EXAMPLE)
+    assert r.status_code == 200, r.text  # not 418: the fast path matched the route under the prefix
+    assert r.json()["source"] == "fallback"
+    assert c.post("/ml/predict-batch", json={"movies": [MOVIE]}).json()["count"] == 1
+    assert c.post("/ml/feedback", json={}).status_code == 418
+
+
+def test_big_bodies_are_answered_in_a_worker_thread(tmp_path: Path) -> None:
+    from moviematch_ml.api import fastpath
+
+    movies = [{**MOVIE, "movie_id": i} for i in range(8000)]
+    body = orjson.dumps({"movies": movies})
+    assert len(body) > fastpath.THREADPOOL_BYTES  # so this request takes the thread path
+    with TestClient(create_app(Settings(model_path=tmp_path / "missing"))) as c:
+        for _ in range(2):  # the second call reuses the limiter made by the first
+            r = c.post("/predict-batch", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200
+            assert r.json()["count"] == 8000

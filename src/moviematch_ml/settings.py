@@ -47,12 +47,17 @@ class Settings(BaseSettings):
         True,
         description="Serve POST /predict and /predict-batch by the pure-ASGI fast path (false: through FastAPI).",
     )
+    fastapi_telemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry instrumentation. Off: with no OpenTelemetry provider set up "
+        "it records nothing yet costs ~10 us per request (docs/performance.md); turn on with a provider.",
+    )
     prediction_cache_size: int = Field(
-        0,
+        10_000,
         ge=0,
         le=1_000_000,
-        description="Entries of the in-process answer cache keyed on model version + request body (0: off; "
-        "off is faster on varied traffic, see docs/performance.md).",
+        description="Entries of the in-process answer cache keyed on model version + request body (0: off); "
+        "at most 32 MB, bodies up to 16 KB, personalised answers never cached. See docs/performance.md.",
     )
 
     @field_validator("cors_origins", mode="before")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from starlette.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moviematch_ml.api.errors import input_error_response
@@ -31,6 +32,15 @@ def check_content_type(scope: Scope) -> None:
             if media != "application/json" and not media.endswith("+json"):
                 raise UnsupportedMediaTypeError(f"Content-Type must be application/json (got {content_type!r})")
             return
+
+
+def _route(scope: Scope) -> str:
+    """The path the router matches: without the root path when served under a prefix (as Starlette does)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -64,13 +74,14 @@ class FastPathMiddleware:
 
     def __init__(self, app: ASGIApp, *, service: PredictionService) -> None:
         self.app = app
+        self._big: anyio.CapacityLimiter | None = None  # created on first use, inside the event loop
         self.routes: dict[str, Callable[[bytes], bytes]] = {
             "/predict": service.predict_one,
             "/predict-batch": service.predict_batch,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or (handler := self.routes.get(scope["path"])) is None:
+        if scope["type"] != "http" or scope["method"] != "POST" or (handler := self.routes.get(_route(scope))) is None:
             await self.app(scope, receive, send)
             return
         try:
@@ -79,8 +90,11 @@ class FastPathMiddleware:
             if body is None:
                 return
             if len(body) > THREADPOOL_BYTES:
-                # A very big batch must not stall the event loop for every other request of this worker.
-                answer = await run_in_threadpool(handler, body)
+                # A very big batch must not stall the event loop for every other request of this worker; one
+                # at a time, though: several interleaved on one core only add GIL hand-offs and cache misses.
+                if self._big is None:
+                    self._big = anyio.CapacityLimiter(1)
+                answer = await anyio.to_thread.run_sync(handler, body, limiter=self._big)
             else:
                 answer = handler(body)
         except InputError as exc:

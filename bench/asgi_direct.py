@@ -1,0 +1,107 @@
+"""Per-request CPU cost of the whole ASGI stack (middleware, fast path or FastAPI, logging), without a network.
+
+    python bench/asgi_direct.py [--model DIR] [--requests 20000] [--set KEY=VALUE ...]
+
+Calls the app's ASGI entry point directly in a loop with in-memory receive/send, over the 5000 different /predict
+bodies of bench/run.py; the access log goes to a temporary file. Isolates our per-request work from the HTTP
+server and the load generator (useful on a machine too noisy for wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_model import make
+from run import features
+
+from moviematch_ml.api.app import create_app
+from moviematch_ml.logs import configure_logging
+from moviematch_ml.settings import Settings
+
+
+async def drive(app: Any, bodies: list[bytes], path: str, n: int) -> float:
+    """CPU seconds per request over ``n`` requests (CPU time, not wall time: robust to other processes' load)."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    start = time.process_time()
+    for i in range(n):
+        body = bodies[i % len(bodies)]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1234),
+            "server": ("127.0.0.1", 8000),
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive(messages: list[Any] = messages) -> Any:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        await app(scope, receive, send)
+        sent.clear()
+    return (time.process_time() - start) / n
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    model_dir = args.model or make(Path(tempfile.mkdtemp(prefix="mmmodel-")))
+    tmp = Path(tempfile.mkdtemp(prefix="mmasgi-"))
+    env: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
+    settings = Settings(model_path=model_dir, database_url=f"sqlite:///{tmp / 'db.sqlite3'}", **env)
+    log_file = (tmp / "access.log").open("w")
+    configure_logging(settings.log_level, stream=log_file if not args.log_to_memory else io.StringIO())
+    app = create_app(settings)
+    rng = random.Random(7)
+    # The 5000 different bodies of bench/run.py, or (--unique) one body per request: no repeats at all.
+    n_bodies = args.requests + 2000 if args.unique else 5000
+    bodies = [orjson.dumps(features(rng)) for _ in range(n_bodies)]
+    async with app.router.lifespan_context(app):
+        await drive(app, bodies[-2000:], "/predict", 2000)  # warm-up
+        per = await drive(app, bodies, "/predict", args.requests)
+        cache = app.state.service.cache
+        if cache is not None:
+            print(f"cache: {cache.hits} hits, {cache.misses} misses, {len(cache)} entries")
+    workload = "unique bodies" if args.unique else "5000 bodies"
+    rate = f"{1 / per:,.0f} req/s on one core"
+    print(f"{env or 'defaults'}, {workload}: {per * 1e6:.1f} us CPU per /predict request ({rate})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a Settings field, e.g. FAST_PATH=false"
+    )
+    ap.add_argument("--unique", action="store_true", help="a different body for every request (no repeats)")
+    ap.add_argument("--log-to-memory", action="store_true", help="write the log lines to memory, not a file")
+    args = ap.parse_args()
+    args.set = [f"{k.lower()}={v}" for k, v in (kv.split("=", 1) for kv in args.set)]
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
