@@ -182,3 +182,23 @@ def test_fast_booster_is_a_drop_in_for_other_feature_counts() -> None:
     np.testing.assert_allclose(fast.predict(x, num_threads=1), booster.predict(x, num_threads=1), rtol=0, atol=1e-9)
     binary = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(x, (y > 2).astype(float)), 3)
     assert isinstance(fast_booster(binary.model_to_string(), 9), lgb.Booster)  # link function: LightGBM runs it
+
+
+def test_nan_as_missing_models_are_left_to_lightgbm() -> None:
+    # Trained with NaNs, LightGBM sends NaN to each split's learnt default side; the mask tables cannot say that,
+    # so such a model (the personalised one is) must run in LightGBM, with LightGBM's answers for NaN rows.
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 10, (2000, 4))
+    x[rng.random(2000) < 0.3, 0] = np.nan
+    y = np.where(np.isnan(x[:, 0]), 9.0, x[:, 0] * 0.5)
+    booster = lgb.train(
+        {"objective": "regression", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 0},
+        lgb.Dataset(x, y),
+        num_boost_round=10,
+    )
+    text = booster.model_to_string()
+    with pytest.raises(UnsupportedModelError, match="NaN-as-missing"):
+        TreeEnsemble.from_lightgbm_text(text, 4)
+    fast = fast_booster(text, 4)
+    probe = np.array([[np.nan, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(fast.predict(probe), booster.predict(probe), atol=1e-12)

@@ -241,9 +241,11 @@ class TreeEnsemble:
             right = [int(v) for v in tree["right_child"].split()]
             if not all(len(a) == n_leaf - 1 for a in (feature, threshold, decision, left, right)):
                 raise UnsupportedModelError("node count mismatch")
-            # bit 0: categorical; bits 2-3: missing type (1 = zero is missing, which breaks the prefix rule).
-            if any(d & 1 or (d >> 2) & 3 == 1 for d in decision) or any(not 0 <= f < n_features for f in feature):
-                raise UnsupportedModelError("categorical or zero-as-missing splits")
+            # bit 0: categorical; bits 2-3: missing type (1 = zero is missing, which breaks the prefix rule; 2 = NaN
+            # is missing and takes the split's default side, which the mask tables do not encode). Type 0 is fine:
+            # LightGBM then reads NaN as 0, as predict_raw does.
+            if any(d & 1 or (d >> 2) & 3 in (1, 2) for d in decision) or any(not 0 <= f < n_features for f in feature):
+                raise UnsupportedModelError("categorical, zero-as-missing or NaN-as-missing splits")
             order, left_leaves = _in_order(left, right, n_leaf)
             for position, leaf in enumerate(order):
                 leaf_values[t * width + position] = values[leaf]
@@ -393,9 +395,9 @@ class LightGBMPredictor:
 class EnsembleBooster:
     """A ``TreeEnsemble`` behind the two ``lightgbm.Booster`` methods the serving code calls.
 
-    For other LightGBM text models of the service (the personalised model): ``fast_booster(text, n)`` is a
-    drop-in for ``lightgbm.Booster(model_str=text)`` at prediction time, 4-5x faster on 1000-row calls and
-    without importing LightGBM.
+    For other LightGBM text models: ``fast_booster(text, n)`` is a drop-in for ``lightgbm.Booster(model_str=text)``
+    at prediction time, 4-5x faster on 1000-row calls and without importing LightGBM, for models without
+    NaN-as-missing splits; models with them (the personalised model, whose inputs can be NaN) get LightGBM.
     """
 
     def __init__(self, ensemble: TreeEnsemble, n_features: int) -> None:
