@@ -251,8 +251,11 @@ class _Fixed:
         return np.full(x.shape[0], self.rating)
 
 
-def _always_knows(user_id: Any, movie_ids: Any, x: npt.NDArray[np.float64]) -> Any:
-    return np.full(x.shape[0], 1.25), np.ones(x.shape[0], dtype=bool)
+class _AlwaysKnows:
+    version = "personal-1"
+
+    def __call__(self, user_id: Any, movie_ids: Any, x: npt.NDArray[np.float64]) -> Any:
+        return np.full(x.shape[0], 1.25), np.ones(x.shape[0], dtype=bool)
 
 
 def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) -> None:
@@ -281,11 +284,11 @@ def test_personalised_answers_are_not_cached(tmp_path: Path) -> None:
     holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
     model = _Fixed("v1", 6.0)
     holder.swap(model)
-    service = PredictionService(holder, max_batch_size=10, cache_size=10, personalizer=_always_knows)
+    service = PredictionService(holder, max_batch_size=10, cache_size=10, personalizer=_AlwaysKnows())
     body = orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 1})
     for _ in range(2):
         out = orjson.loads(service.predict_one(body))
-        assert (out["predicted_rating"], out["source"]) == (1.25, "personalized")
+        assert (out["predicted_rating"], out["source"], out["model_version"]) == (1.25, "personalized", "personal-1")
     assert model.calls == 2
     assert service.cache is not None
     assert len(service.cache) == 0

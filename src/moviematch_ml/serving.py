@@ -181,6 +181,11 @@ class Personalizer(Protocol):
     Returns None when it knows nothing about the user; the model's ratings are then used unchanged.
     """
 
+    @property
+    def version(self) -> str | None:
+        """The personalised model's version, reported as ``model_version`` of the answers it gave."""
+        ...
+
     def __call__(
         self, user_id: Id, movie_ids: Sequence[Id | None], x: npt.NDArray[np.float64]
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None: ...
@@ -327,7 +332,10 @@ class PredictionService:
                 source = "personalized"
         # A personalised answer changes with the user's feedback: it is never cached.
         cacheable = user_id is None or personalizer is None
-        return round(float(y[0]), 3), source, cacheable, predictor.version
+        version = predictor.version
+        if source == "personalized":
+            version = (personalizer.version if personalizer is not None else None) or version
+        return round(float(y[0]), 3), source, cacheable, version
 
     def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
@@ -409,12 +417,14 @@ class PredictionService:
         predictor = self.holder.active
         y = predictor.predict(x)
         sources: list[str] | None = None
+        personalized_version: str | None = None
         if user_id is not None and self.personalizer is not None:
             answer = self.personalizer(user_id, ids, x)
             if answer is not None:
                 ratings, mask = answer
                 y = np.where(mask, ratings, y)
                 sources = ["personalized" if m else predictor.source for m in mask.tolist()]
+                personalized_version = self.personalizer.version
         rounded: list[float] = np.round(y, 3).tolist()
 
         ranked = rank or top_k is not None
@@ -427,7 +437,9 @@ class PredictionService:
             order = list(range(n))
 
         cacheable = user_id is None or self.personalizer is None
-        return _BatchAnswer(ids, rounded, predictor.source, sources, order, ranked, predictor.version, cacheable)
+        return _BatchAnswer(
+            ids, rounded, predictor.source, sources, order, ranked, predictor.version, cacheable, personalized_version
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +454,7 @@ class _BatchAnswer:
     ranked: bool
     version: str
     cacheable: bool
+    personalized_version: str | None = None
 
 
 def _render_one(answer: tuple[float, str, bool, str]) -> bytes:
@@ -477,14 +490,16 @@ def _render_batch(answer: _BatchAnswer) -> bytes:
         }
         for i in answer.order
     ]
-    return orjson.dumps(
-        {
-            "predictions": predictions,
-            "model_version": answer.version,
-            "count": len(predictions),
-            "ranked": answer.ranked,
-        }
-    )
+    out: dict[str, object] = {
+        "predictions": predictions,
+        "model_version": answer.version,
+        "count": len(predictions),
+        "ranked": answer.ranked,
+    }
+    if answer.personalized_version is not None:
+        # Rows with "source": "personalized" came from this model; model_version is the six-feature model's.
+        out["personalized_model_version"] = answer.personalized_version
+    return orjson.dumps(out)
 
 
 class LRUCache:

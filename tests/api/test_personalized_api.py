@@ -33,6 +33,8 @@ def test_third_prediction_reflects_the_first_two_ratings(pclient: TestClient) ->
     pclient.post("/feedback", json={"user_id": 77, "movie_id": 2, "rating": 10})
     third = pclient.post("/predict", json=body).json()
     assert second["source"] == third["source"] == "personalized"
+    assert first["model_version"] == "tiny-1"
+    assert third["model_version"] == "tiny-personalized-1"
     # Two ratings of 10 pull the prediction up further than one.
     assert third["predicted_rating"] > second["predicted_rating"]
 
@@ -43,8 +45,10 @@ def test_batch_mixes_sources_and_keeps_order(pclient: TestClient) -> None:
     known = pclient.post("/predict-batch", json={"user_id": "u1", "movies": movies}).json()
     assert [p["movie_id"] for p in known["predictions"]] == [3, 4, 5]
     assert {p["source"] for p in known["predictions"]} == {"personalized"}
+    assert (known["model_version"], known["personalized_model_version"]) == ("tiny-1", "tiny-personalized-1")
     anonymous = pclient.post("/predict-batch", json={"movies": movies}).json()
     assert {p["source"] for p in anonymous["predictions"]} == {"model"}
+    assert "personalized_model_version" not in anonymous
     # A harsh user is predicted below what the six features alone say.
     for k, a in zip(known["predictions"], anonymous["predictions"], strict=True):
         assert k["predicted_rating"] < a["predicted_rating"]

@@ -28,6 +28,8 @@ def holder(tmp_path: Path) -> ModelHolder:
 class _LikesEvenMovies:
     """A stand-in personalizer: knows user 7 only, and answers 9.5 for even movie ids."""
 
+    version = "likes-even-1"
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, list[Any], tuple[int, ...]]] = []
 

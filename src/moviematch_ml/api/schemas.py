@@ -94,7 +94,10 @@ class PredictResponse(BaseModel):
     """One predicted rating on the 0-10 scale of ``vote_average``."""
 
     predicted_rating: float = Field(ge=0, le=10, description="Rounded to 3 decimals.", examples=[7.912])
-    model_version: str = Field(description="The model (or fallback rule) that answered.", examples=["fallback-1"])
+    model_version: str = Field(
+        description="The model (or fallback rule) that answered; the personalised model's when source says so.",
+        examples=["fallback-1"],
+    )
     source: Source = Field(description="Which predictor answered.")
     prediction_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="Quote it when sending feedback.")
 
@@ -111,6 +114,9 @@ class BatchResponse(BaseModel):
     model_version: str
     count: int = Field(description="Number of predictions returned (top_k may keep fewer than sent).")
     ranked: bool = Field(description="True when sorted best-first (rank or top_k).")
+    personalized_model_version: str | None = Field(
+        None, description="Present when some rows came from the personalised model: its version."
+    )
 
 
 class FieldProblem(BaseModel):
