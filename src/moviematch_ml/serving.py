@@ -290,11 +290,13 @@ class PredictionService:
         max_batch_size: int,
         personalizer: Personalizer | None = None,
         cache_size: int = 0,
+        cache: AnswerCache | None = None,
     ) -> None:
         self.holder = holder
         self.max_batch_size = max_batch_size
         self.personalizer = personalizer
-        self.cache: LRUCache | None = LRUCache(cache_size) if cache_size > 0 else None
+        # An explicit cache (say, the shared Redis one) wins; else an in-process LRU of cache_size entries.
+        self.cache: AnswerCache | None = cache if cache is not None else LRUCache(cache_size) if cache_size else None
         self.movies_rule = f"must be a list of 1 to {max_batch_size} movies"
 
     def predict_one(self, body: bytes) -> bytes:
@@ -500,6 +502,29 @@ def _render_batch(answer: _BatchAnswer) -> bytes:
         # Rows with "source": "personalized" came from this model; model_version is the six-feature model's.
         out["personalized_model_version"] = answer.personalized_version
     return orjson.dumps(out)
+
+
+class AnswerCache(Protocol):
+    """Where answers are kept by (model version, source, request body): in process, or in Redis (``cache.py``)."""
+
+    def get(self, key: tuple[str, str, bytes]) -> Any: ...
+
+    def put(self, key: tuple[str, str, bytes], value: Any, rows: int = 1) -> None: ...
+
+
+def encode_answer(value: tuple[float, str, bool, str] | _BatchAnswer) -> dict[str, Any]:
+    """An answer as plain JSON data, for a cache outside the process (no pickle)."""
+    if isinstance(value, _BatchAnswer):
+        return {"batch": [getattr(value, f) for f in _BatchAnswer.__dataclass_fields__]}
+    return {"one": list(value)}
+
+
+def decode_answer(data: dict[str, Any]) -> tuple[float, str, bool, str] | _BatchAnswer:
+    """The inverse of ``encode_answer``."""
+    if "batch" in data:
+        return _BatchAnswer(*data["batch"])
+    rating, source, cacheable, version = data["one"]
+    return float(rating), str(source), bool(cacheable), str(version)
 
 
 class LRUCache:

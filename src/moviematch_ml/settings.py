@@ -60,11 +60,24 @@ class Settings(BaseSettings):
         "at most 32 MB, bodies up to 16 KB, personalised answers never cached. See docs/performance.md.",
     )
 
+    prediction_cache_backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where answers are cached: in each process, or in Redis (REDIS_URL) shared by all replicas; "
+        "memory is faster (see docs/performance.md).",
+    )
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("prediction_cache_backend")
+    @classmethod
+    def _redis_needs_url(cls, value: str, info: object) -> str:
+        if value == "redis" and not getattr(info, "data", {}).get("redis_url"):
+            raise ValueError("PREDICTION_CACHE_BACKEND=redis needs REDIS_URL")
         return value
 
     @field_validator("cors_allow_credentials")

@@ -21,7 +21,7 @@ from moviematch_ml.api.routes import build_router
 from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
 from moviematch_ml.model import BUNDLED_MODEL_DIR
-from moviematch_ml.serving import ModelHolder, PredictionService
+from moviematch_ml.serving import AnswerCache, ModelHolder, PredictionService, decode_answer, encode_answer
 from moviematch_ml.settings import Settings
 from moviematch_ml.state import StatePersonalizer, load_personalized
 from moviematch_ml.store import FeedbackStore, make_engine
@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
         model_holder,
         max_batch_size=settings.max_batch_size,
         cache_size=settings.prediction_cache_size,
+        cache=_shared_cache(settings),
         personalizer=personalizer,
     )
 
@@ -117,6 +118,15 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _shared_cache(settings: Settings) -> AnswerCache | None:
+    """The Redis answer cache when asked for; None leaves the in-process one (or none) to PredictionService."""
+    if settings.prediction_cache_backend != "redis" or settings.redis_url is None or not settings.prediction_cache_size:
+        return None
+    from moviematch_ml.cache import RedisCache
+
+    return RedisCache.from_url(settings.redis_url, encode=encode_answer, decode=decode_answer)
 
 
 def app_from_env() -> FastAPI:

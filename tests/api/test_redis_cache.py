@@ -1,0 +1,58 @@
+"""The shared answer cache in Redis, through the app: same answers, fresh ids, shared by two app instances."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from moviematch_ml.api.app import create_app
+from moviematch_ml.cache import RedisCache
+from moviematch_ml.features import EXAMPLE
+from moviematch_ml.serving import decode_answer, encode_answer
+from moviematch_ml.settings import Settings
+
+pytestmark = pytest.mark.redis
+
+
+def test_answers_survive_the_json_codec() -> None:
+    one = (7.912, "model", True, "v1")
+    assert decode_answer(encode_answer(one)) == one
+
+
+def test_redis_backend_needs_a_url() -> None:
+    with pytest.raises(ValidationError, match="REDIS_URL"):
+        Settings(prediction_cache_backend="redis")
+
+
+def test_two_apps_share_answers_through_redis(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(
+        model_path=tiny_model_dir,
+        database_url=f"sqlite:///{tmp_path / 'r.sqlite3'}",
+        prediction_cache_backend="redis",
+        redis_url="redis://127.0.0.1:6379/0",
+    )
+    # A body no earlier run has sent, so the first answer is a miss on any Redis.
+    body = {**EXAMPLE, "popularity": 1.0 + uuid.uuid4().int % 10_000 / 100}
+    batch = {"movies": [{"movie_id": 1, **body}, {"movie_id": 2, **EXAMPLE}], "rank": True}
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        cache_a, cache_b = a.app.state.service.cache, b.app.state.service.cache  # type: ignore[attr-defined]
+        assert isinstance(cache_a, RedisCache)
+        assert isinstance(cache_b, RedisCache)
+        first = a.post("/predict", json=body).json()
+        second = b.post("/predict", json=body).json()
+        assert (cache_a.misses, cache_b.hits) == (1, 1)
+        assert {k: v for k, v in first.items() if k != "prediction_id"} == {
+            k: v for k, v in second.items() if k != "prediction_id"
+        }
+        assert first["prediction_id"] != second["prediction_id"]
+        ranked = a.post("/predict-batch", json=batch).json()
+        again = b.post("/predict-batch", json=batch).json()
+        assert cache_b.hits == 2
+        assert [p["movie_id"] for p in again["predictions"]] == [p["movie_id"] for p in ranked["predictions"]]
+        assert [p["predicted_rating"] for p in again["predictions"]] == [
+            p["predicted_rating"] for p in ranked["predictions"]
+        ]
