@@ -42,7 +42,9 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a replica reuses a user's state read from the store (0: read it on every request).",
     )
-    redis_url: str | None = Field(None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas).")
+    redis_url: str | None = Field(
+        None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas)."
+    )
     fast_path: bool = Field(
         True,
         description="Serve POST /predict and /predict-batch by the pure-ASGI fast path (false: through FastAPI).",
