@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,9 @@ CACHE_MAX_BODY_BYTES: Final[int] = 16 * 1024
 # Memory budget of the cache (approximate bytes), on top of its entry count.
 CACHE_MAX_BYTES: Final[int] = 32 * 1024 * 1024
 NOT_LOADED: Final[str] = "starting: the model has not been loaded yet"
+
+
+A = TypeVar("A")  # an answer: (rating, source, cacheable, version) or a _BatchAnswer
 
 
 class InvalidJSONError(InputError):
@@ -301,19 +304,25 @@ class PredictionService:
 
     def predict_one(self, body: bytes) -> bytes:
         """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
-        cache = self.cache
-        if cache is not None and len(body) <= CACHE_MAX_BODY_BYTES:
-            predictor = self.holder.active
-            key = (predictor.version, predictor.source, body)
-            hit = cache.get(key)
-            if hit is not None:
-                return _render_one(hit)
-            answer = self._predict_one(body)
-            if answer[2]:
-                cache.put(key, answer)
-            return _render_one(answer)
-        answer = self._predict_one(body)
+        answer = self._cached(body, self._predict_one, lambda a: (a[2], 1))
         return _render_one(answer)
+
+    def _cached(self, body: bytes, compute: Callable[[bytes], A], rows: Callable[[A], tuple[bool, int]]) -> A:
+        """The answer to ``body`` from the cache, else computed (and stored when ``rows`` says it may be:
+        (cacheable, number of predictions)). Answers hold no prediction ids, so a hit still gets fresh ones."""
+        cache = self.cache
+        if cache is None or len(body) > CACHE_MAX_BODY_BYTES:
+            return compute(body)
+        predictor = self.holder.active
+        key = (predictor.version, predictor.source, body)
+        hit: A | None = cache.get(key)
+        if hit is not None:
+            return hit
+        answer = compute(body)
+        cacheable, n = rows(answer)
+        if cacheable:
+            cache.put(key, answer, n)
+        return answer
 
     def _predict_one(self, body: bytes) -> tuple[float, str, bool, str]:
         """(rounded rating, source, whether the answer depends on the body alone, model version)."""
@@ -341,18 +350,7 @@ class PredictionService:
 
     def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
-        cache = self.cache
-        if cache is not None and len(body) <= CACHE_MAX_BODY_BYTES:
-            predictor = self.holder.active
-            key = (predictor.version, predictor.source, body)
-            hit = cache.get(key)
-            if hit is not None:
-                return _render_batch(hit)
-            answer = self._predict_batch(body)
-            if answer.cacheable:
-                cache.put(key, answer, len(answer.order))
-            return _render_batch(answer)
-        return _render_batch(self._predict_batch(body))
+        return _render_batch(self._cached(body, self._predict_batch, lambda a: (a.cacheable, len(a.order))))
 
     def _decode_batch_fast(self, body: bytes) -> _Batch | None:
         """The batch validated by msgspec's typed decoder, or None (then ``_decode_batch`` finds the exact error).
