@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -57,11 +58,7 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         ),
     )
     async def predict(request: Request) -> Response:
-        check_json(request)
-        body = await request.body()
-        if len(body) > THREADPOOL_BODY_BYTES:
-            return _json_bytes(await run_in_threadpool(service.predict_one, body))
-        return _json_bytes(service.predict_one(body))
+        return await _answer(request, service.predict_one)
 
     @router.post(
         "/predict-batch",
@@ -73,11 +70,7 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         ),
     )
     async def predict_batch(request: Request) -> Response:
-        check_json(request)
-        body = await request.body()
-        if len(body) > THREADPOOL_BODY_BYTES:
-            return _json_bytes(await run_in_threadpool(service.predict_batch, body))
-        return _json_bytes(service.predict_batch(body))
+        return await _answer(request, service.predict_batch)
 
     @router.get("/", summary="Service name, version and model summary", response_model=schemas.RootResponse)
     async def root() -> Response:
@@ -112,6 +105,15 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         return _json({"status": "ready"})
 
     return router
+
+
+async def _answer(request: Request, handle: Callable[[bytes], bytes]) -> Response:
+    """Read a JSON body and answer it with ``handle`` (bytes to bytes), in a worker thread when it is large."""
+    check_json(request)
+    body = await request.body()
+    if len(body) > THREADPOOL_BODY_BYTES:
+        return _json_bytes(await run_in_threadpool(handle, body))
+    return _json_bytes(handle(body))
 
 
 def _json_bytes(body: bytes) -> Response:
