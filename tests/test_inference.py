@@ -184,21 +184,49 @@ def test_fast_booster_is_a_drop_in_for_other_feature_counts() -> None:
     assert isinstance(fast_booster(binary.model_to_string(), 9), lgb.Booster)  # link function: LightGBM runs it
 
 
-def test_nan_as_missing_models_are_left_to_lightgbm() -> None:
-    # Trained with NaNs, LightGBM sends NaN to each split's learnt default side; the mask tables cannot say that,
-    # so such a model (the personalised one is) must run in LightGBM, with LightGBM's answers for NaN rows.
+def test_nan_goes_where_lightgbm_sends_it() -> None:
+    # Feature 0 has NaNs in training: its splits learn a default side for NaN (NaN-as-missing), and the target
+    # makes both sides occur. Feature 1 has none but negative values: LightGBM reads a NaN there as 0, which
+    # lands on either side of its thresholds. Every NaN pattern must give LightGBM's answer, on both paths.
     rng = np.random.default_rng(7)
-    x = rng.uniform(0, 10, (2000, 4))
-    x[rng.random(2000) < 0.3, 0] = np.nan
-    y = np.where(np.isnan(x[:, 0]), 9.0, x[:, 0] * 0.5)
+    x = rng.uniform(-5, 10, (3000, 4))
+    x[rng.random(3000) < 0.3, 0] = np.nan
+    y = np.where(np.isnan(x[:, 0]), 9.0 * (x[:, 2] > 5), x[:, 0] * 0.5) + np.abs(x[:, 1])
     booster = lgb.train(
-        {"objective": "regression", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 0},
+        {"objective": "regression", "num_leaves": 15, "verbose": -1, "num_threads": 1, "seed": 0},
+        lgb.Dataset(x, y),
+        num_boost_round=30,
+    )
+    text = booster.model_to_string()
+    decisions = {int(d) for line in text.splitlines() if line.startswith("decision_type=") for d in line[14:].split()}
+    # Both kinds of split are really in the model.
+    assert decisions & {8, 10}
+    assert decisions & {0, 2}
+    fast = fast_booster(text, 4)
+    assert isinstance(fast, EnsembleBooster)
+    probe = rng.uniform(-5, 10, (400, 4))
+    probe[rng.random((400, 4)) < 0.4] = np.nan
+    probe[:16] = [[np.nan if (k >> j) & 1 else 1.0 for j in range(4)] for k in range(16)]  # every NaN pattern
+    expected = booster.predict(probe, num_threads=1)
+    np.testing.assert_allclose(fast.predict(probe), expected, rtol=0, atol=1e-9)
+    singles = [fast.predict(probe[i : i + 1])[0] for i in range(len(probe))]
+    np.testing.assert_allclose(singles, expected, rtol=0, atol=1e-9)
+
+
+def test_zero_as_missing_models_are_left_to_lightgbm() -> None:
+    # zero_as_missing sends values near 0 to a default side: not a threshold prefix, so LightGBM runs it.
+    rng = np.random.default_rng(8)
+    x = rng.uniform(-5, 10, (2000, 4))
+    x[rng.random(2000) < 0.3, 0] = 0.0
+    y = np.where(x[:, 0] == 0.0, 9.0, x[:, 0] * 0.5)
+    booster = lgb.train(
+        {"objective": "regression", "num_leaves": 7, "verbose": -1, "num_threads": 1, "zero_as_missing": True},
         lgb.Dataset(x, y),
         num_boost_round=10,
     )
     text = booster.model_to_string()
-    with pytest.raises(UnsupportedModelError, match="NaN-as-missing"):
+    with pytest.raises(UnsupportedModelError, match="zero-as-missing"):
         TreeEnsemble.from_lightgbm_text(text, 4)
     fast = fast_booster(text, 4)
-    probe = np.array([[np.nan, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    probe = np.array([[0.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
     np.testing.assert_allclose(fast.predict(probe), booster.predict(probe), atol=1e-12)

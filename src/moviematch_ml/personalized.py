@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moviematch_ml.cf import MFConfig, MFModel, lookup, read_npz, write_npz
 from moviematch_ml.errors import ModelFormatError
 from moviematch_ml.features import FEATURE_NAMES, N_FEATURES
-from moviematch_ml.model import ModelCard, RatingScale, card_path, read_card, verified_bytes, write_card
+from moviematch_ml.model import ModelCard, RatingScale, card_path, fast_booster, read_card, verified_bytes, write_card
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -654,9 +654,11 @@ class PersonalizedModel:
 
     @classmethod
     def load(cls, path: Path) -> PersonalizedModel:
-        """Load a saved model, verifying the sha256 of the trees and of every extra file against the card."""
-        import lightgbm as lgb
+        """Load a saved model, verifying the sha256 of the trees and of every extra file against the card.
 
+        The trees are run by ``model.TreeEnsemble`` (LightGBM's own answers to float rounding, without importing
+        LightGBM in the service), or by LightGBM for a model the evaluator does not cover.
+        """
         card = read_card(path)
         cfile = card_path(path)
         if card.kind != "personalized" or card.model_format != "lightgbm-text":
@@ -684,11 +686,9 @@ class PersonalizedModel:
                 raise ModelFormatError(f"{cfile.parent / STATE_FILE}: {key} has shape {arrays[key].shape}")
         state = RatingState(mf, *(arrays[k] for k in _STATE_ARRAYS))
         try:
-            booster = lgb.Booster(model_str=text.decode("utf-8"))
-        except (UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
+            booster = fast_booster(text.decode("utf-8"), len(MODEL_FEATURES))
+        except (UnicodeDecodeError, ModelFormatError) as exc:
             raise ModelFormatError(f"{cfile.parent / card.model_file}: not a LightGBM model: {exc}") from exc
-        if booster.num_feature() != len(MODEL_FEATURES):
-            raise ModelFormatError(f"model has {booster.num_feature()} inputs, expected {len(MODEL_FEATURES)}")
         config = PersonalizedConfig.model_validate(card.training.get("config", {}))
         model = cls(config, state, booster, card.rating_scale)
         model.card = card
