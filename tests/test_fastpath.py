@@ -254,7 +254,11 @@ class _Fixed:
 class _AlwaysKnows:
     version = "personal-1"
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     def __call__(self, user_id: Any, movie_ids: Any, x: npt.NDArray[np.float64]) -> Any:
+        self.calls += 1
         return np.full(x.shape[0], 1.25), np.ones(x.shape[0], dtype=bool)
 
 
@@ -284,12 +288,14 @@ def test_personalised_answers_are_not_cached(tmp_path: Path) -> None:
     holder = ModelHolder(Settings(model_path=tmp_path / "missing"))
     model = _Fixed("v1", 6.0)
     holder.swap(model)
-    service = PredictionService(holder, max_batch_size=10, cache_size=10, personalizer=_AlwaysKnows())
+    personal = _AlwaysKnows()
+    service = PredictionService(holder, max_batch_size=10, cache_size=10, personalizer=personal)
     body = orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 1})
     for _ in range(2):
         out = orjson.loads(service.predict_one(body))
         assert (out["predicted_rating"], out["source"], out["model_version"]) == (1.25, "personalized", "personal-1")
-    assert model.calls == 2
+    assert personal.calls == 2
+    assert model.calls == 0  # a personalised answer does not need the six-feature model at all
     assert service.cache is not None
     assert len(service.cache) == 0
 

@@ -11,7 +11,7 @@ from moviematch_ml.errors import StoreError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.feedback import Feedback
 from moviematch_ml.personalized import PersonalizedModel
-from moviematch_ml.state import StatePersonalizer, TTLCache, load_personalized
+from moviematch_ml.state import MOVIE_TTL_SECONDS, StatePersonalizer, TTLCache, load_personalized
 from moviematch_ml.store import Counts, FeedbackStore
 
 X = np.array([[float(EXAMPLE[n]) for n in FEATURE_NAMES]] * 3)
@@ -114,6 +114,115 @@ def test_movie_totals_are_read_in_bulk_and_scaled(store: FeedbackStore, personal
     assert extra.tolist() == [[2.0, 7.0, 25.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 7.0, 25.0]]
 
 
+def test_one_movie_and_a_batch_give_the_same_answer(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    # /predict takes a path on Python floats, /predict-batch a vectorised one: same features, same trees.
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 9.0, 2: 3.0, 3: 7.0, 4: 8.0})
+    _rate(store, "v", {3: 4.0})  # movie 3 also has a rating from someone else
+    movies: list[int | str | None] = [1, 3, 5, "7", 123456, None]  # rated, rated by two, unrated, text id, unknown
+    x = np.repeat(X[:1], len(movies), axis=0)
+    x[:, 1] = np.linspace(3.0, 9.0, len(movies))
+    batch = p("u", movies, x)
+    assert batch is not None
+    assert batch[1].all()
+    for k, m in enumerate(movies):
+        one = p("u", [m], x[k : k + 1])
+        assert one is not None
+        np.testing.assert_allclose(one[0], batch[0][k : k + 1], rtol=0, atol=1e-9)
+
+
+class CountingStore(FeedbackStore):
+    """The real store, counting the reads the personalizer makes."""
+
+    def __init__(self, inner: FeedbackStore) -> None:
+        self.inner = inner
+        self.reads: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.reads[what] = self.reads.get(what, 0) + 1
+
+    def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
+        self._count(f"user {user_id}")
+        return self.inner.user_ratings(user_id)
+
+    def all_movie_counts(self) -> dict[str, Counts]:
+        self._count("movies")
+        return self.inner.all_movie_counts()
+
+    def last_row_id(self) -> int:
+        self._count("feed")
+        return self.inner.last_row_id()
+
+    def changed_users(self, after_id: int) -> tuple[int, set[str]]:
+        self._count("feed")
+        return self.inner.changed_users(after_id)
+
+
+def test_movie_totals_are_one_query_per_movie_ttl(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=0, clock=clock)
+    p.set_model(personalized)
+    _rate(store, "a", {7: 8.0})
+    assert p.movie_extra(personalized, [7, 8]).tolist() == [[1.0, 4.0, 16.0], [0.0, 0.0, 0.0]]
+    _rate(store, "b", {7: 6.0})
+    clock.now = MOVIE_TTL_SECONDS - 1  # still within the movie TTL: the same totals, no new query
+    assert p.movie_extra_one(personalized, 7) == (1.0, 4.0, 16.0)
+    assert counting.reads == {"movies": 1}
+    clock.now = MOVIE_TTL_SECONDS + 1
+    assert p.movie_extra_one(personalized, "7") == (2.0, 7.0, 25.0)
+    assert counting.reads == {"movies": 2}
+
+
+def test_other_replicas_ratings_arrive_through_the_change_feed(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 2.0})
+    _rate(store, "w", {1: 9.0})
+    first, other = p("u", [5], X[:1]), p("w", [5], X[:1])
+    assert first is not None
+    assert other is not None
+    assert counting.reads == {"feed": 1, "user u": 1, "user w": 1, "movies": 1}
+    _rate(store, "u", {m: 10.0 for m in range(2, 12)})  # stored by another replica: this one was not told
+    clock.now = 0.5
+    assert p("u", [5], X[:1]) == first  # within the ttl: the cached state, no query at all
+    assert counting.reads["feed"] == 1
+    clock.now = 1.2  # one poll of the feed: it names u (not w), whose state is read again
+    after = p("u", [5], X[:1])
+    assert after is not None
+    assert after[0][0] > first[0][0]
+    assert p("w", [5], X[:1]) == other
+    assert counting.reads == {"feed": 2, "user u": 2, "user w": 1, "movies": 1}
+    clock.now = 1.5
+    p("u", [5], X[:1])
+    assert counting.reads["feed"] == 2  # at most one poll per ttl
+
+
+def test_a_failed_poll_drops_every_cached_state(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 2.0})
+    assert p("u", [5], X[:1]) is not None
+
+    def down(after_id: int) -> tuple[int, set[str]]:
+        raise StoreError("database is down")
+
+    counting.changed_users = down  # type: ignore[method-assign]
+    clock.now = 2.0
+    assert p("u", [5], X[:1]) is None  # the six-feature model answers while the store is unreadable
+    del counting.changed_users
+    clock.now = 4.0
+    assert p("u", [5], X[:1]) is not None
+    assert counting.reads["user u"] == 2  # read again: what was cached before the failure was not trusted
+
+
 class BrokenStore(FeedbackStore):
     def __init__(self) -> None:
         pass
@@ -122,6 +231,9 @@ class BrokenStore(FeedbackStore):
         raise StoreError("database is down")
 
     def movie_counts(self, movie_ids: object) -> dict[str, Counts]:
+        raise StoreError("database is down")
+
+    def all_movie_counts(self) -> dict[str, Counts]:
         raise StoreError("database is down")
 
 

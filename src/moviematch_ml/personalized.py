@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from moviematch_ml.cf import MFConfig, MFModel, lookup, read_npz, write_npz
 from moviematch_ml.errors import ModelFormatError
 from moviematch_ml.features import FEATURE_NAMES, N_FEATURES
-from moviematch_ml.model import ModelCard, RatingScale, card_path, fast_booster, read_card, verified_bytes, write_card
+from moviematch_ml.model import (
+    EnsembleBooster,
+    ModelCard,
+    RatingScale,
+    card_path,
+    fast_booster,
+    read_card,
+    verified_bytes,
+    write_card,
+)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -250,6 +261,44 @@ def fold_in_state(mf: MFModel, state: UserState) -> tuple[float, FloatArray]:
     diag[0] = mf.config.reg_bias * state.cf_count + mf.config.bias_damping
     w = np.asarray(np.linalg.solve(state.gram + np.diag(diag), state.rhs), dtype=np.float64)
     return float(w[0]), w[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    """The user side of the personalised model's inputs, computed once per user state rather than per request:
+    the fold-in solve, mean and spread of their ratings, and their latest ratings for the recency features."""
+
+    count: float
+    mean: float
+    std: float
+    bias: float
+    factors: FloatArray
+    recent_times: tuple[float, ...]
+    recent_resid: tuple[float, ...]
+
+    def recent(self, now: float) -> tuple[float, float, float, float]:
+        """``recent_features`` of this user at time ``now``, on Python floats (the one-row path)."""
+        times, resid = self.recent_times, self.recent_resid
+        end = bisect.bisect_left(times, now)  # ratings strictly before now
+        if end == 0:
+            return math.nan, math.nan, math.nan, 0.0
+        lo = max(0, end - RECENT_RATINGS)
+        short = max(0, end - RECENT_SHORT)
+        day = now - SECONDS_PER_DAY
+        return (
+            math.fsum(resid[lo:end]) / (end - lo),
+            math.fsum(resid[short:end]) / (end - short),
+            (now - times[end - 1]) / SECONDS_PER_DAY,
+            float(sum(1 for k in range(lo, end) if times[k] >= day)),
+        )
+
+
+def _scalar_mean_std(count: float, total: float, total_sq: float) -> tuple[float, float]:
+    """``_mean_std`` of one set of moments, on Python floats."""
+    if count <= 0:
+        return math.nan, math.nan
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0))
 
 
 # --- state built from a set of ratings ---------------------------------------------------------------------------
@@ -549,6 +598,15 @@ class PersonalizedModel:
             out[mask] = self._predict_rows(x)
         return out, mask
 
+    def user_view(self, user: UserState | None) -> UserView | None:
+        """What every prediction for this user needs from their state, or None when the model does not answer for
+        them (no state, or fewer ratings than ``min_user_ratings``)."""
+        if user is None or user.count <= 0 or user.count < self.config.min_user_ratings:
+            return None
+        bu, pu = fold_in_state(self.mf, user)
+        mean, std = _scalar_mean_std(user.count, user.total, user.total_sq)
+        return UserView(user.count, mean, std, bu, pu, user.recent_times, user.recent_resid)
+
     def predict_user(
         self,
         user: UserState | None,
@@ -559,16 +617,28 @@ class PersonalizedModel:
     ) -> tuple[FloatArray, BoolArray]:
         """Predictions (data scale) of one user, described by their online state, for a batch of movies.
 
-        The service's per-request path: one dict lookup per movie, a fold-in solve, a few vectorised numpy
-        operations and one LightGBM call. ``now`` (unix seconds, default the clock) is the prediction time the
-        recency features are measured from. ``movie_extra``, optional (n, 3) in request order, is what the movies
-        received since training (count, sum, sum of squares of ratings: see ``update_movie_extra``); it is added
-        to the trained movie moments. Returns (predictions, mask) as ``predict_pairs``.
+        ``now`` (unix seconds, default the clock) is the prediction time the recency features are measured from.
+        ``movie_extra``, optional (n, 3) in request order, is what the movies received since training (count, sum,
+        sum of squares of ratings: see ``update_movie_extra``); it is added to the trained movie moments. Returns
+        (predictions, mask) as ``predict_pairs``. The service calls ``user_view`` once per state and then
+        ``predict_view`` per request.
         """
+        return self.predict_view(self.user_view(user), movie_ids, x6, now, movie_extra)
+
+    def predict_view(
+        self,
+        view: UserView | None,
+        movie_ids: Ids,
+        x6: FloatArray,
+        now: float | None = None,
+        movie_extra: FloatArray | None = None,
+    ) -> tuple[FloatArray, BoolArray]:
+        """``predict_user`` from a ``user_view``: one dict lookup per movie, a few vectorised numpy operations and
+        one call of the trees."""
         i = lookup(self.mf.item_index, movie_ids)
         n = len(i)
         out = np.full(n, np.nan)
-        if user is None or user.count <= 0 or user.count < self.config.min_user_ratings:
+        if view is None:
             return out, np.zeros(n, dtype=bool)
         mask = self._personalisable(np.ones(n, dtype=bool), i >= 0)
         if not mask.any():
@@ -584,31 +654,74 @@ class PersonalizedModel:
         if movie_extra is not None:
             extra = np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)[mask]
             icount, itotal, itotal_sq = icount + extra[:, 0], itotal + extra[:, 1], itotal_sq + extra[:, 2]
-        bu, pu = fold_in_state(self.mf, user)
-        umean, ustd = _mean_std(np.array([user.count]), np.array([user.total]), np.array([user.total_sq]))
         im, is_ = _mean_std(icount, itotal, itotal_sq)
-        t_now = np.array([time.time() if now is None else float(now)])
-        rt = np.asarray(user.recent_times, dtype=np.float64)
-        end = np.searchsorted(rt, t_now, side="left")
-        recent = recent_features(
-            rt, np.asarray(user.recent_resid, dtype=np.float64), np.zeros(1, np.int64), end.astype(np.int64), t_now
-        )
+        recent = np.array([view.recent(time.time() if now is None else float(now))])
         feats = _assemble(
-            np.full(m, user.count),
-            np.full(m, umean[0]),
-            np.full(m, ustd[0]),
-            np.full(m, bu),
+            np.full(m, view.count),
+            np.full(m, view.mean),
+            np.full(m, view.std),
+            np.full(m, view.bias),
             icount,
             im,
             is_,
             np.where(ki, self.mf.item_bias[iz], np.nan),
             ki,
             self.mf.global_mean,
-            self.mf.item_factors[iz] @ pu,
+            self.mf.item_factors[iz] @ view.factors,
             np.repeat(recent, m, axis=0),
         )
         out[mask] = self._predict_rows(np.hstack([np.asarray(x6, dtype=np.float64)[mask], feats]))
         return out, mask
+
+    def predict_view_one(
+        self,
+        view: UserView,
+        movie_id: Id,
+        x6: list[float],
+        now: float | None = None,
+        movie_extra: tuple[float, float, float] | None = None,
+    ) -> float | None:
+        """``predict_view`` of one movie on Python floats (a ``/predict`` request: numpy's per-call overhead
+        would cost more than the arithmetic). The prediction on the data scale, or None when the model does not
+        answer this movie (see ``PersonalizedConfig.personalize``). Equal to ``predict_view`` to float rounding.
+        """
+        i = self.mf.item_index.get(movie_id, -1)
+        if i < 0 and self.config.personalize != "known_user":
+            return None
+        st = self.state
+        known = i >= 0
+        icount, itotal, itotal_sq = (
+            (float(st.item_count[i]), float(st.item_total[i]), float(st.item_total_sq[i])) if known else (0.0, 0.0, 0.0)
+        )
+        if movie_extra is not None:
+            icount, itotal, itotal_sq = icount + movie_extra[0], itotal + movie_extra[1], itotal_sq + movie_extra[2]
+        im, istd = _scalar_mean_std(icount, itotal, itotal_sq)
+        if known:
+            ibias = float(self.mf.item_bias[i])
+            dot = float(self.mf.item_factors[i] @ view.factors)
+            score = self.mf.global_mean + view.bias + ibias + dot
+        else:
+            ibias = dot = score = math.nan
+        row = [
+            *x6,
+            view.count,
+            view.mean,
+            view.std,
+            view.bias,
+            icount,
+            im,
+            istd,
+            ibias,
+            score,
+            dot,
+            *view.recent(time.time() if now is None else float(now)),
+        ]
+        booster = self.booster
+        if isinstance(booster, EnsembleBooster):
+            y = float(booster.ensemble.predict_list(row)[0])
+        else:
+            y = float(booster.predict(np.array([row]), num_threads=1)[0])
+        return min(max(y, self.scale.min), self.scale.max)
 
     # --- persistence -------------------------------------------------------------------------------------------
 

@@ -333,14 +333,14 @@ class PredictionService:
         user_id = parse_id(obj["user_id"], "user_id") if "user_id" in obj else None
         movie_id = parse_id(obj["movie_id"], "movie_id") if "movie_id" in obj else None
         predictor = self.holder.active
-        y = predictor.predict(x)
-        source = predictor.source
         personalizer = self.personalizer
+        answer = None
         if user_id is not None and personalizer is not None:
             answer = personalizer(user_id, [movie_id], x)
-            if answer is not None and bool(answer[1][0]):
-                y = answer[0]
-                source = "personalized"
+        if answer is not None and bool(answer[1][0]):
+            y, source = answer[0], "personalized"  # the six-feature model is not needed at all
+        else:
+            y, source = predictor.predict(x), predictor.source
         # A personalised answer changes with the user's feedback: it is never cached.
         cacheable = user_id is None or personalizer is None
         version = predictor.version

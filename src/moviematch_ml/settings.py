@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     state_ttl_seconds: float = Field(
         1.0,
         ge=0,
-        description="How long a replica reuses a user's state read from the store (0: read it on every request).",
+        description="How often a replica reads the store's change feed: another replica's new rating of a user shows "
+        "in this replica's predictions within this many seconds (0: read the user's ratings on every request).",
     )
     redis_url: str | None = Field(
         None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas)."

@@ -1,18 +1,22 @@
 """Online per-user and per-movie state read from the feedback store: the service's personalizer.
 
 Where the state lives: the database (the feedback store) is the source of truth and the only thing replicas
-share; a replica keeps what it read in a small in-process cache for ``ttl`` seconds, and forgets a user as soon
-as it stores a rating of theirs. So a user's next prediction on the replica that took their rating reflects it at
-once, and on any other replica within ``ttl`` seconds (default 1 s; 0 reads the database every time). A movie's
-totals (count and mean of its ratings) are kept for at least MOVIE_TTL_SECONDS.
+share. A replica keeps what it read in an in-process cache, forgets a user as soon as it stores a rating of
+theirs, and every ``ttl`` seconds reads the store's change feed (which users got ratings since it last looked) to
+forget the users other replicas took ratings from. So a user's next prediction on the replica that took their
+rating reflects it at once, and on any other replica within ``ttl`` seconds (default 1 s; 0 reads the database on
+every request). The feed costs one query per ``ttl`` per replica, whatever the number of users, where expiring
+each user's entry after ``ttl`` cost a full read of their ratings per user per ``ttl``. A movie's totals (count
+and mean of its ratings) are kept for at least MOVIE_TTL_SECONDS.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -21,13 +25,19 @@ import numpy as np
 import numpy.typing as npt
 
 from moviematch_ml.errors import ModelError, StoreError
-from moviematch_ml.personalized import PersonalizedModel, UserState, user_state
+from moviematch_ml.personalized import PersonalizedModel, UserView, user_state
 from moviematch_ml.store import FeedbackStore
 
 log = logging.getLogger(__name__)
 
 PERSONALIZED_DIR: Final[str] = "personalized"
 MOVIE_TTL_SECONDS: Final[float] = 30.0
+# A backstop: a cached user state is re-read after this long even if the change feed never named the user.
+USER_MAX_AGE_SECONDS: Final[float] = 300.0
+# The feed is read from the highest row id seen this many polls ago: a rating whose row id was taken before a
+# poll but committed after it (concurrent PostgreSQL transactions) is still seen by the next polls.
+FEED_OVERLAP_POLLS: Final[int] = 5
+_NO_RATINGS: Final[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
 Id = str | int
 K = TypeVar("K")
@@ -66,6 +76,10 @@ class TTLCache(Generic[K, V]):
             for k in keys:
                 self._data.pop(k, None)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
 
 def load_personalized(model_path: Path) -> PersonalizedModel | None:
     """The personalised model stored next to the six-feature one (``<model dir>/personalized``), or None.
@@ -99,12 +113,22 @@ class StatePersonalizer:
     ) -> None:
         self.store = store
         self.model: PersonalizedModel | None = None
-        self._users: TTLCache[str, UserState | None] = TTLCache(ttl, max_users, clock)
-        # A movie's totals move slowly (one more rating among many): they are kept longer than a user's state, which
-        # is what a user's own next prediction must reflect; a bulk query per request cost a fifth of its time.
-        self._movies: TTLCache[str, tuple[float, float, float]] = TTLCache(
-            max(ttl, MOVIE_TTL_SECONDS), 20 * max_users, clock
+        # A user's view (their state, with the fold-in solve done): built once per read of the store, not per request,
+        # and kept until this replica stores a rating of theirs or the change feed names them.
+        self.ttl = ttl
+        self._users: TTLCache[str, UserView | None] = TTLCache(
+            max(ttl, USER_MAX_AGE_SECONDS) if ttl > 0 else 0.0, max_users, clock
         )
+        self._feed_marks: deque[int] = deque(maxlen=FEED_OVERLAP_POLLS)
+        self._feed_checked = -math.inf
+        self._feed_lock = threading.Lock()
+        # A movie's totals move slowly (one more rating among many): they are kept longer than a user's state, which
+        # is what a user's own next prediction must reflect. All of them are read in one query and kept as one
+        # dict: a query per request cost a fifth of a /predict, and a TTL entry per movie 2 ms of a 1000-movie batch.
+        self._movie_ttl = max(ttl, MOVIE_TTL_SECONDS)
+        self._clock = clock
+        self._movies: tuple[float, dict[str, tuple[float, float, float]]] | None = None  # (expiry, totals)
+        self._movies_lock = threading.Lock()
         self._int_ids = False
         self._use_movie_extra = True
 
@@ -115,8 +139,8 @@ class StatePersonalizer:
 
     def set_model(self, model: PersonalizedModel | None) -> None:
         """Install a (new) personalised model; cached state was built against the old one, so it is dropped."""
-        self._users = TTLCache(self._users.ttl, self._users.max_entries)
-        self._movies = TTLCache(self._movies.ttl, self._movies.max_entries)
+        self._users.clear()
+        self._movies = None
         if model is not None:
             keys = list(model.mf.item_index)
             self._int_ids = bool(keys) and all(isinstance(k, int) for k in keys[:100])
@@ -129,6 +153,32 @@ class StatePersonalizer:
         """Called after this replica stored ratings of these users: their next prediction re-reads the store."""
         self._users.discard(user_ids)
 
+    def sync(self) -> None:
+        """Forget the users the store got ratings for since the last look, at most once per ``ttl`` seconds.
+
+        Raises StoreError when the store cannot be read; the cached states are then dropped (they may be stale).
+        """
+        if self.ttl <= 0 or self._clock() - self._feed_checked < self.ttl:
+            return
+        with self._feed_lock:  # one poll at a time; the others go on with the cache meanwhile
+            now = self._clock()
+            if now - self._feed_checked < self.ttl:
+                return
+            self._feed_checked = now
+            try:
+                if not self._feed_marks:
+                    # The first look: nothing is cached yet, so only the starting point of the feed is needed.
+                    self._feed_marks.append(self.store.last_row_id())
+                    return
+                last, users = self.store.changed_users(self._feed_marks[0])
+            except StoreError:
+                self._users.clear()
+                self._feed_marks.clear()
+                raise
+            self._feed_marks.append(max(last, self._feed_marks[-1]))
+            if users:
+                self._users.discard(users)
+
     def _key(self, movie_id: Id | None) -> Id:
         # No movie id (a /predict without one) is an id no model knows: the movie-side features are missing.
         if movie_id is None:
@@ -139,48 +189,50 @@ class StatePersonalizer:
             return str(movie_id)
         return movie_id
 
-    def user_state(self, model: PersonalizedModel, user_id: str) -> UserState | None:
-        """The user's state from their stored ratings (cached for ``ttl``); None for a user with no ratings."""
-        hit, state = self._users.get(user_id)
+    def user_view(self, model: PersonalizedModel, user_id: str) -> UserView | None:
+        """The user's view from their stored ratings (cached for ``ttl``); None when the model does not answer for
+        them (no ratings, or fewer than its ``min_user_ratings``)."""
+        hit, view = self._users.get(user_id)
         if hit:
-            return state
+            return view
         rows = self.store.user_ratings(user_id)
         if rows:
             ids = [self._key(m) for m, _, _ in rows]
             ratings = [model.from_api(r) for _, r, _ in rows]
             times = [t for _, _, t in rows]
-            state = user_state(model.mf, ids, ratings, times)
+            view = model.user_view(user_state(model.mf, ids, ratings, times))
         else:
-            state = None
-        self._users.put(user_id, state)
-        return state
+            view = None
+        self._users.put(user_id, view)
+        return view
+
+    def movie_totals(self, model: PersonalizedModel) -> dict[str, tuple[float, float, float]]:
+        """Every movie's (count, sum, sum of squares) of ratings received through /feedback, on the data scale;
+        read from the store at most every MOVIE_TTL_SECONDS."""
+        cached = self._movies
+        if cached is not None and cached[0] >= self._clock():
+            return cached[1]
+        with self._movies_lock:  # one reader refreshes; the others wait for its result rather than query too
+            cached = self._movies
+            if cached is not None and cached[0] >= self._clock():
+                return cached[1]
+            scale = model.from_api(1.0)
+            totals = {
+                k: (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2)
+                for k, c in self.store.all_movie_counts().items()
+            }
+            self._movies = (self._clock() + self._movie_ttl, totals)
+            return totals
 
     def movie_extra(self, model: PersonalizedModel, movie_ids: Sequence[Id | None]) -> npt.NDArray[np.float64]:
-        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback, in bulk."""
-        keys = ["" if m is None else str(m) for m in movie_ids]
-        out = np.zeros((len(keys), 3))
-        missing: list[str] = []
-        found: dict[str, tuple[float, float, float]] = {}
-        for k in set(keys):
-            if not k:
-                continue
-            hit, value = self._movies.get(k)
-            if hit and value is not None:
-                found[k] = value
-            else:
-                missing.append(k)
-        if missing:
-            scale = model.from_api(1.0)
-            counts = self.store.movie_counts(missing)
-            for k in missing:
-                c = counts.get(k)
-                value = (0.0, 0.0, 0.0) if c is None else (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2)
-                found[k] = value
-                self._movies.put(k, value)
-        for i, k in enumerate(keys):
-            if k:
-                out[i] = found[k]
-        return out
+        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback."""
+        get = self.movie_totals(model).get
+        rows = [get("" if m is None else str(m), _NO_RATINGS) for m in movie_ids]
+        return np.array(rows, dtype=np.float64).reshape(len(movie_ids), 3)
+
+    def movie_extra_one(self, model: PersonalizedModel, movie_id: Id | None) -> tuple[float, float, float]:
+        """``movie_extra`` of one movie, as a tuple."""
+        return self.movie_totals(model).get("" if movie_id is None else str(movie_id), _NO_RATINGS)
 
     def __call__(
         self, user_id: Id, movie_ids: Sequence[Id | None], x: npt.NDArray[np.float64]
@@ -189,16 +241,26 @@ class StatePersonalizer:
         if model is None:
             return None
         try:
-            state = self.user_state(model, str(user_id))
-            if state is None:
+            self.sync()
+            view = self.user_view(model, str(user_id))
+            if view is None:
                 return None
-            extra = self.movie_extra(model, movie_ids) if self._use_movie_extra else None
+            if len(movie_ids) == 1:
+                # /predict: one movie, on Python floats (numpy's per-call overhead would dominate).
+                extra_one = self.movie_extra_one(model, movie_ids[0]) if self._use_movie_extra else None
+            else:
+                extra = self.movie_extra(model, movie_ids) if self._use_movie_extra else None
         except StoreError as exc:
             # The store is down: answer with the six-feature model rather than fail the prediction.
             log.warning("user state unavailable", extra={"reason": str(exc)})
             return None
+        if len(movie_ids) == 1:
+            one = model.predict_view_one(view, self._key(movie_ids[0]), x[0].tolist(), movie_extra=extra_one)
+            if one is None:
+                return None
+            return np.array([min(max(one * model.scale.to_api, 0.0), 10.0)]), np.ones(1, dtype=bool)
         keys = [self._key(m) for m in movie_ids]
-        pred, mask = model.predict_user(state, keys, x, movie_extra=extra)
+        pred, mask = model.predict_view(view, keys, x, movie_extra=extra)
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask

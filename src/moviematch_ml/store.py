@@ -246,6 +246,36 @@ class FeedbackStore:
     def movie_counts(self, movie_ids: Iterable[str]) -> dict[str, Counts]:
         return self._counts(movie_state_table, "movie_id", movie_ids)
 
+    def last_row_id(self) -> int:
+        """The highest feedback row id stored so far (0 when empty): where a change feed starts."""
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(select(func.max(feedback_table.c.id))).scalar_one() or 0)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
+
+    def changed_users(self, after_id: int) -> tuple[int, set[str]]:
+        """(highest row id seen, the users with a rating stored after row ``after_id``): the change feed replicas
+        poll to drop the cached state of users whose ratings another replica stored."""
+        t = feedback_table
+        q = select(t.c.user_id, func.max(t.c.id)).where(t.c.id > after_id).group_by(t.c.user_id)
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(q).all()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
+        return max((int(r[1]) for r in rows), default=after_id), {str(r[0]) for r in rows}
+
+    def all_movie_counts(self) -> dict[str, Counts]:
+        """Every rated movie's totals in one query (one row per movie the app's users rated)."""
+        t = movie_state_table
+        q = select(t.c.movie_id, t.c.n, t.c.rating_sum, t.c.rating_sumsq)
+        try:
+            with self.engine.connect() as conn:
+                return {k: Counts(int(n), float(s), float(ss)) for k, n, s, ss in conn.execute(q)}
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read {t.name}: {exc.__class__.__name__}") from exc
+
     def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
         """The user's ratings in arrival order (movie_id, rating, rated_at): what the collaborative fold-in needs."""
         q = (
