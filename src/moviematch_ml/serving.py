@@ -415,16 +415,21 @@ class PredictionService:
         x, ids, user_id, rank, top_k = parsed if parsed is not None else self._decode_batch(body)
         n = len(ids)
         predictor = self.holder.active
-        y = predictor.predict(x)
         sources: list[str] | None = None
         personalized_version: str | None = None
+        answer = None
         if user_id is not None and self.personalizer is not None:
             answer = self.personalizer(user_id, ids, x)
-            if answer is not None:
-                ratings, mask = answer
-                y = np.where(mask, ratings, y)
-                sources = ["personalized" if m else predictor.source for m in mask.tolist()]
-                personalized_version = self.personalizer.version
+        if answer is None:
+            y = predictor.predict(x)
+        else:
+            ratings, mask = answer
+            y = np.array(ratings, dtype=np.float64)
+            rest = ~mask
+            if rest.any():  # only the rows the personalised model did not answer need the six-feature model
+                y[rest] = predictor.predict(x[rest])
+            sources = ["personalized" if m else predictor.source for m in mask.tolist()]
+            personalized_version = self.personalizer.version if self.personalizer is not None else None
         rounded: list[float] = np.round(y, 3).tolist()
 
         ranked = rank or top_k is not None
