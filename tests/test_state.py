@@ -107,11 +107,20 @@ def test_cached_state_is_forgotten_when_this_replica_stores_a_rating(
 def test_movie_totals_are_read_in_bulk_and_scaled(store: FeedbackStore, personalized: PersonalizedModel) -> None:
     p = StatePersonalizer(store, ttl=0)
     p.set_model(personalized)
-    _rate(store, "a", {7: 8.0})
+    _rate(store, "a", {7: 8.0, 999_999: 10.0})
     _rate(store, "b", {7: 6.0})
-    extra = p.movie_extra(personalized, [7, "8", None, "7"])
+    assert 7 in personalized.mf.item_index
+    assert 999_999 not in personalized.mf.item_index  # rated through the app, unknown to the model
+    extra = p.movie_extra(personalized, [7, "8", None, "7", 999_999, 1_000_000])
     # Two ratings (8 and 6 on 0-10) are 4 and 3 stars: count 2, sum 7, sum of squares 25.
-    assert extra.tolist() == [[2.0, 7.0, 25.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 7.0, 25.0]]
+    assert extra.tolist() == [
+        [2.0, 7.0, 25.0],
+        [0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0],
+        [2.0, 7.0, 25.0],
+        [1.0, 5.0, 25.0],
+        [0.0, 0.0, 0.0],
+    ]
 
 
 def test_one_movie_and_a_batch_give_the_same_answer(store: FeedbackStore, personalized: PersonalizedModel) -> None:

@@ -632,10 +632,11 @@ class PersonalizedModel:
         x6: FloatArray,
         now: float | None = None,
         movie_extra: FloatArray | None = None,
+        index: IntArray | None = None,
     ) -> tuple[FloatArray, BoolArray]:
-        """``predict_user`` from a ``user_view``: one dict lookup per movie, a few vectorised numpy operations and
-        one call of the trees."""
-        i = lookup(self.mf.item_index, movie_ids)
+        """``predict_user`` from a ``user_view``: one dict lookup per movie (unless ``index``, the movies' positions
+        from ``cf.lookup``, is given), a few vectorised numpy operations and one call of the trees."""
+        i = lookup(self.mf.item_index, movie_ids) if index is None else index
         n = len(i)
         out = np.full(n, np.nan)
         if view is None:

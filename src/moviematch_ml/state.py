@@ -18,14 +18,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from moviematch_ml.cf import lookup
 from moviematch_ml.errors import ModelError, StoreError
-from moviematch_ml.personalized import PersonalizedModel, UserView, user_state
+from moviematch_ml.personalized import IntArray, PersonalizedModel, UserView, user_state
 from moviematch_ml.store import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,18 @@ def load_personalized(model_path: Path) -> PersonalizedModel | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class MovieTotals:
+    """What the movies received through /feedback (count, sum, sum of squares; data scale), read at once: by the
+    store's movie id, and as an array aligned with the model's movies for batches."""
+
+    expires: float
+    model: PersonalizedModel
+    by_key: dict[str, tuple[float, float, float]]
+    known: npt.NDArray[np.float64]  # (movies of the model, 3), in the model's order
+    unknown: dict[str, tuple[float, float, float]]  # the rated movies the model does not know
+
+
 class StatePersonalizer:
     """Answers for users the store knows: their ratings folded into the personalised model, in one model call.
 
@@ -127,7 +141,7 @@ class StatePersonalizer:
         # dict: a query per request cost a fifth of a /predict, and a TTL entry per movie 2 ms of a 1000-movie batch.
         self._movie_ttl = max(ttl, MOVIE_TTL_SECONDS)
         self._clock = clock
-        self._movies: tuple[float, dict[str, tuple[float, float, float]]] | None = None  # (expiry, totals)
+        self._movies: MovieTotals | None = None
         self._movies_lock = threading.Lock()
         self._int_ids = False
         self._use_movie_extra = True
@@ -206,33 +220,65 @@ class StatePersonalizer:
         self._users.put(user_id, view)
         return view
 
-    def movie_totals(self, model: PersonalizedModel) -> dict[str, tuple[float, float, float]]:
+    def movie_totals(self, model: PersonalizedModel) -> MovieTotals:
         """Every movie's (count, sum, sum of squares) of ratings received through /feedback, on the data scale;
         read from the store at most every MOVIE_TTL_SECONDS."""
         cached = self._movies
-        if cached is not None and cached[0] >= self._clock():
-            return cached[1]
+        if cached is not None and cached.expires >= self._clock() and cached.model is model:
+            return cached
         with self._movies_lock:  # one reader refreshes; the others wait for its result rather than query too
             cached = self._movies
-            if cached is not None and cached[0] >= self._clock():
-                return cached[1]
+            if cached is not None and cached.expires >= self._clock() and cached.model is model:
+                return cached
             scale = model.from_api(1.0)
-            totals = {
+            by_key = {
                 k: (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2)
                 for k, c in self.store.all_movie_counts().items()
             }
-            self._movies = (self._clock() + self._movie_ttl, totals)
-            return totals
+            known = np.zeros((len(model.mf.item_ids), 3))
+            unknown: dict[str, tuple[float, float, float]] = {}
+            index = model.mf.item_index
+            for k, value in by_key.items():
+                i = index.get(self._key(k), -1)
+                if i >= 0:
+                    known[i] = value
+                else:
+                    unknown[k] = value
+            cached = MovieTotals(self._clock() + self._movie_ttl, model, by_key, known, unknown)
+            self._movies = cached
+            return cached
 
-    def movie_extra(self, model: PersonalizedModel, movie_ids: Sequence[Id | None]) -> npt.NDArray[np.float64]:
-        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback."""
-        get = self.movie_totals(model).get
-        rows = [get("" if m is None else str(m), _NO_RATINGS) for m in movie_ids]
-        return np.array(rows, dtype=np.float64).reshape(len(movie_ids), 3)
+    def movie_extra(
+        self, model: PersonalizedModel, movie_ids: Sequence[Id | None], index: IntArray | None = None
+    ) -> npt.NDArray[np.float64]:
+        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback. ``index``, the
+        movies' positions in the model (``cf.lookup``), makes it one gather for the movies the model knows."""
+        totals = self.movie_totals(model)
+        if index is None:
+            index = lookup(model.mf.item_index, [self._key(m) for m in movie_ids])
+        out: npt.NDArray[np.float64] = totals.known[np.maximum(index, 0)]
+        unknown = np.flatnonzero(index < 0)
+        if len(unknown):
+            out[unknown] = 0.0
+            if totals.unknown:  # rated movies the model does not know: looked up one by one
+                get = totals.unknown.get
+                for j in unknown.tolist():
+                    m = movie_ids[j]
+                    value = get("" if m is None else str(m))
+                    if value is not None:
+                        out[j] = value
+        return out
 
     def movie_extra_one(self, model: PersonalizedModel, movie_id: Id | None) -> tuple[float, float, float]:
         """``movie_extra`` of one movie, as a tuple."""
-        return self.movie_totals(model).get("" if movie_id is None else str(movie_id), _NO_RATINGS)
+        return self.movie_totals(model).by_key.get("" if movie_id is None else str(movie_id), _NO_RATINGS)
+
+    def _keys(self, movie_ids: Sequence[Id | None]) -> list[Id]:
+        """``_key`` of every id; a batch of ids already of the model's type (the usual case) is taken as it is."""
+        kinds = set(map(type, movie_ids))
+        if kinds == ({int} if self._int_ids else {str}):
+            return list(movie_ids)  # type: ignore[arg-type]  # None is not among the types
+        return [self._key(m) for m in movie_ids]
 
     def __call__(
         self, user_id: Id, movie_ids: Sequence[Id | None], x: npt.NDArray[np.float64]
@@ -249,7 +295,9 @@ class StatePersonalizer:
                 # /predict: one movie, on Python floats (numpy's per-call overhead would dominate).
                 extra_one = self.movie_extra_one(model, movie_ids[0]) if self._use_movie_extra else None
             else:
-                extra = self.movie_extra(model, movie_ids) if self._use_movie_extra else None
+                keys = self._keys(movie_ids)
+                index = lookup(model.mf.item_index, keys)
+                extra = self.movie_extra(model, movie_ids, index) if self._use_movie_extra else None
         except StoreError as exc:
             # The store is down: answer with the six-feature model rather than fail the prediction.
             log.warning("user state unavailable", extra={"reason": str(exc)})
@@ -259,8 +307,7 @@ class StatePersonalizer:
             if one is None:
                 return None
             return np.array([min(max(one * model.scale.to_api, 0.0), 10.0)]), np.ones(1, dtype=bool)
-        keys = [self._key(m) for m in movie_ids]
-        pred, mask = model.predict_view(view, keys, x, movie_extra=extra)
+        pred, mask = model.predict_view(view, keys, x, movie_extra=extra, index=index)
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask
