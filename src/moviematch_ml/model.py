@@ -189,7 +189,11 @@ class TreeEnsemble:
         n_trees: int,
     ) -> None:
         self.thresholds = thresholds
-        self.tables = tables
+        # All features' tables one under the other (the one-row path gathers from it in one call); each feature's
+        # table is a view into it, so the masks are held once (11 MB for the personalised model, not 22).
+        self._stacked = np.concatenate(tables, axis=0)
+        self._table_starts = np.cumsum([0] + [len(t) for t in tables[:-1]]).tolist()
+        self.tables = [self._stacked[s : s + len(t)] for s, t in zip(self._table_starts, tables, strict=True)]
         self.leaf_values = leaf_values  # (n_trees * width,): tree t's leaves, left to right, at t * width
         self.n_trees = n_trees
         self.width = leaf_values.shape[0] // max(n_trees, 1)
@@ -198,9 +202,6 @@ class TreeEnsemble:
         self._offsets_64 = offsets - 1023  # minus the float64 exponent bias
         self._threshold_lists = [t.tolist() for t in thresholds]
         self._nan_rows = [len(t) + 1 for t in thresholds]  # the row after the K + 1 prefixes: NaN's masks
-        # All features' tables one under the other, for the one-row path: feature j's rows start at starts[j].
-        self._stacked = np.concatenate(tables, axis=0)
-        self._table_starts = np.cumsum([0] + [len(t) for t in tables[:-1]]).tolist()
         self._local = threading.local()
 
     @classmethod
