@@ -1,14 +1,20 @@
-"""The JSON-lines formatter and the logging configuration handed to uvicorn."""
+"""The JSON-lines formatter, the buffered stdout handler and the logging configuration handed to uvicorn."""
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
 
 import orjson
+import pytest
 
-from moviematch_ml.logs import JsonFormatter, log_config
+from moviematch_ml.logs import BufferedStreamHandler, JsonFormatter, log_config
 
 
 def _record(msg: str, *args: object, level: int = logging.INFO, **extra: object) -> logging.LogRecord:
@@ -42,6 +48,39 @@ def test_multiline_messages_and_tracebacks_stay_on_one_line() -> None:
     entry = orjson.loads(line)
     assert entry["message"] == "failed:\ntwo lines"
     assert "ValueError: bad\nthing" in entry["exc_info"]
+
+
+@pytest.mark.parametrize(
+    ("created", "ts"),
+    [
+        (0.0, "1970-01-01T00:00:00.000+00:00"),
+        (1_700_000_000.0015, "2023-11-14T22:13:20.001+00:00"),
+        (1_700_000_000.9994, "2023-11-14T22:13:20.999+00:00"),
+        # Within half a microsecond of the next second: rounded up to it, as datetime.fromtimestamp does.
+        (1_700_000_000.9999996, "2023-11-14T22:13:21.000+00:00"),
+    ],
+)
+def test_timestamp_is_utc_iso_to_the_millisecond(created: float, ts: str) -> None:
+    record = _record("x")
+    record.created = created
+    assert orjson.loads(JsonFormatter().format(record))["ts"] == ts
+
+
+def test_timestamp_follows_the_clock_across_seconds() -> None:
+    # One formatter, so the date and time of day it keeps for the current second must be replaced, both ways.
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (1_700_000_000.5, 1_700_000_000.75, 1_700_000_001.25, 1_700_003_600.0, 1_700_000_000.125):
+        record = _record("x")
+        record.created = created
+        stamps.append(orjson.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "2023-11-14T22:13:20.500+00:00",
+        "2023-11-14T22:13:20.750+00:00",
+        "2023-11-14T22:13:21.250+00:00",
+        "2023-11-14T23:13:20.000+00:00",
+        "2023-11-14T22:13:20.125+00:00",
+    ]
 
 
 def test_unserialisable_extra_becomes_a_string() -> None:
@@ -81,3 +120,162 @@ def test_log_config_is_valid_for_dictconfig_and_names_the_formatter() -> None:
     assert config["root"]["level"] == "DEBUG"
     assert config["formatters"]["json"]["()"] == "moviematch_ml.logs.JsonFormatter"
     assert config["loggers"]["uvicorn.access"]["propagate"] is False
+    assert config["handlers"]["stdout"]["class"] == "moviematch_ml.logs.BufferedStreamHandler"
+
+
+# --- the buffered handler ----------------------------------------------------------------------------------------
+
+# Long enough that no line is written by the timer during a test that is not about the timer.
+NEVER: float = 60.0
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    return io.StringIO()
+
+
+@pytest.fixture
+def handler(stream: io.StringIO) -> Iterator[BufferedStreamHandler]:
+    h = BufferedStreamHandler(stream, flush_interval=NEVER)
+    h.setFormatter(JsonFormatter())
+    yield h
+    h.close()
+
+
+def _messages(stream: io.StringIO) -> list[str]:
+    text = stream.getvalue()
+    assert text == "" or text.endswith("\n")  # only whole lines are ever written
+    return [orjson.loads(line)["message"] for line in text.splitlines()]
+
+
+def test_lines_wait_for_flush_then_come_in_order(handler: BufferedStreamHandler, stream: io.StringIO) -> None:
+    for i in range(3):
+        handler.handle(_record("line %d", i))
+    assert stream.getvalue() == ""
+    handler.flush()
+    assert _messages(stream) == ["line 0", "line 1", "line 2"]
+    handler.handle(_record("line 3"))
+    handler.close()
+    assert _messages(stream) == ["line 0", "line 1", "line 2", "line 3"]
+
+
+def test_the_line_is_formatted_when_logged_not_when_written(
+    handler: BufferedStreamHandler, stream: io.StringIO
+) -> None:
+    thing = ["before"]
+    handler.handle(_record("%s", thing))
+    thing[0] = "after"
+    handler.flush()
+    assert _messages(stream) == ["['before']"]
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it(
+    handler: BufferedStreamHandler, stream: io.StringIO
+) -> None:
+    handler.handle(_record("info"))
+    handler.handle(_record("careful", level=logging.WARNING))
+    assert _messages(stream) == ["info", "careful"]
+    handler.handle(_record("boom", level=logging.ERROR))
+    assert _messages(stream) == ["info", "careful", "boom"]
+
+
+def test_a_full_buffer_is_written_without_waiting(stream: io.StringIO) -> None:
+    h = BufferedStreamHandler(stream, flush_interval=NEVER, buffer_size=300)
+    h.setFormatter(JsonFormatter())
+    line_size = len(JsonFormatter().format(_record("line 0"))) + 1  # the same length for lines 0 to 9
+    try:
+        for i in range(10):
+            h.handle(_record("line %d", i))
+        # Written as soon as more than 300 characters wait: after each 300 // line_size + 1 lines.
+        per_batch = 300 // line_size + 1
+        assert len(_messages(stream)) == 10 // per_batch * per_batch
+    finally:
+        h.close()
+    assert _messages(stream) == [f"line {i}" for i in range(10)]
+
+
+def _wait_until(condition: object, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_a_waiting_line_is_written_after_the_interval(stream: io.StringIO) -> None:
+    h = BufferedStreamHandler(stream, flush_interval=0.02)
+    h.setFormatter(JsonFormatter())
+    try:
+        h.handle(_record("first"))
+        assert _wait_until(lambda: stream.getvalue() != "")
+        assert _messages(stream) == ["first"]
+        h.handle(_record("second"))  # the flusher thread goes back to sleep and wakes for the next line too
+        assert _wait_until(lambda: len(stream.getvalue().splitlines()) == 2)
+        assert _messages(stream) == ["first", "second"]
+    finally:
+        h.close()
+
+
+def test_lines_from_many_threads_each_appear_once_and_whole(stream: io.StringIO) -> None:
+    # A small buffer and a short interval, so that writes by size, by timer and by level all race with logging.
+    h = BufferedStreamHandler(stream, flush_interval=0.001, buffer_size=2000)
+    h.setFormatter(JsonFormatter())
+    n_threads, n_lines = 8, 200
+
+    def work(t: int) -> None:
+        for i in range(n_lines):
+            h.handle(_record("t%d-%d", t, i, level=logging.WARNING if i % 50 == 0 else logging.INFO, payload="x" * i))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    h.close()
+    messages = _messages(stream)  # every line parses as one JSON object
+    assert sorted(messages) == sorted(f"t{t}-{i}" for t in range(n_threads) for i in range(n_lines))
+    for t in range(n_threads):  # and each thread's lines keep their order
+        assert [m for m in messages if m.startswith(f"t{t}-")] == [f"t{t}-{i}" for i in range(n_lines)]
+
+
+def test_logging_shutdown_writes_what_is_buffered(handler: BufferedStreamHandler, stream: io.StringIO) -> None:
+    handler.handle(_record("last words"))
+    logging.shutdown([weakref.ref(handler)])  # what runs at interpreter exit, here for this handler only
+    assert _messages(stream) == ["last words"]
+    handler.handle(_record("after close"))  # nothing is left to write it later, so it is written at once
+    assert _messages(stream) == ["last words", "after close"]
+
+
+class _BrokenStream(io.StringIO):
+    def write(self, s: str) -> int:
+        raise OSError("disk full")
+
+
+def test_a_failed_write_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+    h = BufferedStreamHandler(_BrokenStream(), flush_interval=NEVER)
+    h.setFormatter(JsonFormatter())
+    h.handle(_record("lost"))
+    h.handle(_record("also lost", level=logging.ERROR))  # the write fails here: reported, not raised
+    h.close()
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err
+    assert "OSError: disk full" in err
+    assert "Arguments: (2,)" in err  # the two lines of the batch that could not be written
+
+
+_EXIT_SCRIPT = """
+import logging
+from moviematch_ml.logs import configure_logging
+configure_logging("info")
+log = logging.getLogger("moviematch_ml.x")
+for i in range(100):
+    log.info("line %d", i)
+"""
+
+
+def test_interpreter_exit_writes_the_buffered_lines() -> None:
+    # uvicorn's SIGTERM path ends the same way: the worker returns and logging.shutdown runs at exit.
+    out = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, check=True, timeout=60)
+    assert out.stderr == b""
+    assert [orjson.loads(line)["message"] for line in out.stdout.splitlines()] == [f"line {i}" for i in range(100)]
