@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from moviematch_ml.errors import ConfigError
+from moviematch_ml.errors import ConfigError, StoreError
 from moviematch_ml.feedback import Feedback, parse_feedback
 from moviematch_ml.store import FeedbackStore, engine_url
 
@@ -111,3 +111,14 @@ def test_database_url_normalisation() -> None:
     assert engine_url("sqlite:///x.db") == "sqlite:///x.db"
     with pytest.raises(ConfigError, match="mysql"):
         engine_url("mysql://u@h/db")
+
+
+def test_a_failed_read_is_a_store_error_and_the_pool_recovers(store: FeedbackStore) -> None:
+    store.add([_fb("a", "u1", "m1", 8.0)])
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE feedback RENAME TO feedback_away")
+    with pytest.raises(StoreError, match="could not read feedback"):
+        store.user_ratings("u1")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE feedback_away RENAME TO feedback")
+    assert store.user_ratings("u1") == [("m1", 8.0, 100.0)]  # the same store answers again

@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     create_engine,
     event,
     func,
@@ -134,6 +135,17 @@ class FeedbackStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # The one read on the prediction path (a user's ratings, on a cache miss), compiled once for the dialect and
+        # run on the driver's cursor: SQLAlchemy's per-execution work cost 74 us of the 84 us of this query on
+        # SQLite (10 us raw); on PostgreSQL the round trip dominates either way (406 against 283 us).
+        q = (
+            select(feedback_table.c.movie_id, feedback_table.c.rating, feedback_table.c.rated_at)
+            .where(feedback_table.c.user_id == bindparam("user_id"))
+            .order_by(feedback_table.c.id)
+        )
+        compiled = q.compile(dialect=engine.dialect)
+        self._user_ratings_sql = str(compiled)
+        self._positional = compiled.positional
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> FeedbackStore:
@@ -278,16 +290,24 @@ class FeedbackStore:
 
     def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
         """The user's ratings in arrival order (movie_id, rating, rated_at): what the collaborative fold-in needs."""
-        q = (
-            select(feedback_table.c.movie_id, feedback_table.c.rating, feedback_table.c.rated_at)
-            .where(feedback_table.c.user_id == user_id)
-            .order_by(feedback_table.c.id)
-        )
+        params: Any = (user_id,) if self._positional else {"user_id": user_id}
         try:
-            with self.engine.connect() as conn:
-                return [(m, float(r), float(t)) for m, r, t in conn.execute(q)]
+            conn = self.engine.raw_connection()
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            cur = conn.cursor()
+            cur.execute(self._user_ratings_sql, params)
+            rows = cur.fetchall()
+            cur.close()
+            conn.commit()  # ends the read transaction the driver opened (PostgreSQL), as SQLAlchemy would
+        except dbapi_error as exc:
+            conn.invalidate()  # a broken connection must not go back to the pool
+            raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
+        finally:
+            conn.close()
+        return [(m, float(r), float(t)) for m, r, t in rows]
 
     def count(self) -> int:
         with self.engine.connect() as conn:
