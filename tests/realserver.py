@@ -25,10 +25,10 @@ class Server:
     def log_entries(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()]
 
-    def wait_for_log(self, message: str, timeout: float = 15.0) -> None:
+    def wait_for_log(self, message: str, timeout: float = 15.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(e["message"] == message for e in self.log_entries()):
+            if sum(e["message"] == message for e in self.log_entries()) >= count:
                 return
             time.sleep(0.05)
         raise AssertionError(f"no log line {message!r} within {timeout} s:\n{self.log_path.read_text()}")

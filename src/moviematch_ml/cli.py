@@ -62,9 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import types
 
-    import uvicorn
     from pydantic import ValidationError
 
+    from moviematch_ml import serve
     from moviematch_ml.api.app import ENV_ONLY
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
@@ -83,9 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # uvicorn installs its own handler while serving and restores this one afterwards.
     signal.signal(signal.SIGTERM, _graceful_exit)
-    uvicorn.run(
-        "moviematch_ml.api.app:app_from_env",
-        factory=True,
+    serve.run(
         host=args.host if args.host is not None else settings.host,
         port=args.port if args.port is not None else settings.port,
         workers=workers,
