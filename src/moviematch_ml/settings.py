@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="How often a replica reads the store's change feed: another replica's new rating of a user shows "
         "in this replica's predictions within this many seconds (0: read the user's ratings on every request).",
     )
+    state_cache_users: int = Field(
+        20_000,
+        ge=0,
+        description="Most users whose state a worker keeps in memory (about 1.1 KB each); others are read again.",
+    )
     redis_url: str | None = Field(
         None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas)."
     )

@@ -122,7 +122,7 @@ class StatePersonalizer:
         store: FeedbackStore,
         *,
         ttl: float = 1.0,
-        max_users: int = 100_000,
+        max_users: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store

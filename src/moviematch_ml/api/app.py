@@ -43,7 +43,9 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
     model_holder = holder if holder is not None else ModelHolder(settings)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
-    personalizer = StatePersonalizer(feedback_store, ttl=settings.state_ttl_seconds)
+    personalizer = StatePersonalizer(
+        feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users
+    )
     service = PredictionService(
         model_holder,
         max_batch_size=settings.max_batch_size,
