@@ -363,21 +363,19 @@ class TreeEnsemble:
                 values, self._threshold_lists, self._table_starts, self._nan_rows, strict=True
             )
         ]
-        masks = np.bitwise_and.reduce(self._stacked.take(rows, axis=0), axis=0, keepdims=True)
-        return self._leaf_sum(masks)
-
-    def _leaf_sum(self, masks: npt.NDArray[np.unsignedinteger[Any]]) -> npt.NDArray[np.float64]:
-        lowest = masks & (~masks + 1)  # isolates the lowest set bit: the exit leaf
-        # A power of two converts to a float exactly, and the float's exponent field is the bit's index: 20x
-        # faster than log2. The exponent bias is folded into the per-tree offsets.
-        if lowest.dtype == np.uint32:
-            position = lowest.astype(np.float32).view(np.int32) >> 23
-            position = position + self._offsets_32
+        masks = np.bitwise_and.reduce(self._stacked.take(rows, axis=0), axis=0)
+        # The batch path's lowest-set-bit and leaf gather, on one row and in place: these few numpy calls are most
+        # of a one-row prediction (fresh temporaries for each step cost 4.7 of 10.9 us at 300 trees).
+        np.bitwise_and(masks, np.negative(masks), out=masks)  # m & -m: the exit leaf's bit
+        if masks.dtype == np.uint32:
+            position = masks.astype(np.float32).view(np.int32)
+            position >>= 23
+            position += self._offsets_32
         else:
-            position = lowest.astype(np.float64).view(np.int64) >> 52
-            position = position + self._offsets_64
-        out: npt.NDArray[np.float64] = self.leaf_values.take(position).sum(axis=1)
-        return out
+            position = masks.astype(np.float64).view(np.int64)
+            position >>= 52
+            position += self._offsets_64
+        return np.array([self.leaf_values.take(position).sum()])
 
 
 class LightGBMPredictor:
