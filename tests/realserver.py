@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,7 +62,14 @@ def start(tmp_path: Path, name: str = "server", **env: str) -> Server:
     full_env.pop("PORT", None)  # the command line says which port
     log_path = tmp_path / f"{name}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: stop() kills the whole group, workers included.
+        proc = subprocess.Popen(
+            [exe, "serve", "--port", str(port)],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = Server(proc, port, log_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -76,6 +85,6 @@ def start(tmp_path: Path, name: str = "server", **env: str) -> Server:
 
 
 def stop(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(timeout=10)

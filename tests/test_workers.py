@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -116,3 +117,31 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) ->
         )
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in (done.stdout + done.stderr).decode()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(two_workers: Server) -> None:
+    # SIGKILL (or the OOM killer) on the supervisor alone: its workers must not go on serving the port unsupervised.
+    workers = [pid for pid in _children(two_workers.proc.pid) if _listening(pid, two_workers.port)]
+    assert len(workers) == 2
+    os.kill(two_workers.proc.pid, signal.SIGKILL)
+    two_workers.proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _running(pid)]
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether the process holds a listening TCP socket on ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return bool(inodes & held)

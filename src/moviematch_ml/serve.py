@@ -11,15 +11,19 @@ SIGTERM) is uvicorn's own supervisor, unchanged.
 
 from __future__ import annotations
 
+import os
 import socket
-from typing import Any
+import threading
+import time
+from typing import Any, Final
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
 
-APP: str = "moviematch_ml.api.app:app_from_env"
+APP: Final[str] = "moviematch_ml.api.app:app_from_env"
+PARENT_CHECK_SECONDS: Final[float] = 1.0
 
 
 def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
@@ -40,12 +44,21 @@ def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.so
 
 
 class _OwnSocketServer(uvicorn.Server):
-    """A uvicorn server that, given no socket, opens its own SO_REUSEPORT one on the configured host and port."""
+    """A uvicorn server that, given no socket, opens its own SO_REUSEPORT one on the configured host and port,
+    and shuts down gracefully if its supervisor dies."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if not sockets:
             sockets = [reuse_port_socket(self.config.host, self.config.port)]
+        # A worker's own socket keeps the port open after its supervisor is gone (killed by SIGKILL, or by the
+        # OOM killer): without a watch it would go on serving, unsupervised, until the machine restarts.
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
         await super().startup(sockets=sockets)
+
+    def _watch_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        self.should_exit = True  # uvicorn's main loop drains the requests in flight and stops
 
 
 class _OwnSocketProcess(multiprocess.Process):
