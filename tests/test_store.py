@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine.default import CACHE_HIT
 
 from moviematch_ml.errors import ConfigError, StoreError
 from moviematch_ml.feedback import Feedback, parse_feedback
@@ -122,3 +125,24 @@ def test_a_failed_read_is_a_store_error_and_the_pool_recovers(store: FeedbackSto
     with store.engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE feedback_away RENAME TO feedback")
     assert store.user_ratings("u1") == [("m1", 8.0, 100.0)]  # the same store answers again
+
+
+def test_batches_of_any_size_share_their_compiled_statements(store: FeedbackStore) -> None:
+    # Rows inlined with .values(rows) made a new statement to compile on every request (SQLAlchemy does not cache
+    # multi-row VALUES: 129 ms for 1,000 ratings on SQLite); executemany compiles each statement once.
+    store.add([_fb("warm-a", "u", "m", 5.0), _fb("warm-b", "v", "n", 5.0)])
+    hits: list[bool] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            hits.append(context.cache_hit is CACHE_HIT)
+
+    event.listen(store.engine, "after_cursor_execute", record)
+    try:
+        for size in range(2, 40):
+            store.add([_fb(f"{size}-{k}", f"u{k}", f"m{k % 7}", 5.0) for k in range(size)])
+    finally:
+        event.remove(store.engine, "after_cursor_execute", record)
+    assert len(hits) >= 3 * 38  # the ratings, the users' and the movies' totals, for every batch
+    assert all(hits)
+    assert store.count() == 2 + sum(range(2, 40))
