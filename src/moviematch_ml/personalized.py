@@ -86,8 +86,8 @@ class PersonalizedConfig(BaseModel):
         default=5, ge=2, le=20, description="Out-of-fold folds for the state features of training rows."
     )
     seed: int = Field(default=42, ge=0)
-    n_estimators: int = Field(default=300, ge=1, le=20_000)
-    learning_rate: float = Field(default=0.05, gt=0, le=1)
+    n_estimators: int = Field(default=150, ge=1, le=20_000)
+    learning_rate: float = Field(default=0.1, gt=0, le=1)
     num_leaves: int = Field(default=31, ge=2, le=4096)
     min_child_samples: int = Field(default=50, ge=1)
     feature_fraction: float = Field(default=0.8, gt=0, le=1)
