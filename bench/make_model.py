@@ -12,15 +12,15 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+import numpy.typing as npt
 
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.model import ModelCard, RatingScale, sha256_file, write_card
 
 
-def make(out: Path, trees: int = 200, leaves: int = 31, n: int = 20_000) -> Path:
-    """Train on synthetic rows shaped like the real features; returns the model directory."""
-    rng = np.random.default_rng(0)
-    x = np.column_stack(
+def synthetic_rows(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
+    """n rows of the six features, shaped like the real ones (FEATURE_NAMES order)."""
+    return np.column_stack(
         [
             rng.integers(0, 5, n),
             np.round(rng.uniform(1, 10, n), 1),
@@ -30,6 +30,12 @@ def make(out: Path, trees: int = 200, leaves: int = 31, n: int = 20_000) -> Path
             np.round(rng.exponential(40.0, n), 3),
         ]
     ).astype(np.float64)
+
+
+def make(out: Path, trees: int = 200, leaves: int = 31, n: int = 20_000) -> Path:
+    """Train on synthetic rows shaped like the real features; returns the model directory."""
+    rng = np.random.default_rng(0)
+    x = synthetic_rows(rng, n)
     y = np.clip(
         0.35 * x[:, 1]
         + 0.2 * x[:, 0]

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_model import make
+from make_model import make, synthetic_rows
 
 from moviematch_ml.model import TreeEnsemble, read_card
 
@@ -60,18 +60,8 @@ def main() -> None:
     except Exception as exc:  # the ONNX column is optional: say why it is missing
         print(f"onnxruntime skipped: {type(exc).__name__}: {exc}")
 
-    rng = np.random.default_rng(0)
     n = 1000
-    x = np.column_stack(
-        [
-            rng.integers(0, 5, n),
-            np.round(rng.uniform(1, 10, n), 1),
-            (rng.pareto(1.2, n) * 50).astype(int),
-            rng.integers(0, 2, n),
-            rng.integers(0, 60, n),
-            np.round(rng.exponential(40.0, n), 3),
-        ]
-    ).astype(np.float64)
+    x = synthetic_rows(np.random.default_rng(0), n)
     reference = runtimes["lightgbm"](x)
     print(f"model {card.version}: {ensemble.n_trees} trees, up to {ensemble.width} leaves")
     print(f"{'runtime':<20} {'1 row us':>9} {'1000 rows us':>13} {'rows/s @1000':>13} {'max |diff|':>11}")
