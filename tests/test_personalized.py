@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from moviematch_ml.personalized import (
     PersonalizedModel,
     RatingState,
     UserState,
+    UserView,
     empty_user_state,
     fold_in_state,
     out_of_fold_state_features,
@@ -182,6 +184,12 @@ def test_recent_features_by_hand() -> None:
     none = recent_features(times, resid, np.array([0]), np.array([0]), np.array([0.0]))
     assert np.isnan(none[0, :3]).all()
     assert none[0, 3] == 0.0
+    # The service's one-user twin on Python floats gives the same figures.
+    view = UserView(3.0, 0.0, 0.0, 0.0, np.zeros(2), array("d", times), array("d", resid))
+    np.testing.assert_allclose(view.recent(2.0 * DAY), out[0])
+    np.testing.assert_allclose(view.recent(0.5 * DAY), [1.0, 1.0, 0.5, 1.0])  # only the first rating, half a day ago
+    assert np.isnan(view.recent(0.0)[:3]).all()
+    assert view.recent(0.0)[3] == 0.0
 
 
 # --- no leakage --------------------------------------------------------------------------------------------------

@@ -420,10 +420,11 @@ class PredictionService:
         predictor = self.holder.active
         sources: list[str] | None = None
         personalized_version: str | None = None
+        personalizer = self.personalizer
         answer = None
-        if user_id is not None and self.personalizer is not None:
-            answer = self.personalizer(user_id, ids, x)
-        if answer is None:
+        if user_id is not None and personalizer is not None:
+            answer = personalizer(user_id, ids, x)
+        if answer is None or personalizer is None:
             y = predictor.predict(x)
         else:
             ratings, mask = answer
@@ -432,7 +433,7 @@ class PredictionService:
             if rest.any():  # only the rows the personalised model did not answer need the six-feature model
                 y[rest] = predictor.predict(x[rest])
             sources = ["personalized" if m else predictor.source for m in mask.tolist()]
-            personalized_version = self.personalizer.version if self.personalizer is not None else None
+            personalized_version = personalizer.version
         rounded: list[float] = np.round(y, 3).tolist()
 
         ranked = rank or top_k is not None
