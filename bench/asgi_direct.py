@@ -1,10 +1,12 @@
 """Per-request CPU cost of the whole ASGI stack (middleware, fast path or FastAPI, logging), without a network.
 
-    python bench/asgi_direct.py [--model DIR] [--requests 20000] [--set KEY=VALUE ...]
+    python bench/asgi_direct.py [--model DIR|bundled] [--requests 20000] [--workload W] [--set KEY=VALUE ...]
 
-Calls the app's ASGI entry point directly in a loop with in-memory receive/send, over the 5000 different /predict
-bodies of bench/run.py; the access log goes to a temporary file. Isolates our per-request work from the HTTP
-server and the load generator (useful on a machine too noisy for wrk).
+Calls the app's ASGI entry point directly in a loop with in-memory receive/send, over bodies made as bench/run.py
+makes them; the access log goes to a temporary file. Isolates our per-request work from the HTTP server and the
+load generator (useful on a machine too noisy for wrk). Workloads: ``predict`` (5000 different bodies),
+``batch1000`` (40 bodies of 1,000 movies), ``ppredict`` and ``pbatch1000`` (the same, with the user_id of one of
+200 users who each have 5 ratings; needs a model with a personalised part, e.g. ``--model bundled``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_model import make
-from run import features
+from run import batch_body, features
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.logs import configure_logging
+from moviematch_ml.model import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import Settings
 
 
@@ -67,7 +70,10 @@ async def drive(app: Any, bodies: list[bytes], path: str, n: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    model_dir = args.model or make(Path(tempfile.mkdtemp(prefix="mmmodel-")))
+    if args.model == "bundled":
+        model_dir = BUNDLED_MODEL_DIR
+    else:
+        model_dir = Path(args.model) if args.model else make(Path(tempfile.mkdtemp(prefix="mmmodel-")))
     tmp = Path(tempfile.mkdtemp(prefix="mmasgi-"))
     env: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
     settings = Settings(model_path=model_dir, database_url=f"sqlite:///{tmp / 'db.sqlite3'}", **env)
@@ -75,23 +81,44 @@ async def main_async(args: argparse.Namespace) -> None:
     configure_logging(settings.log_level, stream=log_file if not args.log_to_memory else io.StringIO())
     app = create_app(settings)
     rng = random.Random(7)
-    # The 5000 different bodies of bench/run.py, or (--unique) one body per request: no repeats at all.
-    n_bodies = args.requests + 2000 if args.unique else 5000
-    bodies = [orjson.dumps(features(rng)) for _ in range(n_bodies)]
+    users = list(range(1, 201))
+    workload = args.workload
+    path = "/predict-batch" if workload.endswith("batch1000") else "/predict"
+    if workload == "predict":
+        # The 5000 different bodies of bench/run.py, or (--unique) one body per request: no repeats at all.
+        n_bodies = args.requests + 2000 if args.unique else 5000
+        bodies = [orjson.dumps(features(rng)) for _ in range(n_bodies)]
+    elif workload == "ppredict":
+        bodies = [
+            orjson.dumps({**features(rng), "user_id": rng.choice(users), "movie_id": rng.randint(1, 2000)})
+            for _ in range(5000)
+        ]
+    else:
+        user = (lambda: rng.choice(users)) if workload == "pbatch1000" else (lambda: None)
+        bodies = [orjson.dumps(batch_body(rng, 1000, user())) for _ in range(40)]
     async with app.router.lifespan_context(app):
-        await drive(app, bodies[-2000:], "/predict", 2000)  # warm-up
-        per = await drive(app, bodies, "/predict", args.requests)
+        if workload.startswith("p"):
+            # As bench/run.py seeds them: 5 ratings for each of the 200 users.
+            for u in users:
+                ratings = [
+                    {"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)
+                ]
+                await drive(app, [orjson.dumps({"ratings": ratings})], "/feedback", 1)
+        await drive(app, bodies[-2000:], path, min(2000, args.requests))  # warm-up
+        per = await drive(app, bodies, path, args.requests)
         cache = app.state.service.cache
         if cache is not None:
             print(f"cache: {cache.hits} hits, {cache.misses} misses, {len(cache)} entries")
-    workload = "unique bodies" if args.unique else "5000 bodies"
+    if workload == "predict":
+        workload = "unique bodies" if args.unique else "5000 bodies"
     rate = f"{1 / per:,.0f} req/s on one core"
-    print(f"{env or 'defaults'}, {workload}: {per * 1e6:.1f} us CPU per /predict request ({rate})")
+    print(f"{env or 'defaults'}, {workload}: {per * 1e6:.1f} us CPU per {path} request ({rate})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
+    ap.add_argument("--model", help="a model directory, or 'bundled' (default: a synthetic six-feature model)")
+    ap.add_argument("--workload", choices=["predict", "batch1000", "ppredict", "pbatch1000"], default="predict")
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a Settings field, e.g. FAST_PATH=false"

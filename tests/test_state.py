@@ -111,7 +111,7 @@ def test_movie_totals_are_read_in_bulk_and_scaled(store: FeedbackStore, personal
     _rate(store, "b", {7: 6.0})
     assert 7 in personalized.mf.item_index
     assert 999_999 not in personalized.mf.item_index  # rated through the app, unknown to the model
-    extra = p.movie_extra(personalized, [7, "8", None, "7", 999_999, 1_000_000])
+    extra = p.movie_extra(personalized, [7, "8", None, "7", 999_999, 1_000_000, "999999"])
     # Two ratings (8 and 6 on 0-10) are 4 and 3 stars: count 2, sum 7, sum of squares 25.
     assert extra.tolist() == [
         [2.0, 7.0, 25.0],
@@ -120,6 +120,7 @@ def test_movie_totals_are_read_in_bulk_and_scaled(store: FeedbackStore, personal
         [2.0, 7.0, 25.0],
         [1.0, 5.0, 25.0],
         [0.0, 0.0, 0.0],
+        [1.0, 5.0, 25.0],  # an unknown movie's id as text is the same movie, as for the movies the model knows
     ]
 
 

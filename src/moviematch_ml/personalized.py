@@ -61,6 +61,8 @@ RECENT_SHORT: Final[int] = 3
 SECONDS_PER_DAY: Final[float] = 86_400.0
 STATE_FEATURES: Final[tuple[str, ...]] = (*_BASE_STATE_FEATURES, *RECENT_FEATURES)
 MODEL_FEATURES: Final[tuple[str, ...]] = (*FEATURE_NAMES, *STATE_FEATURES)
+# Column of each input in the model's matrix.
+_COL: Final[dict[str, int]] = {name: k for k, name in enumerate(MODEL_FEATURES)}
 MODEL_FILE: Final[str] = "personalized.txt"
 STATE_FILE: Final[str] = "state.npz"
 _STATE_ARRAYS: Final[tuple[str, ...]] = (
@@ -647,7 +649,8 @@ class PersonalizedModel:
         mask = self._personalisable(np.ones(n, dtype=bool), i >= 0)
         if not mask.any():
             return out, mask
-        ii = i[mask]
+        every = bool(mask.all())
+        ii = i if every else i[mask]
         m = len(ii)
         ki = ii >= 0
         iz = np.where(ki, ii, 0)
@@ -656,25 +659,30 @@ class PersonalizedModel:
         itotal = np.where(ki, st.item_total[iz], 0.0)
         itotal_sq = np.where(ki, st.item_total_sq[iz], 0.0)
         if movie_extra is not None:
-            extra = np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)[mask]
+            extra = np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)
+            if not every:
+                extra = extra[mask]
             icount, itotal, itotal_sq = icount + extra[:, 0], itotal + extra[:, 1], itotal_sq + extra[:, 2]
-        im, is_ = _mean_std(icount, itotal, itotal_sq)
-        recent = np.array([view.recent(time.time() if now is None else float(now))])
-        feats = _assemble(
-            np.full(m, view.count),
-            np.full(m, view.mean),
-            np.full(m, view.std),
-            np.full(m, view.bias),
-            icount,
-            im,
-            is_,
-            np.where(ki, self.mf.item_bias[iz], np.nan),
-            ki,
-            self.mf.global_mean,
-            self.mf.item_factors[iz] @ view.factors,
-            np.repeat(recent, m, axis=0),
-        )
-        out[mask] = self._predict_rows(np.hstack([np.asarray(x6, dtype=np.float64)[mask], feats]))
+        # The model's input matrix written column by column (what ``_assemble`` builds for training, without its
+        # temporaries): the user's columns are one value each, which the trees then look up once per batch.
+        rows = np.empty((m, len(MODEL_FEATURES)))
+        x6 = np.asarray(x6, dtype=np.float64)
+        rows[:, :N_FEATURES] = x6 if every else x6[mask]
+        rows[:, _COL["user_count"] : _COL["user_bias"] + 1] = (view.count, view.mean, view.std, view.bias)
+        rows[:, _COL["movie_count"]] = icount
+        rows[:, _COL["movie_mean"]], rows[:, _COL["movie_std"]] = _mean_std(icount, itotal, itotal_sq)
+        ibias = rows[:, _COL["movie_bias"]]
+        ibias[:] = self.mf.item_bias[iz]
+        ibias[~ki] = np.nan
+        dot = rows[:, _COL["cf_dot"]]
+        np.matmul(self.mf.item_factors[iz], view.factors, out=dot)
+        dot[~ki] = np.nan
+        # As in _assemble: mu + user bias + movie bias + dot, NaN for a movie the model does not know.
+        rows[:, _COL["cf_score"]] = self.mf.global_mean + view.bias + ibias + dot
+        rows[:, _COL[RECENT_FEATURES[0]] :] = view.recent(time.time() if now is None else float(now))
+        if every:
+            return self._predict_rows(rows), mask
+        out[mask] = self._predict_rows(rows)
         return out, mask
 
     def predict_view_one(
@@ -722,7 +730,7 @@ class PersonalizedModel:
         ]
         booster = self.booster
         if isinstance(booster, EnsembleBooster):
-            y = float(booster.ensemble.predict_list(row)[0])
+            y = booster.ensemble.predict_value(row)
         else:
             y = float(booster.predict(np.array([row]), num_threads=1)[0])
         return min(max(y, self.scale.min), self.scale.max)

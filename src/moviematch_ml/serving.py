@@ -432,7 +432,10 @@ class PredictionService:
             rest = ~mask
             if rest.any():  # only the rows the personalised model did not answer need the six-feature model
                 y[rest] = predictor.predict(x[rest])
-            sources = ["personalized" if m else predictor.source for m in mask.tolist()]
+            if rest.any():
+                sources = ["personalized" if m else predictor.source for m in mask.tolist()]
+            else:
+                sources = ["personalized"] * n
             personalized_version = personalizer.version
         rounded: list[float] = np.round(y, 3).tolist()
 

@@ -1,0 +1,10 @@
+"""Types of the C extension built from _trees.c (see model.TreeEnsemble)."""
+
+from typing import Any
+
+class Forest:
+    def __init__(
+        self, thresholds: Any, thr_starts: Any, tables: Any, table_starts: Any, leaf_values: Any, n_trees: int
+    ) -> None: ...
+    def predict(self, x: Any, out: Any) -> None: ...
+    def predict_row(self, values: list[float]) -> float: ...
