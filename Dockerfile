@@ -1,4 +1,17 @@
 # The prediction service: python:3.11-slim, dependencies pinned by requirements.txt, run as a non-root user.
+
+# Build stage: the package's wheel, with its C extension (the compiled tree evaluator) built by gcc. The compiler
+# stays in this stage; the final image only gets the wheel.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY pyproject.toml setup.py README.md ./
+COPY src ./src
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && python -m zipfile -l /wheels/*.whl | grep -q '_trees\..*\.so'
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,9 +28,8 @@ WORKDIR /build
 # Dependencies first: this layer is reused until requirements.txt changes.
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
-COPY pyproject.toml README.md ./
-COPY src ./src
-RUN pip install --no-deps . && rm -rf /build
+COPY --from=build /wheels /wheels
+RUN pip install --no-deps /wheels/*.whl && rm -rf /build /wheels
 
 RUN useradd --create-home --uid 10001 app
 USER app

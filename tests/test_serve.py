@@ -161,6 +161,12 @@ def test_procfile_and_dockerfile_run_the_serve_command() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("# ")
     assert "\nFROM python:3.11-slim\n" in dockerfile
+    # The compiled tree evaluator is built in a stage of its own; the final image gets the wheel, not the compiler.
+    build, _, final = dockerfile.partition("\nFROM python:3.11-slim\n")
+    assert "AS build" in build
+    assert "gcc" in build
+    assert "gcc" not in final
+    assert "COPY --from=build /wheels" in final
     assert '\nCMD ["moviematch-ml", "serve"]\n' in dockerfile  # exec form: the server is PID 1 and gets SIGTERM
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users
