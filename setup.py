@@ -1,7 +1,8 @@
-"""The C extension; everything else about the package is in pyproject.toml.
+"""The C extensions; everything else about the package is in pyproject.toml.
 
-``moviematch_ml._trees`` evaluates the tree models several times faster than numpy (docs/performance.md). It is
-optional: where no C compiler is available the package still installs, and ``model.TreeEnsemble`` runs on numpy.
+``moviematch_ml._trees`` evaluates the tree models several times faster than numpy, ``moviematch_ml._codec`` runs
+the per-movie loops of /predict-batch (docs/performance.md). Both are optional: where no C compiler is available
+the package still installs, and the same work is done in numpy and Python.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             # -O3 vectorises the per-tree AND loops; no -march: a wheel or image must run on any x86-64 or ARM CPU.
             extra_compile_args=["-O3", "-std=c11"],
             optional=True,
-        )
+        ),
+        Extension(
+            "moviematch_ml._codec",
+            sources=["src/moviematch_ml/_codec.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        ),
     ]
 )
