@@ -178,10 +178,18 @@ static PyObject *matrix(PyObject *self, PyObject *args) {
     }
     double *x = (double *)out.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *movie = PyList_GET_ITEM(movies, i);
+        /* getattr may run Python code (a property) that changes the list: hold the movie, re-check the size. */
+        if (PyList_GET_SIZE(movies) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "matrix: the list of movies changed size");
+            goto done;
+        }
+        PyObject *movie = Py_NewRef(PyList_GET_ITEM(movies, i));
         for (Py_ssize_t j = 0; j < f; j++) {
             PyObject *v = PyObject_GetAttr(movie, PyTuple_GET_ITEM(names, j));
-            if (v == NULL) goto done;
+            if (v == NULL) {
+                Py_DECREF(movie);
+                goto done;
+            }
             double d;
             if (PyFloat_CheckExact(v)) {
                 d = PyFloat_AS_DOUBLE(v);
@@ -189,16 +197,19 @@ static PyObject *matrix(PyObject *self, PyObject *args) {
                 d = PyLong_AsDouble(v);
                 if (d == -1.0 && PyErr_Occurred()) {
                     Py_DECREF(v);
+                    Py_DECREF(movie);
                     goto done;
                 }
             } else {
                 Py_DECREF(v);
+                Py_DECREF(movie);
                 result = Py_NewRef(Py_False);
                 goto done;
             }
             Py_DECREF(v);
             x[i * f + j] = d;
         }
+        Py_DECREF(movie);
     }
     result = Py_NewRef(Py_True);
 done:
