@@ -65,10 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from moviematch_ml import serve
-    from moviematch_ml.api.app import ENV_ONLY
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
-    from moviematch_ml.settings import Settings
+    from moviematch_ml.settings import ENV_ONLY, Settings
 
     try:
         settings = Settings(**ENV_ONLY)

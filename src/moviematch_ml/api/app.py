@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -22,13 +22,9 @@ from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
 from moviematch_ml.model import BUNDLED_MODEL_DIR
 from moviematch_ml.serving import AnswerCache, ModelHolder, PredictionService, decode_answer, encode_answer
-from moviematch_ml.settings import Settings
+from moviematch_ml.settings import ENV_ONLY, Settings
 from moviematch_ml.state import StatePersonalizer, load_personalized
 from moviematch_ml.store import FeedbackStore, make_engine
-
-# No keyword overrides: every field comes from the environment. (Spelt as ** so that mypy accepts the call with or
-# without the pydantic plugin, which is what tells it the fields have defaults.)
-ENV_ONLY: Final[dict[str, Any]] = {}
 
 log = logging.getLogger(__name__)
 
