@@ -193,6 +193,28 @@ def test_constant_columns_give_the_one_row_answers(num_leaves: int) -> None:
         np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("num_leaves", [32, 60], ids=["32-bit", "64-bit"])
+def test_values_repeated_from_the_row_before_give_the_one_row_answers(num_leaves: int) -> None:
+    # Rows that repeat the row before in some columns start from the masks kept for those columns (the C code
+    # orders the varying columns by how often they repeat): blocks of rows sharing columns 0-2 (NaN included),
+    # rows repeated whole, and a block boundary in every column, must give each row's own answer.
+    text = _model(num_leaves, True)
+    native, numpy_evaluator = _pair(text)
+    rng = np.random.default_rng(17)
+    x = _random_rows(300, seed=19)
+    for start in range(0, 300, 7):
+        x[start : start + 5, :3] = x[start, :3]  # a block sharing its first three columns
+    x[40:50, 1] = np.nan
+    x[100:104] = x[100]  # identical rows
+    x[200:260:2, 4] = x[201:261:2, 4]  # pairs equal in one column only
+    x = x[:, rng.permutation(N_FEATURES)]  # whichever columns repeat, not only the first ones
+    got = native.predict_raw(x)
+    singles = np.array([native.predict_value(row.tolist()) for row in x])
+    np.testing.assert_array_equal(got, singles)
+    np.testing.assert_allclose(got, numpy_evaluator.predict_raw(x), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
+
+
 def test_batches_of_one_and_zero_rows() -> None:
     native, numpy_evaluator = _pair(_model(60, True))
     x = _nan_rows(seed=31)

@@ -59,62 +59,87 @@ static inline Py_ssize_t table_row(const Forest *f, Py_ssize_t j, double v) {
     return (Py_ssize_t)((const int64_t *)f->table_starts.buf)[j] + r;
 }
 
-/* One row: ``m`` starts as ``base`` (the masks of the features every row shares, see Forest_predict), then the
- * table row of each of the ``n_vary`` features in ``vary`` is ANDed in; the lowest set bit of each tree's mask is
- * its exit leaf (a mask is never 0: every table row leaves at least the rightmost leaf of each tree). */
-#define DEFINE_ROW(NAME, WORD, CTZ)                                                                         \
-    static double NAME(const Forest *f, const double *x, const Py_ssize_t *vary, Py_ssize_t n_vary,       \
-                       const WORD *base, WORD *m) {                                                         \
-        const Py_ssize_t n_trees = f->n_trees;                                                              \
+static inline int same_value(double a, double b) {
+    /* Equal values reach the same table row (0.0 and -0.0 too); NaN is its own row, whatever its bits. */
+    return a == b || (a != a && b != b);
+}
+
+/* Rows of a batch. ``base`` holds the masks of the features every row shares (folded once, see eval_rows); the
+ * ``n_vary`` others, in the order of ``vary``, are ANDed in one after the other, and prefix[k] keeps the masks
+ * after the k-th of them. A row that has the same values as the row before in its first k0 varying features
+ * starts from prefix[k0 - 1] instead of from base (rows of movies a personalised model does not know share all
+ * their movie features, say), and a row identical to the one before copies its answer. The lowest set bit of
+ * each tree's mask is its exit leaf (a mask is never 0: every table row keeps the rightmost leaf of each tree),
+ * and the leaf values are added in tree order. */
+#define DEFINE_ROWS(NAME, WORD, CTZ)                                                                        \
+    static void NAME(const Forest *f, const double *x, Py_ssize_t n, double *out, const Py_ssize_t *vary,  \
+                     Py_ssize_t n_vary, const WORD *base, WORD *prefix) {                                   \
+        const Py_ssize_t nt = f->n_trees, nf = f->n_features;                                               \
         const WORD *tables = (const WORD *)f->tables.buf;                                                   \
         const double *leaves = (const double *)f->leaf_values.buf;                                          \
-        memcpy(m, base, (size_t)n_trees * sizeof(WORD));                                                    \
-        for (Py_ssize_t k = 0; k < n_vary; k++) {                                                           \
-            const Py_ssize_t j = vary[k];                                                                   \
-            const WORD *row = tables + table_row(f, j, x[j]) * n_trees;                                     \
-            for (Py_ssize_t t = 0; t < n_trees; t++) m[t] &= row[t];                                        \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                \
+            const double *xi = x + i * nf;                                                                  \
+            Py_ssize_t k0 = 0;                                                                              \
+            if (i > 0) {                                                                                    \
+                while (k0 < n_vary && same_value(xi[vary[k0]], xi[vary[k0] - nf])) k0++;                    \
+                if (k0 == n_vary) {                                                                         \
+                    out[i] = out[i - 1];                                                                    \
+                    continue;                                                                               \
+                }                                                                                           \
+            }                                                                                               \
+            for (Py_ssize_t k = k0; k < n_vary; k++) {                                                      \
+                const WORD *prev = k == 0 ? base : prefix + (k - 1) * nt;                                   \
+                WORD *cur = prefix + k * nt;                                                                \
+                const WORD *row = tables + table_row(f, vary[k], xi[vary[k]]) * nt;                         \
+                for (Py_ssize_t t = 0; t < nt; t++) cur[t] = prev[t] & row[t];                              \
+            }                                                                                               \
+            const WORD *m = n_vary ? prefix + (n_vary - 1) * nt : base;                                     \
+            double sum = 0.0;                                                                               \
+            for (Py_ssize_t t = 0; t < nt; t++) sum += leaves[t * f->width + (m[t] ? CTZ(m[t]) : 0)];       \
+            out[i] = sum;                                                                                   \
         }                                                                                                   \
-        double sum = 0.0;                                                                                   \
-        for (Py_ssize_t t = 0; t < n_trees; t++) sum += leaves[t * f->width + (m[t] ? CTZ(m[t]) : 0)];      \
-        return sum;                                                                                         \
     }                                                                                                       \
     static void NAME##_fold(const Forest *f, const double *x, Py_ssize_t j, WORD *base) {                   \
         const WORD *row = (const WORD *)f->tables.buf + table_row(f, j, x[j]) * f->n_trees;                 \
         for (Py_ssize_t t = 0; t < f->n_trees; t++) base[t] &= row[t];                                      \
     }
 
-DEFINE_ROW(row32, uint32_t, __builtin_ctz)
-DEFINE_ROW(row64, uint64_t, __builtin_ctzll)
+DEFINE_ROWS(rows32, uint32_t, __builtin_ctz)
+DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 
 /* Evaluate n rows of x (row-major, n_features columns) into out. A feature with the same value in every row
  * (a batch for one user: the user's count, mean, recent ratings...) is looked up once and folded into the
- * starting masks, so the per-row work is only that of the features that vary. scratch: 2 * n_trees words,
- * vary: n_features entries. */
-static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch, Py_ssize_t *vary) {
+ * starting masks, so the per-row work is only that of the features that vary; these are taken in order of how
+ * often a row repeats the value of the row before, so that repeated leading values are looked up once too
+ * (see DEFINE_ROWS). scratch: (n_features + 1) * n_trees 8-byte words; vary and repeats: n_features entries. */
+static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch, Py_ssize_t *vary,
+                      Py_ssize_t *repeats) {
     const Py_ssize_t nf = f->n_features, nt = f->n_trees;
+    const size_t word = f->wide ? 8 : 4;
     Py_ssize_t n_vary = 0;
     if (n == 0) return;
-    if (f->wide) memset(scratch, 0xff, (size_t)nt * 8);
-    else memset(scratch, 0xff, (size_t)nt * 4);
+    memset(scratch, 0xff, (size_t)nt * word);
     for (Py_ssize_t j = 0; j < nf; j++) {
-        int same = n > 1;
-        const double first = x[j];
-        for (Py_ssize_t i = 1; i < n && same; i++) {
-            const double v = x[i * nf + j];
-            same = v == first || (v != v && first != first);
-        }
-        if (same) {
-            if (f->wide) row64_fold(f, x, j, (uint64_t *)scratch);
-            else row32_fold(f, x, j, (uint32_t *)scratch);
+        Py_ssize_t same = 0;
+        for (Py_ssize_t i = 1; i < n; i++) same += same_value(x[i * nf + j], x[(i - 1) * nf + j]);
+        if (n > 1 && same == n - 1) {
+            if (f->wide) rows64_fold(f, x, j, (uint64_t *)scratch);
+            else rows32_fold(f, x, j, (uint32_t *)scratch);
         } else {
-            vary[n_vary++] = j;
+            /* Insertion by decreasing repeats (stable: equal counts keep the features' order). */
+            Py_ssize_t k = n_vary++;
+            while (k > 0 && repeats[k - 1] < same) {
+                vary[k] = vary[k - 1];
+                repeats[k] = repeats[k - 1];
+                k--;
+            }
+            vary[k] = j;
+            repeats[k] = same;
         }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const double *xi = x + i * nf;
-        out[i] = f->wide ? row64(f, xi, vary, n_vary, (const uint64_t *)scratch, (uint64_t *)scratch + nt)
-                         : row32(f, xi, vary, n_vary, (const uint32_t *)scratch, (uint32_t *)scratch + nt);
-    }
+    char *prefix = (char *)scratch + (size_t)nt * word;
+    if (f->wide) rows64(f, x, n, out, vary, n_vary, (const uint64_t *)scratch, (uint64_t *)prefix);
+    else rows32(f, x, n, out, vary, n_vary, (const uint32_t *)scratch, (uint32_t *)prefix);
 }
 
 static int check(int ok, const char *what) {
@@ -192,16 +217,17 @@ static PyObject *Forest_predict(Forest *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "Forest.predict: x must be (n, n_features) float64 and out (n,) float64");
         goto done;
     }
-    void *scratch = PyMem_RawMalloc((size_t)self->n_trees * 16 + (size_t)self->n_features * sizeof(Py_ssize_t));
+    size_t masks = (size_t)(self->n_features + 1) * (size_t)self->n_trees * 8;
+    void *scratch = PyMem_RawMalloc(masks + 2 * (size_t)self->n_features * sizeof(Py_ssize_t));
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t *vary = (Py_ssize_t *)((char *)scratch + (size_t)self->n_trees * 16);
+    Py_ssize_t *vary = (Py_ssize_t *)((char *)scratch + masks);
     const double *xs = (const double *)x.buf;
     double *ys = (double *)out.buf;
     Py_BEGIN_ALLOW_THREADS
-    eval_rows(self, xs, n, ys, scratch, vary);
+    eval_rows(self, xs, n, ys, scratch, vary, vary + self->n_features);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scratch);
     result = Py_NewRef(Py_None);
@@ -222,12 +248,14 @@ static PyObject *Forest_predict_row(Forest *self, PyObject *values) {
         return PyErr_Format(PyExc_ValueError, "Forest.predict_row: %zd values for %zd features", n,
                             self->n_features);
     }
+    /* One row: no batch to share work with, and the masks (n_features + 1 rows of n_trees words) are small. */
     double stack_x[64];
-    Py_ssize_t stack_vary[64];
-    uint64_t stack_m[1024];
+    Py_ssize_t stack_idx[128];
+    uint64_t stack_m[4096];
+    size_t masks = (size_t)(n + 1) * (size_t)self->n_trees;
     double *xv = n <= 64 ? stack_x : PyMem_Malloc((size_t)n * sizeof(double));
-    Py_ssize_t *vary = n <= 64 ? stack_vary : PyMem_Malloc((size_t)n * sizeof(Py_ssize_t));
-    void *m = self->n_trees <= 512 ? (void *)stack_m : PyMem_Malloc((size_t)self->n_trees * 16);
+    Py_ssize_t *vary = n <= 64 ? stack_idx : PyMem_Malloc(2 * (size_t)n * sizeof(Py_ssize_t));
+    void *m = masks <= 4096 ? (void *)stack_m : PyMem_Malloc(masks * 8);
     PyObject *result = NULL;
     if (xv == NULL || m == NULL || vary == NULL) {
         PyErr_NoMemory();
@@ -240,11 +268,11 @@ static PyObject *Forest_predict_row(Forest *self, PyObject *values) {
         xv[j] = v;
     }
     double y;
-    eval_rows(self, xv, 1, &y, m, vary);
+    eval_rows(self, xv, 1, &y, m, vary, vary + n);
     result = PyFloat_FromDouble(y);
 done:
     if (xv != stack_x) PyMem_Free(xv);
-    if (vary != stack_vary) PyMem_Free(vary);
+    if (vary != stack_idx) PyMem_Free(vary);
     if (m != (void *)stack_m) PyMem_Free(m);
     Py_DECREF(seq);
     return result;
