@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moviematch_ml.cf import lookup
 from moviematch_ml.errors import StoreError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.feedback import Feedback
@@ -129,13 +130,25 @@ def test_one_movie_and_a_batch_give_the_same_answer(store: FeedbackStore, person
     p = StatePersonalizer(store, ttl=0)
     p.set_model(personalized)
     _rate(store, "u", {1: 9.0, 2: 3.0, 3: 7.0, 4: 8.0})
-    _rate(store, "v", {3: 4.0})  # movie 3 also has a rating from someone else
-    movies: list[int | str | None] = [1, 3, 5, "7", 123456, None]  # rated, rated by two, unrated, text id, unknown
+    _rate(store, "v", {3: 4.0, 999_999: 6.0})  # movie 3 also has a rating from someone else
+    assert 999_999 not in personalized.mf.item_index  # rated through the app, unknown to the model
+    # rated, rated by two, unrated, text id, unknown, unknown but rated, no id
+    movies: list[int | str | None] = [1, 3, 5, "7", 123456, 999_999, None]
     x = np.repeat(X[:1], len(movies), axis=0)
     x[:, 1] = np.linspace(3.0, 9.0, len(movies))
     batch = p("u", movies, x)
     assert batch is not None
     assert batch[1].all()
+    # The batch takes the movies' inputs from the table built at each totals refresh; computed per request from
+    # the totals instead, they are the same numbers.
+    keys = p._keys(movies)
+    view = p.user_view(personalized, "u")
+    now = 2_000_100.0
+    from_table, _ = personalized.predict_view(
+        view, keys, x, now, movie_columns=p.movie_columns(personalized, keys, lookup(personalized.mf.item_index, keys))
+    )
+    per_request, _ = personalized.predict_view(view, keys, x, now, movie_extra=p.movie_extra(personalized, movies))
+    np.testing.assert_array_equal(from_table, per_request)
     for k, m in enumerate(movies):
         one = p("u", [m], x[k : k + 1])
         assert one is not None

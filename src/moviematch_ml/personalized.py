@@ -528,7 +528,8 @@ class PersonalizedModel:
 
     def to_api(self, pred: FloatArray) -> FloatArray:
         """Predictions on the data's scale -> the API's 0-10 scale (NaN stays NaN)."""
-        out: FloatArray = np.clip(np.asarray(pred, dtype=np.float64) * self.scale.to_api, 0.0, 10.0)
+        y = np.asarray(pred, dtype=np.float64) * self.scale.to_api
+        out: FloatArray = np.minimum(np.maximum(y, 0.0, out=y), 10.0, out=y)  # NaN stays NaN, as with np.clip
         return out
 
     def from_api(self, rating: float) -> float:
@@ -576,7 +577,9 @@ class PersonalizedModel:
 
     def _predict_rows(self, x: FloatArray) -> FloatArray:
         y = np.asarray(self.booster.predict(x, num_threads=1), dtype=np.float64)
-        return np.clip(y, self.scale.min, self.scale.max)
+        # Two in-place ufuncs: np.clip's Python-level wrapper costs more than this on a batch.
+        out: FloatArray = np.minimum(np.maximum(y, self.scale.min, out=y), self.scale.max, out=y)
+        return out
 
     def _personalisable(self, known_user: BoolArray, known_movie: BoolArray) -> BoolArray:
         if self.config.personalize == "known_user":
@@ -638,52 +641,83 @@ class PersonalizedModel:
         now: float | None = None,
         movie_extra: FloatArray | None = None,
         index: IntArray | None = None,
+        movie_columns: FloatArray | None = None,
     ) -> tuple[FloatArray, BoolArray]:
         """``predict_user`` from a ``user_view``: one dict lookup per movie (unless ``index``, the movies' positions
-        from ``cf.lookup``, is given), a few vectorised numpy operations and one call of the trees."""
+        from ``cf.lookup``, is given), a few vectorised numpy operations and one call of the trees.
+
+        ``movie_columns``, optional (n, 4) in request order, are the movies' count, mean, spread and bias inputs
+        already computed (rows of ``movie_table``); it replaces ``movie_extra``.
+        """
         i = lookup(self.mf.item_index, movie_ids) if index is None else index
         n = len(i)
-        out = np.full(n, np.nan)
         if view is None:
-            return out, np.zeros(n, dtype=bool)
+            return np.full(n, np.nan), np.zeros(n, dtype=bool)
         mask = self._personalisable(np.ones(n, dtype=bool), i >= 0)
         if not mask.any():
-            return out, mask
+            return np.full(n, np.nan), mask
         every = bool(mask.all())
         ii = i if every else i[mask]
         m = len(ii)
         ki = ii >= 0
-        iz = np.where(ki, ii, 0)
-        st = self.state
-        icount = np.where(ki, st.item_count[iz], 0.0)
-        itotal = np.where(ki, st.item_total[iz], 0.0)
-        itotal_sq = np.where(ki, st.item_total_sq[iz], 0.0)
-        if movie_extra is not None:
-            extra = np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)
-            if not every:
-                extra = extra[mask]
-            icount, itotal, itotal_sq = icount + extra[:, 0], itotal + extra[:, 1], itotal_sq + extra[:, 2]
         # The model's input matrix written column by column (what ``_assemble`` builds for training, without its
         # temporaries): the user's columns are one value each, which the trees then look up once per batch.
         rows = np.empty((m, len(MODEL_FEATURES)))
         x6 = np.asarray(x6, dtype=np.float64)
         rows[:, :N_FEATURES] = x6 if every else x6[mask]
         rows[:, _COL["user_count"] : _COL["user_bias"] + 1] = (view.count, view.mean, view.std, view.bias)
-        rows[:, _COL["movie_count"]] = icount
-        rows[:, _COL["movie_mean"]], rows[:, _COL["movie_std"]] = _mean_std(icount, itotal, itotal_sq)
-        ibias = rows[:, _COL["movie_bias"]]
-        ibias[:] = self.mf.item_bias[iz]
-        ibias[~ki] = np.nan
+        movie = rows[:, _COL["movie_count"] : _COL["movie_bias"] + 1]
+        if movie_columns is not None:
+            movie[:] = movie_columns if every else movie_columns[mask]
+        else:
+            extra = None if movie_extra is None else np.asarray(movie_extra, dtype=np.float64).reshape(n, 3)
+            movie[:] = self._movie_columns(ii, extra if every or extra is None else extra[mask])
+        ibias = movie[:, 3]
         dot = rows[:, _COL["cf_dot"]]
-        np.matmul(self.mf.item_factors[iz], view.factors, out=dot)
-        dot[~ki] = np.nan
+        known = np.flatnonzero(ki)
+        if len(known) == m:
+            np.matmul(self.mf.item_factors[ii], view.factors, out=dot)
+        else:  # only the movies the model knows have factors (a batch may be mostly others)
+            dot.fill(np.nan)
+            dot[known] = self.mf.item_factors[ii[known]] @ view.factors
         # As in _assemble: mu + user bias + movie bias + dot, NaN for a movie the model does not know.
         rows[:, _COL["cf_score"]] = self.mf.global_mean + view.bias + ibias + dot
         rows[:, _COL[RECENT_FEATURES[0]] :] = view.recent(time.time() if now is None else float(now))
         if every:
             return self._predict_rows(rows), mask
+        out = np.full(n, np.nan)
         out[mask] = self._predict_rows(rows)
         return out, mask
+
+    def _movie_columns(self, index: IntArray, extra: FloatArray | None) -> FloatArray:
+        """(len(index), 4) movie count, mean, spread and bias inputs of the movies at ``index`` (-1: unknown to the
+        model), with ``extra`` ((len(index), 3) count, sum, sum of squares received since training) added."""
+        known = index >= 0
+        iz = np.where(known, index, 0)
+        st = self.state
+        count = np.where(known, st.item_count[iz], 0.0)
+        total = np.where(known, st.item_total[iz], 0.0)
+        total_sq = np.where(known, st.item_total_sq[iz], 0.0)
+        if extra is not None:
+            count, total, total_sq = count + extra[:, 0], total + extra[:, 1], total_sq + extra[:, 2]
+        cols = np.empty((len(index), 4))
+        cols[:, 0] = count
+        cols[:, 1], cols[:, 2] = _mean_std(count, total, total_sq)
+        cols[:, 3] = np.where(known, self.mf.item_bias[iz], np.nan)
+        return cols
+
+    def movie_table(self, extra: FloatArray | None = None) -> FloatArray:
+        """The movie inputs of every movie at once: (movies of the model + 1, 4), row k for the model's movie k
+        (``extra``, optional (movies of the model, 3), added to its moments as in ``predict_user``) and a last row
+        for a movie the model does not know and nobody rated. A batch then takes its rows with one gather."""
+        n = len(self.mf.item_ids)
+        index = np.arange(-1, n, dtype=np.int64)  # -1 first: the unknown movie
+        table = self._movie_columns(index, None if extra is None else np.vstack([np.zeros((1, 3)), extra]))
+        return np.roll(table, -1, axis=0)
+
+    def unknown_movie_columns(self, extra: FloatArray) -> FloatArray:
+        """Movie inputs of movies the model does not know, from what they received since training ((k, 3))."""
+        return self._movie_columns(np.full(len(extra), -1, dtype=np.int64), np.asarray(extra, dtype=np.float64))
 
     def predict_view_one(
         self,

@@ -112,6 +112,9 @@ class MovieTotals:
     # ``unknown_values``: a batch finds them with one C-level map over its ids, not a Python loop.
     unknown_index: dict[Id, int]
     unknown_values: npt.NDArray[np.float64]  # (len(unknown), 3)
+    # The model's movie inputs with these totals added (``PersonalizedModel.movie_table``): a batch gathers its
+    # rows instead of computing means and spreads per request.
+    table: npt.NDArray[np.float64]
 
 
 class StatePersonalizer:
@@ -235,10 +238,9 @@ class StatePersonalizer:
             if cached is not None and cached.expires >= self._clock() and cached.model is model:
                 return cached
             scale = model.from_api(1.0)
-            by_key = {
-                k: (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2)
-                for k, c in self.store.all_movie_counts().items()
-            }
+            # A model trained from the store already counts its ratings (see set_model): nothing to add then.
+            counts = self.store.all_movie_counts() if self._use_movie_extra else {}
+            by_key = {k: (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2) for k, c in counts.items()}
             known = np.zeros((len(model.mf.item_ids), 3))
             unknown: dict[str, tuple[float, float, float]] = {}
             index = model.mf.item_index
@@ -251,7 +253,14 @@ class StatePersonalizer:
             unknown_index = {self._key(k): row for row, k in enumerate(unknown)}
             unknown_values = np.array(list(unknown.values()), dtype=np.float64).reshape(len(unknown), 3)
             cached = MovieTotals(
-                self._clock() + self._movie_ttl, model, by_key, known, unknown, unknown_index, unknown_values
+                self._clock() + self._movie_ttl,
+                model,
+                by_key,
+                known,
+                unknown,
+                unknown_index,
+                unknown_values,
+                model.movie_table(known),
             )
             self._movies = cached
             return cached
@@ -281,6 +290,19 @@ class StatePersonalizer:
                 out[found] = totals.unknown_values[row[found]]
         return out
 
+    def movie_columns(self, model: PersonalizedModel, keys: Sequence[Id], index: IntArray) -> npt.NDArray[np.float64]:
+        """(n, 4) movie inputs of a batch (``PersonalizedModel.movie_table`` rows, with /feedback's totals), from
+        the ids as ``_keys`` spells them and their positions in the model (``cf.lookup``)."""
+        totals = self.movie_totals(model)
+        unknown = index < 0
+        columns: npt.NDArray[np.float64] = totals.table[np.where(unknown, len(totals.table) - 1, index)]
+        if totals.unknown_index and unknown.any():  # rated movies the model does not know
+            row = lookup(totals.unknown_index, keys)
+            found = row >= 0
+            if found.any():
+                columns[found] = model.unknown_movie_columns(totals.unknown_values[row[found]])
+        return columns
+
     def movie_extra_one(self, model: PersonalizedModel, movie_id: Id | None) -> tuple[float, float, float]:
         """``movie_extra`` of one movie, as a tuple."""
         return self.movie_totals(model).by_key.get("" if movie_id is None else str(movie_id), _NO_RATINGS)
@@ -309,7 +331,7 @@ class StatePersonalizer:
             else:
                 keys = self._keys(movie_ids)
                 index = lookup(model.mf.item_index, keys)
-                extra = self.movie_extra(model, movie_ids, index, keys) if self._use_movie_extra else None
+                columns = self.movie_columns(model, keys, index)
         except StoreError as exc:
             # The store is down: answer with the six-feature model rather than fail the prediction.
             log.warning("user state unavailable", extra={"reason": str(exc)})
@@ -319,7 +341,7 @@ class StatePersonalizer:
             if one is None:
                 return None
             return np.array([min(max(one * model.scale.to_api, 0.0), 10.0)]), np.ones(1, dtype=bool)
-        pred, mask = model.predict_view(view, keys, x, movie_extra=extra, index=index)
+        pred, mask = model.predict_view(view, keys, x, index=index, movie_columns=columns)
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask
