@@ -114,13 +114,17 @@ def _nan_rows(seed: int) -> Array:
 
 
 @pytest.mark.parametrize("with_nan", [False, True], ids=["clean-model", "nan-model"])
-@pytest.mark.parametrize("num_leaves", [32, 60], ids=["32-bit", "64-bit"])
+@pytest.mark.parametrize("num_leaves", [16, 32, 60], ids=["16-bit", "32-bit", "64-bit"])
 @pytest.mark.parametrize("rows", ["random", "thresholds", "nan"])
 def test_native_matches_lightgbm_and_numpy(num_leaves: int, with_nan: bool, rows: str) -> None:
     text = _model(num_leaves, with_nan)
     native, numpy_evaluator = _pair(text)
     # The model really has the shape this case is about.
-    if num_leaves == 32:
+    if num_leaves == 16:
+        assert native.width == 16  # the top bit of a 16-bit mask (the C evaluator's, for up to 16 leaves) is a leaf
+        assert native._native_tables.dtype == np.uint16
+        assert native.tables[0].dtype == np.uint32  # numpy's own tables stay 32-bit
+    elif num_leaves == 32:
         assert native.width == 32  # the top bit of a 32-bit mask is a leaf
         assert native.tables[0].dtype == np.uint32
     else:
@@ -181,7 +185,7 @@ def _constant_column_batches(native: TreeEnsemble) -> dict[str, Array]:
     return batches
 
 
-@pytest.mark.parametrize("num_leaves", [32, 60], ids=["32-bit", "64-bit"])
+@pytest.mark.parametrize("num_leaves", [16, 32, 60], ids=["16-bit", "32-bit", "64-bit"])
 def test_constant_columns_give_the_one_row_answers(num_leaves: int) -> None:
     text = _model(num_leaves, True)
     native, numpy_evaluator = _pair(text)
@@ -193,7 +197,7 @@ def test_constant_columns_give_the_one_row_answers(num_leaves: int) -> None:
         np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("num_leaves", [32, 60], ids=["32-bit", "64-bit"])
+@pytest.mark.parametrize("num_leaves", [16, 32, 60], ids=["16-bit", "32-bit", "64-bit"])
 def test_values_repeated_from_the_row_before_give_the_one_row_answers(num_leaves: int) -> None:
     # Rows that repeat the row before in some columns start from the masks kept for those columns (the C code
     # orders the varying columns by how often they repeat): blocks of rows sharing columns 0-2 (NaN included),
@@ -366,7 +370,7 @@ def _forest_args(ensemble: TreeEnsemble) -> dict[str, Any]:
     return {
         "thresholds": np.concatenate([*ensemble.thresholds, np.empty(0)]).astype(np.float64),
         "thr_starts": np.cumsum([0] + [len(t) for t in ensemble.thresholds], dtype=np.int64),
-        "tables": ensemble._stacked,
+        "tables": ensemble._native_tables,
         "table_starts": np.asarray(ensemble._table_starts, dtype=np.int64),
         "leaf_values": np.ascontiguousarray(ensemble.leaf_values, dtype=np.float64),
         "n_trees": ensemble.n_trees,
@@ -419,7 +423,7 @@ _BREAKS: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], str]] = {
 }
 
 
-@pytest.mark.parametrize("num_leaves", [32, 60], ids=["32-bit", "64-bit"])
+@pytest.mark.parametrize("num_leaves", [16, 32, 60], ids=["16-bit", "32-bit", "64-bit"])
 @pytest.mark.parametrize("case", list(_BREAKS))
 def test_forest_refuses_inconsistent_arrays(num_leaves: int, case: str) -> None:
     ensemble = TreeEnsemble.from_lightgbm_text(_model(num_leaves, False), N_FEATURES)

@@ -28,7 +28,7 @@ typedef struct {
     Py_buffer table_starts; /* int64 (n_features): the first row of feature j's table */
     Py_buffer leaf_values;  /* float64 (n_trees * width): tree t's leaves, left to right, at t * width */
     Py_ssize_t n_features, n_trees, width, n_rows;
-    int wide;  /* 1: 64-bit masks */
+    int word;  /* bytes per mask: 2 (trees of up to 16 leaves), 4 (32) or 8 (64), as TreeEnsemble stores them */
     int held;  /* the buffers are acquired (dealloc releases them) */
     int ready; /* the buffers passed every check: predictions may read them */
 } Forest;
@@ -104,6 +104,7 @@ static inline int same_value(double a, double b) {
         for (Py_ssize_t t = 0; t < f->n_trees; t++) base[t] &= row[t];                                      \
     }
 
+DEFINE_ROWS(rows16, uint16_t, __builtin_ctz)
 DEFINE_ROWS(rows32, uint32_t, __builtin_ctz)
 DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 
@@ -115,7 +116,7 @@ DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch, Py_ssize_t *vary,
                       Py_ssize_t *repeats) {
     const Py_ssize_t nf = f->n_features, nt = f->n_trees;
-    const size_t word = f->wide ? 8 : 4;
+    const size_t word = (size_t)f->word;
     Py_ssize_t n_vary = 0;
     if (n == 0) return;
     memset(scratch, 0xff, (size_t)nt * word);
@@ -123,8 +124,9 @@ static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *ou
         Py_ssize_t same = 0;
         for (Py_ssize_t i = 1; i < n; i++) same += same_value(x[i * nf + j], x[(i - 1) * nf + j]);
         if (n > 1 && same == n - 1) {
-            if (f->wide) rows64_fold(f, x, j, (uint64_t *)scratch);
-            else rows32_fold(f, x, j, (uint32_t *)scratch);
+            if (f->word == 8) rows64_fold(f, x, j, (uint64_t *)scratch);
+            else if (f->word == 4) rows32_fold(f, x, j, (uint32_t *)scratch);
+            else rows16_fold(f, x, j, (uint16_t *)scratch);
         } else {
             /* Insertion by decreasing repeats (stable: equal counts keep the features' order). */
             Py_ssize_t k = n_vary++;
@@ -138,8 +140,9 @@ static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *ou
         }
     }
     char *prefix = (char *)scratch + (size_t)nt * word;
-    if (f->wide) rows64(f, x, n, out, vary, n_vary, (const uint64_t *)scratch, (uint64_t *)prefix);
-    else rows32(f, x, n, out, vary, n_vary, (const uint32_t *)scratch, (uint32_t *)prefix);
+    if (f->word == 8) rows64(f, x, n, out, vary, n_vary, (const uint64_t *)scratch, (uint64_t *)prefix);
+    else if (f->word == 4) rows32(f, x, n, out, vary, n_vary, (const uint32_t *)scratch, (uint32_t *)prefix);
+    else rows16(f, x, n, out, vary, n_vary, (const uint16_t *)scratch, (uint16_t *)prefix);
 }
 
 static int check(int ok, const char *what) {
@@ -169,9 +172,9 @@ static int Forest_init(Forest *self, PyObject *args, PyObject *kwds) {
     Py_ssize_t rows_bytes = self->tables.len;
     self->n_rows = 0;
     if (!check(self->width >= 1 && self->width <= 64, "a tree has 1 to 64 leaves")) return -1;
-    /* The masks' word size follows from the width, as TreeEnsemble chooses it. */
-    Py_ssize_t wsize = self->width <= 32 ? 4 : 8;
-    self->wide = wsize == 8;
+    /* The masks' word size follows from the width, as TreeEnsemble chooses it for this evaluator. */
+    Py_ssize_t wsize = self->width <= 16 ? 2 : self->width <= 32 ? 4 : 8;
+    self->word = (int)wsize;
     if (!check(rows_bytes % (wsize * self->n_trees) == 0, "tables must be (rows, n_trees) masks")) return -1;
     self->n_rows = rows_bytes / (wsize * self->n_trees);
     /* Every row a lookup can reach must lie inside the tables: thresholds in order, K + 2 rows per feature. */

@@ -219,11 +219,16 @@ class TreeEnsemble:
         self._nan_rows = [len(t) + 1 for t in thresholds]  # the row after the K + 1 prefixes: NaN's masks
         self._local = threading.local()
         self._native: Any = None
+        self._native_tables: npt.NDArray[np.unsignedinteger[Any]] = self._stacked
         if native and _Forest is not None:
+            # Trees of up to 16 leaves (the six-feature model's 15) get 16-bit masks in C: half the table to
+            # read and twice the masks per vector instruction. numpy keeps its own 32-bit tables, which its
+            # lowest-set-bit trick needs.
+            self._native_tables = self._stacked.astype(np.uint16) if self.width <= 16 else self._stacked
             self._native = _Forest(
                 np.concatenate([*thresholds, np.empty(0)]).astype(np.float64),
                 np.cumsum([0] + [len(t) for t in thresholds], dtype=np.int64),
-                self._stacked,
+                self._native_tables,
                 np.asarray(self._table_starts, dtype=np.int64),
                 np.ascontiguousarray(leaf_values, dtype=np.float64),
                 n_trees,
