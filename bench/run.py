@@ -3,7 +3,9 @@
     python bench/run.py [--duration 10] [--workers 2] [--skip-reference] [--json results.json]
                         [--as-deployed] [--model DIR] [--only SCENARIO ...] [--set KEY=VALUE ...]
 
-Needs wrk (Debian: ``apt-get install wrk``) and scikit-learn for the reference app (``pip install -e '.[bench]'``).
+Also drives the HTTP stack's ceiling (``bench/ceiling_app.py``, a raw ASGI app answering a fixed JSON) on
+/predict. Needs wrk (Debian: ``apt-get install wrk``) and scikit-learn for the reference app
+(``pip install -e '.[bench]'``).
 Traffic goes to 127.0.0.1 only; every run is bounded by --duration per scenario.
 """
 
@@ -361,6 +363,39 @@ def main() -> int:
         finally:
             stop(proc)
 
+    # --- the ceiling: a raw ASGI app answering a fixed JSON on the same server ---------------------------------
+    if not args.skip_reference:
+        port = free_port()
+        proc = start(
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "ceiling_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+                "--app-dir",
+                str(HERE),
+            ],
+            dict(os.environ),
+            tmp / "ceiling.log",
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base + "/", 60)
+            rps, p50, p99, errors = run_wrk(base + "/predict", single, 64, args.duration, lua)
+            results.append(Result("ceiling", "predict", 64, 1, rps, p50, p99, rps, errors))
+            print(f"  measured ceiling predict: {rps:,.0f} req/s", file=sys.stderr)
+        finally:
+            stop(proc)
+
     ref = {r.scenario: r for r in results if r.app == "reference"}
     print(
         f"\n{'app':<11} {'scenario':<24} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
@@ -387,6 +422,13 @@ def main() -> int:
     ):
         if six in base_row and personal in base_row:
             extra[key] = base_row[six].requests_per_s / base_row[personal].requests_per_s
+    ceiling = [r for r in results if r.app == "ceiling"]
+    if ceiling and "predict" in base_row:
+        extra["predict_share_of_ceiling"] = base_row["predict"].requests_per_s / ceiling[0].requests_per_s
+        if "predict, unique bodies" in base_row:
+            extra["unique_predict_share_of_ceiling"] = (
+                base_row["predict, unique bodies"].requests_per_s / ceiling[0].requests_per_s
+            )
     for k, v in extra.items():
         print(f"{k}: {v:.3f}")
     if args.json:

@@ -1,0 +1,32 @@
+"""The HTTP stack's ceiling, for comparison: a raw ASGI app that reads the request body and answers a fixed JSON.
+
+No framework, no parsing, no model: what uvicorn (httptools, uvloop) and the load generator cost by themselves
+on this machine. ``bench/run.py`` drives its ``/predict`` next to ours, so the table says how close our service
+comes to the ceiling (the issue puts the target at about half of it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ANSWER = b'{"predicted_rating":7.123,"model_version":"ceiling","source":"model","prediction_id":"0"}'
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":  # lifespan and anything else: nothing to set up
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        return
+    more = True
+    while more:  # read the whole body, as any real endpoint must
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": ANSWER})
