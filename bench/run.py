@@ -249,7 +249,10 @@ def main() -> int:
     extra: dict[str, float] = {}
     py = sys.executable
 
-    # --- our service -------------------------------------------------------------------------------------------
+    # --- start everything first -----------------------------------------------------------------------------
+    # Our service, the common-way reference app and the ceiling app all run for the whole benchmark (idle when
+    # not driven), so that each comparison is measured back to back: on a shared machine whose speed drifts by
+    # minutes, scenarios a few minutes apart would compare two different machines.
     port = free_port()
     env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}"}
     if args.model is not None:
@@ -260,31 +263,65 @@ def main() -> int:
         site.mkdir()
         (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
-    proc = start(
-        [
-            py,
-            "-m",
-            "moviematch_ml.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-        ],
-        env,
-        tmp / "service.log",
-    )
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        proc = start(
+            [
+                py,
+                "-m",
+                "moviematch_ml.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+            ],
+            env,
+            tmp / "service.log",
+        )
+        procs.append(proc)
         base = f"http://127.0.0.1:{port}"
-        # Cold start: from spawning the process to the ready probe answering 200.
+        # Cold start: from spawning the process to the ready probe answering 200 (nothing else starts meanwhile).
         extra["first_worker_ready_s"] = wait_ready(base + "/health/ready", 60)
         # wrk opens its keep-alive connections once and keeps them: a worker still loading when it starts would
         # get none of them, and the run would measure one worker. So wait until every worker logged its start.
         extra["cold_start_s"] = extra["first_worker_ready_s"] + wait_log(
             tmp / "service.log", '"message":"service started"', args.workers, 60
         )
+        others: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        if not args.skip_reference:
+            for app, module, probe in (
+                ("reference", "reference_app:app", "/openapi.json"),
+                ("ceiling", "ceiling_app:app", "/"),
+            ):
+                other_port = free_port()
+                other = start(
+                    [
+                        py,
+                        "-m",
+                        "uvicorn",
+                        module,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(other_port),
+                        "--workers",
+                        str(args.workers),
+                        "--log-level",
+                        "warning",
+                        "--no-access-log",
+                        "--app-dir",
+                        str(HERE),
+                    ],
+                    dict(os.environ),
+                    tmp / f"{app}.log",
+                )
+                procs.append(other)
+                other_base = f"http://127.0.0.1:{other_port}"
+                wait_ready(other_base + probe, 120)
+                others[app] = (other, other_base)
         # Seed feedback so the personalised scenarios hit known users (skipped if the endpoint is absent).
         try:
             for u in known_users:
@@ -303,98 +340,44 @@ def main() -> int:
             have_feedback = True
         except OSError:
             have_feedback = False
-        scenarios: list[tuple[str, str, Path, int, int]] = [
-            ("predict", "/predict", single, 64, 1),
-            ("predict, unique bodies", "/predict", unique_single, 64, 1),
-            ("batch 100", "/predict-batch", batches[100], 8, 100),
-            ("batch 1000", "/predict-batch", batches[1000], 8, 1000),
-            ("batch 10000", "/predict-batch", batches[10_000], 4, 10_000),
+        # (app, scenario, path, bodies, connections, rows per request), in the order run: each comparison the
+        # table or the ratios make is between neighbours.
+        scenarios: list[tuple[str, str, str, Path, int, int]] = [
+            ("moviematch", "predict", "/predict", single, 64, 1),
+            ("ceiling", "predict", "/predict", single, 64, 1),
+            ("reference", "predict", "/predict", single, 64, 1),
+            ("moviematch", "predict, unique bodies", "/predict", unique_single, 64, 1),
         ]
         if have_feedback:
             scenarios += [
-                ("personalised predict", "/predict", personal_single, 64, 1),
-                ("personalised batch 1000", "/predict-batch", personal_batch, 8, 1000),
-                ("personalised, 20k users", "/predict", personal_many, 64, 1),
+                ("moviematch", "personalised predict", "/predict", personal_single, 64, 1),
+                ("moviematch", "personalised, 20k users", "/predict", personal_many, 64, 1),
             ]
+        scenarios += [
+            ("moviematch", "batch 1000", "/predict-batch", batches[1000], 8, 1000),
+            ("reference", "batch 1000", "/predict-batch", batches[1000], 8, 1000),
+        ]
+        if have_feedback:
+            scenarios.append(("moviematch", "personalised batch 1000", "/predict-batch", personal_batch, 8, 1000))
+        scenarios += [
+            ("moviematch", "batch 100", "/predict-batch", batches[100], 8, 100),
+            ("moviematch", "batch 10000", "/predict-batch", batches[10_000], 4, 10_000),
+        ]
         if args.only:
-            scenarios = [sc for sc in scenarios if sc[0] in args.only]
-        for name, path, body_file, conns, rows in scenarios:
-            rps, p50, p99, errors = run_wrk(base + path, body_file, conns, args.duration, lua)
-            results.append(Result("moviematch", name, conns, rows, rps, p50, p99, rps * rows, errors))
-            print(f"  measured moviematch {name}: {rps:,.0f} req/s", file=sys.stderr)
+            scenarios = [sc for sc in scenarios if sc[0] != "moviematch" or sc[1] in args.only]
+        for app, name, path, body_file, conns, rows in scenarios:
+            if app != "moviematch" and app not in others:
+                continue
+            url = (base if app == "moviematch" else others[app][1]) + path
+            rps, p50, p99, errors = run_wrk(url, body_file, conns, args.duration, lua)
+            results.append(Result(app, name, conns, rows, rps, p50, p99, rps * rows, errors))
+            print(f"  measured {app} {name}: {rps:,.0f} req/s", file=sys.stderr)
         extra["worker_rss_mb"], extra["total_rss_mb"] = tree_rss_mb(proc.pid)
+        if "reference" in others:
+            extra["reference_worker_rss_mb"], _ = tree_rss_mb(others["reference"][0].pid)
     finally:
-        stop(proc)
-
-    # --- the common way -----------------------------------------------------------------------------------------
-    if not args.skip_reference:
-        port = free_port()
-        proc = start(
-            [
-                py,
-                "-m",
-                "uvicorn",
-                "reference_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(args.workers),
-                "--log-level",
-                "warning",
-                "--app-dir",
-                str(HERE),
-            ],
-            dict(os.environ),
-            tmp / "reference.log",
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_ready(base + "/openapi.json", 120)
-            for name, path, body_file, conns, rows in (
-                ("predict", "/predict", single, 64, 1),
-                ("batch 1000", "/predict-batch", batches[1000], 8, 1000),
-            ):
-                rps, p50, p99, errors = run_wrk(base + path, body_file, conns, args.duration, lua)
-                results.append(Result("reference", name, conns, rows, rps, p50, p99, rps * rows, errors))
-                print(f"  measured reference {name}: {rps:,.0f} req/s", file=sys.stderr)
-            extra["reference_worker_rss_mb"], _ = tree_rss_mb(proc.pid)
-        finally:
-            stop(proc)
-
-    # --- the ceiling: a raw ASGI app answering a fixed JSON on the same server ---------------------------------
-    if not args.skip_reference:
-        port = free_port()
-        proc = start(
-            [
-                py,
-                "-m",
-                "uvicorn",
-                "ceiling_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(args.workers),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-                "--app-dir",
-                str(HERE),
-            ],
-            dict(os.environ),
-            tmp / "ceiling.log",
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_ready(base + "/", 60)
-            rps, p50, p99, errors = run_wrk(base + "/predict", single, 64, args.duration, lua)
-            results.append(Result("ceiling", "predict", 64, 1, rps, p50, p99, rps, errors))
-            print(f"  measured ceiling predict: {rps:,.0f} req/s", file=sys.stderr)
-        finally:
-            stop(proc)
+        for running in procs:
+            stop(running)
 
     ref = {r.scenario: r for r in results if r.app == "reference"}
     print(
