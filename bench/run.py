@@ -292,31 +292,35 @@ def main() -> int:
         )
         others: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         if not args.skip_reference:
-            for app, module, probe in (
-                ("reference", "reference_app:app", "/openapi.json"),
-                ("ceiling", "ceiling_app:app", "/"),
-            ):
+            # The reference app is run the common way (uvicorn --workers); the ceiling app as our service is.
+            commands = {
+                "reference": [
+                    py,
+                    "-m",
+                    "uvicorn",
+                    "reference_app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--workers",
+                    str(args.workers),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                    "--app-dir",
+                    str(HERE),
+                ],
+                "ceiling": [py, str(HERE / "ceiling_app.py"), "{port}", str(args.workers)],
+            }
+            for app, probe in (("reference", "/openapi.json"), ("ceiling", "/")):
                 other_port = free_port()
+                other_env = {
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH")))),
+                }
                 other = start(
-                    [
-                        py,
-                        "-m",
-                        "uvicorn",
-                        module,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(other_port),
-                        "--workers",
-                        str(args.workers),
-                        "--log-level",
-                        "warning",
-                        "--no-access-log",
-                        "--app-dir",
-                        str(HERE),
-                    ],
-                    dict(os.environ),
-                    tmp / f"{app}.log",
+                    [part.replace("{port}", str(other_port)) for part in commands[app]], other_env, tmp / f"{app}.log"
                 )
                 procs.append(other)
                 other_base = f"http://127.0.0.1:{other_port}"

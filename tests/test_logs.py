@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from moviematch_ml.logs import BufferedStreamHandler, JsonFormatter, log_config
+from moviematch_ml.logs import BufferedStreamHandler, DirectLog, JsonFormatter, log_config
 
 
 def _record(msg: str, *args: object, level: int = logging.INFO, **extra: object) -> logging.LogRecord:
@@ -279,3 +279,71 @@ def test_interpreter_exit_writes_the_buffered_lines() -> None:
     out = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, check=True, timeout=60)
     assert out.stderr == b""
     assert [orjson.loads(line)["message"] for line in out.stdout.splitlines()] == [f"line {i}" for i in range(100)]
+
+
+# --- the access line without a LogRecord -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def direct_logger(handler: BufferedStreamHandler) -> Iterator[logging.Logger]:
+    # A logger of its own, not propagating: the process-wide configuration is left alone.
+    logger = logging.getLogger("moviematch_ml.test_direct")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield logger
+    logger.removeHandler(handler)
+    logger.filters.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+FIELDS = {"method": "POST", "path": "/predict", "status": 200, "latency_ms": 0.512, "request_id": "ab" * 16}
+
+
+def test_direct_log_writes_the_line_logging_would_write(
+    direct_logger: logging.Logger, handler: BufferedStreamHandler, stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_764_338_400.1234567)
+    monkeypatch.setattr(time, "time_ns", lambda: 1_764_338_400_123_456_700)
+    DirectLog(direct_logger).info("request", FIELDS)
+    direct_logger.info("request", extra=FIELDS)
+    handler.flush()
+    direct, through_logging = stream.getvalue().splitlines()
+    assert direct == through_logging
+    assert orjson.loads(direct) == {
+        "ts": "2025-11-28T14:00:00.123+00:00",
+        "level": "info",
+        "logger": "moviematch_ml.test_direct",
+        "message": "request",
+        **FIELDS,
+    }
+
+
+def test_direct_log_goes_through_logging_when_anything_else_is_configured(
+    direct_logger: logging.Logger, handler: BufferedStreamHandler, stream: io.StringIO
+) -> None:
+    log = DirectLog(direct_logger)
+    # A second handler: both get the record, with its fields.
+    seen: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = seen.append  # type: ignore[method-assign]
+    direct_logger.addHandler(extra)
+    log.info("request", FIELDS)
+    direct_logger.removeHandler(extra)
+    assert [(r.getMessage(), getattr(r, "status", None)) for r in seen] == [("request", 200)]
+    # A filter on the logger is obeyed (here: it drops everything).
+    direct_logger.addFilter(lambda record: False)
+    log.info("dropped", FIELDS)
+    direct_logger.filters.clear()
+    # A level above info: nothing.
+    direct_logger.setLevel(logging.WARNING)
+    log.info("below the level", FIELDS)
+    direct_logger.setLevel(logging.INFO)
+    # A formatter of another kind: logging formats the line.
+    handler.setFormatter(logging.Formatter("plain %(message)s"))
+    log.info("formatted by logging", FIELDS)
+    handler.setFormatter(JsonFormatter())
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert [orjson.loads(lines[0])["message"], lines[1]] == ["request", "plain formatted by logging"]

@@ -114,20 +114,23 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
-            with self._wakeup:  # handle() holds the lock already; this is for a direct emit() call
-                if self._flusher is None and not self._closed:
-                    self._flusher = threading.Thread(target=self._run, name="log-flusher", daemon=True)
-                    self._flusher.start()
-                self._lines.append(line)
-                self._size += len(line) + 1
-                # Once closed (a record logged during interpreter shutdown) no thread is left to write it later.
-                if record.levelno >= self.flush_level or self._size > self.buffer_size or self._closed:
-                    self._write()
+            self.add_line(self.format(record), record.levelno)
         except RecursionError:  # as StreamHandler does: see CPython issue 36272
             raise
         except Exception:
             self.handleError(record)
+
+    def add_line(self, line: str, levelno: int) -> None:
+        """Buffer one formatted line of a record at ``levelno`` (``emit``, and ``DirectLog`` without a record)."""
+        with self._wakeup:  # handle() holds the lock already; this is for emit() and DirectLog
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(target=self._run, name="log-flusher", daemon=True)
+                self._flusher.start()
+            self._lines.append(line)
+            self._size += len(line) + 1
+            # Once closed (a record logged during interpreter shutdown) no thread is left to write it later.
+            if levelno >= self.flush_level or self._size > self.buffer_size or self._closed:
+                self._write()
 
     def flush(self) -> None:
         """Write every buffered line now."""
@@ -173,6 +176,60 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
 
 
 _live_handlers: weakref.WeakSet[BufferedStreamHandler] = weakref.WeakSet()
+
+
+class DirectLog:
+    """``logger.info(message, extra=fields)`` for the hot path (the access line of every request).
+
+    With the service's logging configuration, a record's only destination is one ``BufferedStreamHandler`` with a
+    ``JsonFormatter``; then the line is built here, the same text the formatter would write (tested), without
+    the ``LogRecord``, the caller lookup and the handler chain: 3-5 us instead of 25-35 us per line on the
+    benchmark machine, a quarter of a ``/predict`` request's CPU. In any other configuration (a filter, another
+    handler, pytest's ``caplog``...) it is a plain ``logger.info``.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def _handler(self, levelno: int) -> BufferedStreamHandler | None:
+        """The one handler a record at ``levelno`` would reach, if that is all it would do; else None."""
+        logger = self.logger
+        if logger.filters or not logger.isEnabledFor(levelno):
+            return None
+        found: BufferedStreamHandler | None = None
+        current: logging.Logger | None = logger
+        while current is not None:
+            for handler in current.handlers:
+                if (
+                    found is not None
+                    or not isinstance(handler, BufferedStreamHandler)
+                    or type(handler.formatter) is not JsonFormatter
+                    or handler.filters
+                    or levelno < handler.level
+                ):
+                    return None
+                found = handler
+            if not current.propagate:
+                break
+            current = current.parent
+        return found
+
+    def info(self, message: str, fields: dict[str, Any]) -> None:
+        handler = self._handler(logging.INFO)
+        if handler is None:
+            self.logger.info(message, extra=fields)
+            return
+        formatter = handler.formatter
+        assert isinstance(formatter, JsonFormatter)  # checked by _handler
+        # JsonFormatter.format's entry, in its order: the four fixed keys, then the extra fields as given.
+        entry: dict[str, Any] = {
+            "ts": formatter._timestamp(time.time()),
+            "level": "info",
+            "logger": self.logger.name,
+            "message": message,
+        }
+        entry.update(fields)
+        handler.add_line(orjson.dumps(entry, default=str).decode("utf-8"), logging.INFO)
 
 
 def _after_fork_in_child() -> None:

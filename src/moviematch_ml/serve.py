@@ -71,10 +71,13 @@ class _OwnSocketProcess(multiprocess.Process):
         return self._server
 
 
-def run(*, host: str, port: int, workers: int, **options: Any) -> None:
-    """Serve the app from the environment (``app_from_env``) on host:port with ``workers`` processes."""
+def run(*, host: str, port: int, workers: int, app: str = APP, factory: bool = True, **options: Any) -> None:
+    """Serve the app from the environment (``app_from_env``) on host:port with ``workers`` processes.
+
+    ``app`` and ``factory`` name another ASGI app to serve the same way (the benchmark's ceiling app).
+    """
     if workers == 1 or not hasattr(socket, "SO_REUSEPORT"):
-        uvicorn.run(APP, factory=True, host=host, port=port, workers=workers, **options)
+        uvicorn.run(app, factory=factory, host=host, port=port, workers=workers, **options)
         return
     # Bound but not listening, it receives no connection; it holds the port for the workers' sockets (which
     # only other SO_REUSEPORT sockets of this user can share) and turns a port in use into a clear error.
@@ -83,7 +86,7 @@ def run(*, host: str, port: int, workers: int, **options: Any) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     port = guard.getsockname()[1]  # port 0: the one the system picked, for every worker
-    config = uvicorn.Config(APP, factory=True, host=host, port=port, workers=workers, **options)
+    config = uvicorn.Config(app, factory=factory, host=host, port=port, workers=workers, **options)
     # uvicorn's supervisor builds its workers from the module's Process class; this process is only the
     # supervisor, so swapping the class here changes nothing else.
     multiprocess.Process = _OwnSocketProcess  # type: ignore[misc]

@@ -10,10 +10,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moviematch_ml.api.errors import input_error_response, internal_error_response
 from moviematch_ml.errors import InputError
-from moviematch_ml.logs import ACCESS_LOGGER
+from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.serving import BodyTooLargeError, new_id
 
-access_log = logging.getLogger(ACCESS_LOGGER)
+# The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
+access_log = DirectLog(logging.getLogger(ACCESS_LOGGER))
 error_log = logging.getLogger("moviematch_ml.api")
 
 REQUEST_ID_HEADER: Final[str] = "X-Request-ID"
@@ -109,7 +110,7 @@ class RequestContextMiddleware:
         finally:
             access_log.info(
                 "request",
-                extra={
+                {
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
