@@ -190,6 +190,20 @@ def test_recent_features_by_hand() -> None:
     np.testing.assert_allclose(view.recent(0.5 * DAY), [1.0, 1.0, 0.5, 1.0])  # only the first rating, half a day ago
     assert np.isnan(view.recent(0.0)[:3]).all()
     assert view.recent(0.0)[3] == 0.0
+    # Every rating before now (the means kept with the view) and some after it (computed per call) give the
+    # vectorised figures, at times on either side of each rating and of each rating plus a day.
+    rng = np.random.default_rng(3)
+    many_times = np.sort(rng.uniform(0.0, 5.0, 14)) * DAY
+    many_resid = rng.normal(0.0, 1.0, 14)
+    tail = slice(14 - RECENT_RATINGS, 14)  # the view keeps the latest RECENT_RATINGS, as user_state does
+    busy = UserView(14.0, 0.0, 0.0, 0.0, np.zeros(2), array("d", many_times[tail]), array("d", many_resid[tail]))
+    edges = np.concatenate([many_times[tail], many_times[tail] + DAY])
+    queries = np.sort(np.concatenate([edges - 1.0, edges, edges + 1.0, [10.0 * DAY]]))
+    start = np.full(len(queries), 14 - RECENT_RATINGS)
+    end = np.searchsorted(many_times, queries, side="left")
+    want = recent_features(many_times, many_resid, start, np.maximum(end, start), queries)
+    for q, expected in zip(queries.tolist(), want, strict=True):
+        np.testing.assert_allclose(busy.recent(q), expected, rtol=0, atol=1e-12, err_msg=str(q))
 
 
 # --- no leakage --------------------------------------------------------------------------------------------------
