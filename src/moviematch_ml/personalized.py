@@ -728,9 +728,8 @@ class PersonalizedModel:
         (``extra``, optional (movies of the model, 3), added to its moments as in ``predict_user``) and a last row
         for a movie the model does not know and nobody rated. A batch then takes its rows with one gather."""
         n = len(self.mf.item_ids)
-        index = np.arange(-1, n, dtype=np.int64)  # -1 first: the unknown movie
-        table = self._movie_columns(index, None if extra is None else np.vstack([np.zeros((1, 3)), extra]))
-        return np.roll(table, -1, axis=0)
+        index = np.append(np.arange(n, dtype=np.int64), -1)  # -1 last: the unknown movie
+        return self._movie_columns(index, None if extra is None else np.vstack([extra, np.zeros((1, 3))]))
 
     def unknown_movie_columns(self, extra: FloatArray) -> FloatArray:
         """Movie inputs of movies the model does not know, from what they received since training ((k, 3))."""

@@ -107,14 +107,25 @@ class MovieTotals:
     model: PersonalizedModel
     by_key: dict[str, tuple[float, float, float]]
     known: npt.NDArray[np.float64]  # (movies of the model, 3), in the model's order
-    unknown: dict[str, tuple[float, float, float]]  # the rated movies the model does not know
-    # The same movies by their id as the model's lookups spell it (see ``StatePersonalizer._key``) -> row of
-    # ``unknown_values``: a batch finds them with one C-level map over its ids, not a Python loop.
+    # The rated movies the model does not know, by their id as the model's lookups spell it (see
+    # ``StatePersonalizer._key``) -> row of ``unknown_values``: a batch finds them with one C-level map over its
+    # ids, not a Python loop.
     unknown_index: dict[Id, int]
-    unknown_values: npt.NDArray[np.float64]  # (len(unknown), 3)
+    unknown_values: npt.NDArray[np.float64]  # (len(unknown_index), 3)
     # The model's movie inputs with these totals added (``PersonalizedModel.movie_table``): a batch gathers its
     # rows instead of computing means and spreads per request.
     table: npt.NDArray[np.float64]
+
+
+def _rated_unknown(
+    totals: MovieTotals, keys: Sequence[Id], unknown: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.bool_], IntArray]:
+    """Which ``keys`` are movies the model does not know (``unknown``) that /feedback rated, and their rows of
+    ``totals.unknown_values`` (a known id is never among them)."""
+    if not totals.unknown_index or not unknown.any():
+        return np.zeros(len(keys), dtype=bool), np.full(len(keys), -1, dtype=np.int64)
+    row = lookup(totals.unknown_index, keys)
+    return row >= 0, row
 
 
 class StatePersonalizer:
@@ -257,7 +268,6 @@ class StatePersonalizer:
                 model,
                 by_key,
                 known,
-                unknown,
                 unknown_index,
                 unknown_values,
                 model.movie_table(known),
@@ -266,28 +276,19 @@ class StatePersonalizer:
             return cached
 
     def movie_extra(
-        self,
-        model: PersonalizedModel,
-        movie_ids: Sequence[Id | None],
-        index: IntArray | None = None,
-        keys: Sequence[Id] | None = None,
+        self, model: PersonalizedModel, movie_ids: Sequence[Id | None], index: IntArray | None = None
     ) -> npt.NDArray[np.float64]:
         """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback. ``index``, the
-        movies' positions in the model (``cf.lookup``), makes it one gather for the movies the model knows;
-        ``keys``, the ids as ``_keys`` spells them, saves spelling them again."""
+        movies' positions in the model (``cf.lookup``), makes it one gather for the movies the model knows."""
         totals = self.movie_totals(model)
-        if keys is None:
-            keys = self._keys(movie_ids)
+        keys = self._keys(movie_ids)
         if index is None:
             index = lookup(model.mf.item_index, keys)
-        out: npt.NDArray[np.float64] = totals.known[np.maximum(index, 0)]
         unknown = index < 0
-        if unknown.any():
-            out[unknown] = 0.0
-            if totals.unknown_index:  # rated movies the model does not know (a known id is never among them)
-                row = lookup(totals.unknown_index, keys)
-                found = row >= 0
-                out[found] = totals.unknown_values[row[found]]
+        out: npt.NDArray[np.float64] = totals.known[np.maximum(index, 0)]
+        out[unknown] = 0.0
+        found, row = _rated_unknown(totals, keys, unknown)
+        out[found] = totals.unknown_values[row[found]]
         return out
 
     def movie_columns(self, model: PersonalizedModel, keys: Sequence[Id], index: IntArray) -> npt.NDArray[np.float64]:
@@ -296,11 +297,9 @@ class StatePersonalizer:
         totals = self.movie_totals(model)
         unknown = index < 0
         columns: npt.NDArray[np.float64] = totals.table[np.where(unknown, len(totals.table) - 1, index)]
-        if totals.unknown_index and unknown.any():  # rated movies the model does not know
-            row = lookup(totals.unknown_index, keys)
-            found = row >= 0
-            if found.any():
-                columns[found] = model.unknown_movie_columns(totals.unknown_values[row[found]])
+        found, row = _rated_unknown(totals, keys, unknown)
+        if found.any():
+            columns[found] = model.unknown_movie_columns(totals.unknown_values[row[found]])
         return columns
 
     def movie_extra_one(self, model: PersonalizedModel, movie_id: Id | None) -> tuple[float, float, float]:
@@ -327,7 +326,8 @@ class StatePersonalizer:
                 return None
             if len(movie_ids) == 1:
                 # /predict: one movie, on Python floats (numpy's per-call overhead would dominate).
-                extra_one = self.movie_extra_one(model, movie_ids[0]) if self._use_movie_extra else None
+                # (No totals for a model trained from the store: movie_totals leaves them empty, see set_model.)
+                extra_one = self.movie_extra_one(model, movie_ids[0])
             else:
                 keys = self._keys(movie_ids)
                 index = lookup(model.mf.item_index, keys)
