@@ -507,3 +507,136 @@ def test_a_1000_movie_batch_renders_as_the_dicts(
         assert all((p["source"] == "personalized") == (p["movie_id"] % 2 == 0) for p in out["predictions"])
     else:
         assert "personalized_model_version" not in out
+
+
+# --- positions: a batch's ids looked up in a model's id -> position dict ------------------------------------------
+
+
+def _positions(keys: list[Any], index: dict[Any, int], default: int, dense: Any = None) -> tuple[list[int], int]:
+    out = np.full(len(keys), 12345, dtype=np.int64)
+    not_int = _codec.positions(keys, index, default, out, dense)
+    return out.tolist(), not_int
+
+
+def test_positions_is_dict_get_with_a_default() -> None:
+    index: dict[Any, int] = {7: 0, 11: 1, "abc": 2, 2**70: 3}
+    keys: list[Any] = [11, 7, 8, "abc", "7", None, 2**70, -7, 11]
+    assert _positions(keys, index, -1) == ([1, 0, -1, 2, -1, -1, 3, -1, 1], 3)  # "abc", "7" and None: not ints
+    assert _positions(keys, index, 99)[0][2] == 99
+    assert _positions([], index, -1) == ([], 0)
+
+
+def test_positions_with_a_dense_array_gives_the_same_answers() -> None:
+    index: dict[Any, int] = {0: 4, 3: 0, 5: 2, 9: 1, "x": 3, 1000: 5}
+    dense = np.array([4, -1, -1, 0, -1, 2, -1, -1, -1, 1], dtype=np.int32)  # ids 0..9 only: 1000 is not in it
+    keys: list[Any] = [3, 4, 9, 0, 1000, 10, -1, "x", 5, 3, True]
+    # A True key is not an int key of the dense array: the dict finds it as 1 (== True), which is not there.
+    expected = ([0, -1, 1, 4, 5, -1, -1, 3, 2, 0, -1], 2)
+    assert _positions(keys, index, -1, dense) == expected
+    assert _positions(keys, index, -1) == expected
+
+
+def test_positions_refuses_malformed_calls() -> None:
+    with pytest.raises(ValueError, match="len\\(keys\\) int64"):
+        _codec.positions([1, 2], {1: 0}, -1, np.empty(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="int32"):
+        _codec.positions([1], {1: 0}, -1, np.empty(1, dtype=np.int64), b"abc")
+    with pytest.raises(TypeError, match="ints"):
+        _codec.positions([1], {1: "zero"}, -1, np.empty(1, dtype=np.int64))
+    with pytest.raises(TypeError, match="unhashable"):
+        _codec.positions([[1]], {1: 0}, -1, np.empty(1, dtype=np.int64))
+    with pytest.raises(TypeError):
+        _codec.positions((1,), {1: 0}, -1, np.empty(1, dtype=np.int64))  # a tuple, not a list
+
+
+def test_positions_survives_a_key_that_empties_the_list() -> None:
+    keys: list[Any] = []
+
+    class Nasty:
+        def __hash__(self) -> int:
+            keys.clear()
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            return False
+
+    keys.extend([Nasty(), 1, 2])
+    with pytest.raises(RuntimeError, match="changed size"):
+        _codec.positions(keys, {1: 0}, -1, np.empty(3, dtype=np.int64))
+
+
+# --- user_rows: the personalised model's input matrix of one user's batch -----------------------------------------
+
+
+def _user_rows_args(rows: list[int]) -> dict[str, Any]:
+    # 3 six-feature-like inputs, a 10-column row: x at 0-2, movie inputs at 3-6, score 7, dot 8, user input 9.
+    return {
+        "rows": np.array(rows, dtype=np.int64),
+        "x6": np.arange(len(rows) * 3, dtype=np.float64).reshape(len(rows), 3),
+        "table": np.array(
+            [
+                [10.0, 3.5, 1.0, 0.25],
+                [2.0, 4.0, 0.5, -0.5],
+                [1.0, 2.0, 0.0, math.nan],
+                [0.0, math.nan, math.nan, math.nan],
+            ]
+        ),
+        "factors": np.array([[1.0, 2.0], [0.5, -1.0]]),  # movies 0 and 1 are the model's
+        "user_factors": np.array([0.25, 2.0]),
+        "template": np.array([-1.0] * 9 + [42.0]),
+        "n_known": 2,
+    }
+
+
+def _user_rows(a: dict[str, Any]) -> npt.NDArray[np.float64]:
+    out = np.full((len(a["rows"]), len(a["template"])), -7.0)
+    _codec.user_rows(
+        a["rows"], a["x6"], a["table"], a["factors"], a["user_factors"], a["template"], out, a["n_known"], 3, 7, 8, 3.0
+    )
+    return out
+
+
+def test_user_rows_writes_each_movies_inputs_by_hand() -> None:
+    out = _user_rows(_user_rows_args([1, 0, 2, 3]))
+    nan = math.nan
+    expected = np.array(
+        [
+            # movie 1: dot = 0.5 * 0.25 + -1 * 2 = -1.875; score = (3 + -0.5) + -1.875 = 0.625
+            [0.0, 1.0, 2.0, 2.0, 4.0, 0.5, -0.5, 0.625, -1.875, 42.0],
+            # movie 0: dot = 0.25 + 4 = 4.25; score = (3 + 0.25) + 4.25 = 7.5
+            [3.0, 4.0, 5.0, 10.0, 3.5, 1.0, 0.25, 7.5, 4.25, 42.0],
+            # a rated movie the model does not know, and the last row (nobody's): no factors, so NaN
+            [6.0, 7.0, 8.0, 1.0, 2.0, 0.0, nan, nan, nan, 42.0],
+            [9.0, 10.0, 11.0, 0.0, nan, nan, nan, nan, nan, 42.0],
+        ]
+    )
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_user_rows_refuses_rows_outside_the_table_and_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match="outside the table"):
+        _user_rows(_user_rows_args([0, 4]))
+    with pytest.raises(ValueError, match="outside the table"):
+        _user_rows(_user_rows_args([-1]))
+    bad = _user_rows_args([0, 1])
+    bad["factors"] = np.ones((3, 2))  # three movies of factors, two known
+    with pytest.raises(ValueError, match="inconsistent"):
+        _user_rows(bad)
+    bad = _user_rows_args([0, 1])
+    out = np.empty((2, 9))
+    with pytest.raises(ValueError, match="inconsistent"):
+        _codec.user_rows(
+            bad["rows"],
+            bad["x6"],
+            bad["table"],
+            bad["factors"],
+            bad["user_factors"],
+            bad["template"],
+            out,
+            2,
+            3,
+            7,
+            8,
+            0.0,
+        )
+    assert _user_rows(_user_rows_args([])).shape == (0, 10)

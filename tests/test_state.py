@@ -144,15 +144,92 @@ def test_one_movie_and_a_batch_give_the_same_answer(store: FeedbackStore, person
     keys = p._keys(movies)
     view = p.user_view(personalized, "u")
     now = 2_000_100.0
-    from_table, _ = personalized.predict_view(
-        view, keys, x, now, movie_columns=p.movie_columns(personalized, keys, lookup(personalized.mf.item_index, keys))
-    )
+    index, columns = p.movie_inputs(personalized, keys)
+    assert index.tolist() == lookup(personalized.mf.item_index, keys).tolist()  # -1 for the three unknown movies
+    assert (index < 0).sum() == 3
+    from_table, _ = personalized.predict_view(view, keys, x, now, index=index, movie_columns=columns)
     per_request, _ = personalized.predict_view(view, keys, x, now, movie_extra=p.movie_extra(personalized, movies))
     np.testing.assert_array_equal(from_table, per_request)
     for k, m in enumerate(movies):
         one = p("u", [m], x[k : k + 1])
         assert one is not None
         np.testing.assert_allclose(one[0], batch[0][k : k + 1], rtol=0, atol=1e-9)
+
+
+def test_a_batch_is_built_in_one_pass_and_equals_the_column_by_column_build(
+    store: FeedbackStore, personalized: PersonalizedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch path writes the whole input matrix in C (predict_table); predict_view builds the same matrix
+    # column by column in numpy. Same inputs, same trees: the same answers, whatever the path.
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 9.0, 2: 3.0, 3: 7.0})
+    _rate(store, "v", {3: 4.0, 999_999: 6.0})
+    movies: list[int | str | None] = [1, 2, 3, 999_999, 123_456, 4, 5]
+    x = np.repeat(X[:1], len(movies), axis=0)
+    x[:, 1] = np.linspace(2.0, 9.5, len(movies))
+    now = 2_000_100.0
+    view = p.user_view(personalized, "u")
+    assert view is not None
+    totals = p.movie_totals(personalized)
+    assert totals.dense is not None  # the tiny model's ids are ints
+    rows = p._rows(totals, movies)
+    n = len(personalized.mf.item_ids)
+    # The rated unknown movie gets its own row after the model's movies; a movie nobody knows takes the last.
+    assert rows[3] == n
+    assert rows[4] == len(totals.table) - 1
+    assert rows[[0, 1, 2, 5, 6]].tolist() == lookup(personalized.mf.item_index, [1, 2, 3, 4, 5]).tolist()
+    one_pass = personalized.predict_table(view, x, rows, totals.table, now)
+    index, columns = p.movie_inputs(personalized, movies)
+    by_columns, mask = personalized.predict_view(view, p._keys(movies), x, now, index=index, movie_columns=columns)
+    assert mask.all()
+    np.testing.assert_allclose(one_pass, by_columns, rtol=0, atol=1e-12)
+    # Without the C extension the matrix is built in numpy: the same answers again.
+    monkeypatch.setattr("moviematch_ml.personalized._codec", None)
+    np.testing.assert_allclose(personalized.predict_table(view, x, rows, totals.table, now), one_pass, atol=1e-12)
+
+
+def test_ids_of_another_spelling_find_the_same_rows(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(personalized)
+    _rate(store, "v", {999_999: 6.0})
+    totals = p.movie_totals(personalized)
+    ints = p._rows(totals, [1, 999_999, 5, 424_242])
+    # Text ids (as a client may send them) and None take the dict lookup after _keys, and land on the same rows.
+    assert p._rows(totals, ["1", "999999", 5, "424242"]).tolist() == ints.tolist()
+    assert p._rows(totals, [None, 1])[0] == len(totals.table) - 1
+    assert p._rows(totals, (1, 999_999, 5, 424_242)).tolist() == ints.tolist()  # a tuple: not the C path
+
+
+def test_dense_rows_cover_the_int_ids_only() -> None:
+    from moviematch_ml.state import DENSE_IDS_MAX, _dense_rows
+
+    dense = _dense_rows({3: 0, 1: 2, "x": 1})
+    assert dense is not None
+    assert dense.tolist() == [-1, 2, -1, 0]
+    assert _dense_rows({"a": 0}) is None
+    assert _dense_rows({DENSE_IDS_MAX: 0, 1: 1}) is None  # too wide an array: the dict alone
+
+
+def test_a_model_that_skips_unknown_movies_takes_the_column_by_column_path(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    strict = PersonalizedModel(
+        personalized.config.model_copy(update={"personalize": "known_user_and_movie"}),
+        personalized.state,
+        personalized.booster,
+        personalized.scale,
+    )
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(strict)
+    _rate(store, "u", {1: 9.0, 2: 3.0})
+    view = p.user_view(strict, "u")
+    assert view is not None
+    with pytest.raises(ValueError, match="known_user"):
+        strict.predict_table(view, X[:2], np.array([0, 1]), p.movie_totals(strict).table)
+    answer = p("u", [1, 123_456, 2], X)
+    assert answer is not None
+    assert answer[1].tolist() == [True, False, True]  # the unknown movie is left to the six-feature model
 
 
 class CountingStore(FeedbackStore):

@@ -11,3 +11,18 @@ def rows(
     prefix: bytes,
 ) -> bytes | None: ...
 def matrix(movies: list[Any], names: tuple[str, ...], out: Any) -> bool: ...
+def positions(keys: list[Any], index: dict[Any, int], default: int, out: Any, dense: Any = None) -> int: ...
+def user_rows(
+    rows: Any,
+    x6: Any,
+    table: Any,
+    factors: Any,
+    user_factors: Any,
+    template: Any,
+    out: Any,
+    n_known: int,
+    movie_col: int,
+    score_col: int,
+    dot_col: int,
+    base: float,
+) -> None: ...

@@ -31,6 +31,12 @@ from moviematch_ml.model import (
     write_card,
 )
 
+_codec: Any
+try:  # the C loops (see setup.py); without a compiler, predict_table builds its matrix in numpy
+    from moviematch_ml import _codec
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _codec = None
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -705,6 +711,59 @@ class PersonalizedModel:
         out = np.full(n, np.nan)
         out[mask] = self._predict_rows(rows)
         return out, mask
+
+    def predict_table(
+        self, view: UserView, x6: FloatArray, rows: IntArray, table: FloatArray, now: float | None = None
+    ) -> FloatArray:
+        """``predict_view`` of a batch whose movies are given as rows of a movie table: ``table`` is
+        ``movie_table``'s layout (one row per movie of the model, in its order, then any others; (R, 4) count,
+        mean, spread, bias) and ``rows`` ((n,) ints) each movie's row. Every row is personalised, so this is only
+        for ``personalize == "known_user"``. Equal to ``predict_view`` with those movie inputs, to float rounding.
+
+        The whole input matrix is written in one pass (``_codec.user_rows``): in numpy it was a gather, a matmul
+        and a dozen column writes, 35 us of a 1,000-movie batch.
+        """
+        if self.config.personalize != "known_user":
+            raise ValueError('predict_table answers every movie: only for personalize == "known_user"')
+        n_known = len(self.mf.item_ids)
+        m = len(rows)
+        template = np.empty(len(MODEL_FEATURES))
+        template[_COL["user_count"] : _COL["user_bias"] + 1] = (view.count, view.mean, view.std, view.bias)
+        template[_COL[RECENT_FEATURES[0]] :] = view.recent(time.time() if now is None else float(now))
+        out = np.empty((m, len(MODEL_FEATURES)))
+        x6 = np.ascontiguousarray(x6, dtype=np.float64)
+        if _codec is not None:
+            _codec.user_rows(
+                np.ascontiguousarray(rows, dtype=np.int64),
+                x6,
+                np.ascontiguousarray(table, dtype=np.float64),
+                self._item_factors,
+                np.ascontiguousarray(view.factors, dtype=np.float64),
+                template,
+                out,
+                n_known,
+                _COL["movie_count"],
+                _COL["cf_score"],
+                _COL["cf_dot"],
+                self.mf.global_mean + view.bias,
+            )
+        else:  # the same matrix in numpy
+            out[:] = template
+            out[:, :N_FEATURES] = x6
+            movie = table[rows]
+            out[:, _COL["movie_count"] : _COL["movie_bias"] + 1] = movie
+            dot = out[:, _COL["cf_dot"]]
+            dot.fill(np.nan)
+            known = np.flatnonzero(rows < n_known)
+            dot[known] = self.mf.item_factors[rows[known]] @ np.asarray(view.factors, dtype=np.float64)
+            out[:, _COL["cf_score"]] = self.mf.global_mean + view.bias + movie[:, 3] + dot
+        return self._predict_rows(out)
+
+    @property
+    def _item_factors(self) -> FloatArray:
+        # user_rows reads the factors as one C-contiguous float64 block (a loaded model's already are: no copy).
+        factors: FloatArray = np.ascontiguousarray(self.mf.item_factors, dtype=np.float64)
+        return factors
 
     def _movie_columns(self, index: IntArray, extra: FloatArray | None) -> FloatArray:
         """(len(index), 4) movie count, mean, spread and bias inputs of the movies at ``index`` (-1: unknown to the

@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,10 +30,19 @@ from moviematch_ml.errors import ModelError, StoreError
 from moviematch_ml.personalized import IntArray, PersonalizedModel, UserView, user_state
 from moviematch_ml.store import FeedbackStore
 
+_codec: Any
+try:  # the C loops (see setup.py); without a compiler, ids are looked up through cf.lookup alone
+    from moviematch_ml import _codec
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _codec = None
+
 log = logging.getLogger(__name__)
 
 PERSONALIZED_DIR: Final[str] = "personalized"
 MOVIE_TTL_SECONDS: Final[float] = 30.0
+# Movie ids below this (4 MB of int32) are looked up in an array rather than a dict (MovieTotals.dense); movielens'
+# ids stop at 193,609.
+DENSE_IDS_MAX: Final[int] = 1 << 20
 # A backstop: a cached user state is re-read after this long even if the change feed never named the user.
 USER_MAX_AGE_SECONDS: Final[float] = 300.0
 # The feed is read from the highest row id seen this many polls ago: a rating whose row id was taken before a
@@ -101,31 +110,34 @@ def load_personalized(model_path: Path) -> PersonalizedModel | None:
 @dataclass(frozen=True, slots=True)
 class MovieTotals:
     """What the movies received through /feedback (count, sum, sum of squares; data scale), read at once: by the
-    store's movie id, and as an array aligned with the model's movies for batches."""
+    store's movie id, and as arrays for batches."""
 
     expires: float
     model: PersonalizedModel
     by_key: dict[str, tuple[float, float, float]]
     known: npt.NDArray[np.float64]  # (movies of the model, 3), in the model's order
-    # The rated movies the model does not know, by their id as the model's lookups spell it (see
-    # ``StatePersonalizer._key``) -> row of ``unknown_values``: a batch finds them with one C-level map over its
-    # ids, not a Python loop.
-    unknown_index: dict[Id, int]
-    unknown_values: npt.NDArray[np.float64]  # (len(unknown_index), 3)
-    # The model's movie inputs with these totals added (``PersonalizedModel.movie_table``): a batch gathers its
-    # rows instead of computing means and spreads per request.
+    unknown_values: npt.NDArray[np.float64]  # (k, 3): the rated movies the model does not know, in ``rows`` order
+    # Every movie a batch can find, by its id as the model's lookups spell it (see ``StatePersonalizer._key``) ->
+    # its row of ``table``: the model's movies at their positions in the model, then the rated movies the model does
+    # not know. A batch finds them all with one lookup; any other id takes the last row.
+    rows: dict[Id, int]
+    # The movie inputs (count, mean, spread, bias) with these totals added, one row per movie of ``rows`` and a last
+    # one for a movie nobody rated that the model does not know (``PersonalizedModel.movie_table``): a batch gathers
+    # its rows instead of computing means and spreads per request.
     table: npt.NDArray[np.float64]
+    # ``rows`` for its int ids as an array (-1 where it has none), when the model's ids are ints below
+    # DENSE_IDS_MAX: a batch's int ids are then looked up by position rather than by hashing (_codec.positions).
+    dense: npt.NDArray[np.int32] | None
 
 
-def _rated_unknown(
-    totals: MovieTotals, keys: Sequence[Id], unknown: npt.NDArray[np.bool_]
-) -> tuple[npt.NDArray[np.bool_], IntArray]:
-    """Which ``keys`` are movies the model does not know (``unknown``) that /feedback rated, and their rows of
-    ``totals.unknown_values`` (a known id is never among them)."""
-    if not totals.unknown_index or not unknown.any():
-        return np.zeros(len(keys), dtype=bool), np.full(len(keys), -1, dtype=np.int64)
-    row = lookup(totals.unknown_index, keys)
-    return row >= 0, row
+def _dense_rows(rows: dict[Id, int]) -> npt.NDArray[np.int32] | None:
+    """``MovieTotals.dense`` of ``rows``: None if it has no int id or one at or above DENSE_IDS_MAX."""
+    ints = [k for k in rows if type(k) is int and k >= 0]
+    if not ints or max(ints) >= DENSE_IDS_MAX:
+        return None
+    dense = np.full(max(ints) + 1, -1, dtype=np.int32)
+    dense[ints] = [rows[k] for k in ints]
+    return dense
 
 
 class StatePersonalizer:
@@ -253,7 +265,7 @@ class StatePersonalizer:
             counts = self.store.all_movie_counts() if self._use_movie_extra else {}
             by_key = {k: (float(c.n), c.rating_sum * scale, c.rating_sumsq * scale**2) for k, c in counts.items()}
             known = np.zeros((len(model.mf.item_ids), 3))
-            unknown: dict[str, tuple[float, float, float]] = {}
+            unknown: dict[str, tuple[float, float, float]] = {}  # by the store's id, in the store's order
             index = model.mf.item_index
             for k, value in by_key.items():
                 i = index.get(self._key(k), -1)
@@ -261,46 +273,52 @@ class StatePersonalizer:
                     known[i] = value
                 else:
                     unknown[k] = value
-            unknown_index = {self._key(k): row for row, k in enumerate(unknown)}
             unknown_values = np.array(list(unknown.values()), dtype=np.float64).reshape(len(unknown), 3)
+            table = model.movie_table(known)
+            rows: dict[Id, int] = model.mf.item_index
+            if unknown:
+                n = len(known)
+                rows = dict(rows)  # the model's own index stays as it is: the rated unknown movies go on a copy
+                rows.update({self._key(k): n + row for row, k in enumerate(unknown)})
+                table = np.vstack([table[:n], model.unknown_movie_columns(unknown_values), table[n:]])
+            dense = _dense_rows(rows) if self._int_ids else None
             cached = MovieTotals(
-                self._clock() + self._movie_ttl,
-                model,
-                by_key,
-                known,
-                unknown_index,
-                unknown_values,
-                model.movie_table(known),
+                self._clock() + self._movie_ttl, model, by_key, known, unknown_values, rows, table, dense
             )
             self._movies = cached
             return cached
 
-    def movie_extra(
-        self, model: PersonalizedModel, movie_ids: Sequence[Id | None], index: IntArray | None = None
-    ) -> npt.NDArray[np.float64]:
-        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback. ``index``, the
-        movies' positions in the model (``cf.lookup``), makes it one gather for the movies the model knows."""
+    def movie_extra(self, model: PersonalizedModel, movie_ids: Sequence[Id | None]) -> npt.NDArray[np.float64]:
+        """(n, 3) count, sum, sum of squares (data scale) of what each movie got through /feedback."""
         totals = self.movie_totals(model)
-        keys = self._keys(movie_ids)
-        if index is None:
-            index = lookup(model.mf.item_index, keys)
-        unknown = index < 0
-        out: npt.NDArray[np.float64] = totals.known[np.maximum(index, 0)]
-        out[unknown] = 0.0
-        found, row = _rated_unknown(totals, keys, unknown)
-        out[found] = totals.unknown_values[row[found]]
+        rows = self._rows(totals, movie_ids)
+        n, k = len(totals.known), len(totals.unknown_values)
+        out: npt.NDArray[np.float64] = np.zeros((len(rows), 3))
+        known = rows < n
+        out[known] = totals.known[rows[known]]
+        rated = (rows >= n) & (rows < n + k)
+        out[rated] = totals.unknown_values[rows[rated] - n]
         return out
 
-    def movie_columns(self, model: PersonalizedModel, keys: Sequence[Id], index: IntArray) -> npt.NDArray[np.float64]:
-        """(n, 4) movie inputs of a batch (``PersonalizedModel.movie_table`` rows, with /feedback's totals), from
-        the ids as ``_keys`` spells them and their positions in the model (``cf.lookup``)."""
+    def movie_inputs(
+        self, model: PersonalizedModel, movie_ids: Sequence[Id | None]
+    ) -> tuple[IntArray, npt.NDArray[np.float64]]:
+        """(positions in the model, -1 for a movie it does not know; (n, 4) movie inputs) of a batch's movies: rows
+        of ``PersonalizedModel.movie_table`` with /feedback's totals."""
         totals = self.movie_totals(model)
-        unknown = index < 0
-        columns: npt.NDArray[np.float64] = totals.table[np.where(unknown, len(totals.table) - 1, index)]
-        found, row = _rated_unknown(totals, keys, unknown)
-        if found.any():
-            columns[found] = model.unknown_movie_columns(totals.unknown_values[row[found]])
-        return columns
+        rows = self._rows(totals, movie_ids)
+        n = len(totals.known)
+        index = rows if len(rows) == 0 or rows.max() < n else np.where(rows < n, rows, -1)
+        return index, totals.table[rows]
+
+    def _rows(self, totals: MovieTotals, movie_ids: Sequence[Id | None]) -> IntArray:
+        """Each movie's row of ``totals.table`` (its last row for a movie neither the model nor /feedback knows)."""
+        default = len(totals.table) - 1
+        if _codec is not None and totals.dense is not None and type(movie_ids) is list:
+            rows: IntArray = np.empty(len(movie_ids), dtype=np.int64)
+            if _codec.positions(movie_ids, totals.rows, default, rows, totals.dense) == 0:
+                return rows  # every id an int, as the model spells its ids: no other spelling to try
+        return lookup(totals.rows, self._keys(movie_ids), default)
 
     def movie_extra_one(self, model: PersonalizedModel, movie_id: Id | None) -> tuple[float, float, float]:
         """``movie_extra`` of one movie, as a tuple."""
@@ -329,9 +347,8 @@ class StatePersonalizer:
                 # (No totals for a model trained from the store: movie_totals leaves them empty, see set_model.)
                 extra_one = self.movie_extra_one(model, movie_ids[0])
             else:
-                keys = self._keys(movie_ids)
-                index = lookup(model.mf.item_index, keys)
-                columns = self.movie_columns(model, keys, index)
+                totals = self.movie_totals(model)
+                rows = self._rows(totals, movie_ids)
         except StoreError as exc:
             # The store is down: answer with the six-feature model rather than fail the prediction.
             log.warning("user state unavailable", extra={"reason": str(exc)})
@@ -341,7 +358,12 @@ class StatePersonalizer:
             if one is None:
                 return None
             return np.array([min(max(one * model.scale.to_api, 0.0), 10.0)]), np.ones(1, dtype=bool)
-        pred, mask = model.predict_view(view, keys, x, index=index, movie_columns=columns)
+        if model.config.personalize == "known_user":  # every movie answered: the matrix in one pass
+            return model.to_api(model.predict_table(view, x, rows, totals.table)), np.ones(len(rows), dtype=bool)
+        n = len(totals.known)
+        index = np.where(rows < n, rows, -1)
+        keys = self._keys(movie_ids)
+        pred, mask = model.predict_view(view, keys, x, index=index, movie_columns=totals.table[rows])
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask
