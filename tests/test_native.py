@@ -219,6 +219,44 @@ def test_values_repeated_from_the_row_before_give_the_one_row_answers(num_leaves
     np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
 
 
+@functools.cache
+def _wide_model() -> str:
+    """A 20-input model with 31-leaf trees, as wide as the personalised one: 14 inputs that vary per row
+    (several passes of the fused tail), the others constant or repeated in blocks (the memo)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4000, 20))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    y = np.nansum(x[:, :8] * np.arange(1, 9), axis=1) + np.nan_to_num(x[:, 8] * x[:, 9]) + rng.normal(size=4000)
+    params = {"objective": "regression", "num_leaves": 31, "min_data_in_leaf": 5, "seed": 0, "verbose": -1}
+    text: str = lgb.train({**params, "num_threads": 1}, lgb.Dataset(x, y), 40).model_to_string()
+    return text
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 203])
+def test_a_wide_model_with_memo_tail_and_repeats_gives_the_one_row_answers(n: int) -> None:
+    # One user's batch: 4 columns constant (folded), 6 shared by runs of rows (movies the model does not know
+    # share their inputs: the memo), 10 varying (the tail: ANDed four table rows a pass), whole rows repeated, and
+    # a row count that leaves rows over after the four-at-a-time sums.
+    text = _wide_model()
+    native = TreeEnsemble.from_lightgbm_text(text, 20)
+    assert native.runtime == "native"
+    numpy_evaluator = TreeEnsemble.from_lightgbm_text(text, 20, native=False)
+    rng = np.random.default_rng(23)
+    x = rng.normal(size=(210, 20))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[:, 16:] = x[0, 16:]
+    for start in range(0, 210, 9):
+        x[start : start + 7, 10:16] = x[start, 10:16]
+    x[2:4] = x[1]  # identical rows (a copied answer)
+    x[150:160] = x[149]  # a run of them across a group of four
+    x = x[:n]
+    got = native.predict_raw(x)
+    singles = np.array([native.predict_value(row.tolist()) for row in x])
+    np.testing.assert_array_equal(got, singles)
+    np.testing.assert_allclose(got, numpy_evaluator.predict_raw(x), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
+
+
 def test_batches_of_one_and_zero_rows() -> None:
     native, numpy_evaluator = _pair(_model(60, True))
     x = _nan_rows(seed=31)

@@ -65,39 +65,104 @@ static inline int same_value(double a, double b) {
 }
 
 /* Rows of a batch. ``base`` holds the masks of the features every row shares (folded once, see eval_rows); the
- * ``n_vary`` others, in the order of ``vary``, are ANDed in one after the other, and prefix[k] keeps the masks
- * after the k-th of them. A row that has the same values as the row before in its first k0 varying features
- * starts from prefix[k0 - 1] instead of from base (rows of movies a personalised model does not know share all
- * their movie features, say), and a row identical to the one before copies its answer. The lowest set bit of
- * each tree's mask is its exit leaf (a mask is never 0: every table row keeps the rightmost leaf of each tree),
- * and the leaf values are added in tree order. */
+ * ``n_vary`` others, in the order of ``vary`` (most repeated first), are ANDed in. The first ``n_memo`` of them
+ * (those that often repeat from one row to the next: the movie features of a personalised batch, whose movies
+ * the model mostly does not know, say) are ANDed one at a time and prefix[k] keeps the masks after the k-th: a
+ * row that has the same values as the row before in its first k0 varying features starts from prefix[k0 - 1]
+ * instead of from base. The others (the tail, which change on nearly every row) are ANDed together, up to four
+ * table rows per pass over the masks, into the row's slot of ``fin``: one pass writes the masks once where a
+ * pass per feature wrote and read them back each time. A row identical to the one before copies its answer.
+ * The lowest set bit of each tree's mask is its exit leaf (a mask is never 0: every table row keeps the
+ * rightmost leaf of each tree), and each row's leaf values are added in tree order, as LightGBM adds them. */
+#define PENDING 4
 #define DEFINE_ROWS(NAME, WORD, CTZ)                                                                        \
+    static inline double NAME##_sum(const WORD *m, const double *leaves, Py_ssize_t nt, Py_ssize_t width) {  \
+        double sum = 0.0;                                                                                   \
+        for (Py_ssize_t t = 0; t < nt; t++) sum += leaves[t * width + (m[t] ? CTZ(m[t]) : 0)];              \
+        return sum;                                                                                         \
+    }                                                                                                       \
+    /* The sums of PENDING rows' masks (fin, one after the other), side by side: four independent chains of  \
+     * additions in flight instead of one, each still in tree order. */                                      \
+    static inline void NAME##_sum4(const WORD *fin, const double *leaves, Py_ssize_t nt, Py_ssize_t width,   \
+                                   double *out0, double *out1, double *out2, double *out3) {                 \
+        const WORD *m0 = fin, *m1 = fin + nt, *m2 = fin + 2 * nt, *m3 = fin + 3 * nt;                       \
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;                                                      \
+        for (Py_ssize_t t = 0; t < nt; t++) {                                                               \
+            const double *lv = leaves + t * width;                                                          \
+            s0 += lv[m0[t] ? CTZ(m0[t]) : 0];                                                               \
+            s1 += lv[m1[t] ? CTZ(m1[t]) : 0];                                                               \
+            s2 += lv[m2[t] ? CTZ(m2[t]) : 0];                                                               \
+            s3 += lv[m3[t] ? CTZ(m3[t]) : 0];                                                               \
+        }                                                                                                   \
+        *out0 = s0;                                                                                         \
+        *out1 = s1;                                                                                         \
+        *out2 = s2;                                                                                         \
+        *out3 = s3;                                                                                         \
+    }                                                                                                       \
+    /* dst = src & the q (1 to 4) table rows r. */                                                          \
+    static inline void NAME##_and(WORD *restrict dst, const WORD *src, const WORD *const *r, Py_ssize_t q,   \
+                                  Py_ssize_t nt) {                                                          \
+        const WORD *r0 = r[0], *r1 = r[q > 1], *r2 = r[q > 2 ? 2 : 0], *r3 = r[q > 3 ? 3 : 0];               \
+        switch (q) {                                                                                        \
+        case 1:                                                                                             \
+            for (Py_ssize_t t = 0; t < nt; t++) dst[t] = src[t] & r0[t];                                    \
+            break;                                                                                          \
+        case 2:                                                                                             \
+            for (Py_ssize_t t = 0; t < nt; t++) dst[t] = src[t] & r0[t] & r1[t];                            \
+            break;                                                                                          \
+        case 3:                                                                                             \
+            for (Py_ssize_t t = 0; t < nt; t++) dst[t] = src[t] & r0[t] & r1[t] & r2[t];                    \
+            break;                                                                                          \
+        default:                                                                                            \
+            for (Py_ssize_t t = 0; t < nt; t++) dst[t] = src[t] & r0[t] & r1[t] & r2[t] & r3[t];            \
+        }                                                                                                   \
+    }                                                                                                       \
     static void NAME(const Forest *f, const double *x, Py_ssize_t n, double *out, const Py_ssize_t *vary,  \
-                     Py_ssize_t n_vary, const WORD *base, WORD *prefix) {                                   \
-        const Py_ssize_t nt = f->n_trees, nf = f->n_features;                                               \
+                     Py_ssize_t n_vary, Py_ssize_t n_memo, const WORD *base, WORD *prefix, WORD *fin) {     \
+        const Py_ssize_t nt = f->n_trees, nf = f->n_features, width = f->width;                             \
         const WORD *tables = (const WORD *)f->tables.buf;                                                   \
         const double *leaves = (const double *)f->leaf_values.buf;                                          \
+        Py_ssize_t pending[PENDING], np_ = 0; /* rows whose masks wait in fin for their sums */            \
         for (Py_ssize_t i = 0; i < n; i++) {                                                                \
             const double *xi = x + i * nf;                                                                  \
             Py_ssize_t k0 = 0;                                                                              \
             if (i > 0) {                                                                                    \
                 while (k0 < n_vary && same_value(xi[vary[k0]], xi[vary[k0] - nf])) k0++;                    \
                 if (k0 == n_vary) {                                                                         \
+                    for (Py_ssize_t p = 0; p < np_; p++)                                                    \
+                        out[pending[p]] = NAME##_sum(fin + p * nt, leaves, nt, width);                      \
+                    np_ = 0;                                                                                \
                     out[i] = out[i - 1];                                                                    \
                     continue;                                                                               \
                 }                                                                                           \
             }                                                                                               \
-            for (Py_ssize_t k = k0; k < n_vary; k++) {                                                      \
-                const WORD *prev = k == 0 ? base : prefix + (k - 1) * nt;                                   \
-                WORD *cur = prefix + k * nt;                                                                \
-                const WORD *row = tables + table_row(f, vary[k], xi[vary[k]]) * nt;                         \
-                for (Py_ssize_t t = 0; t < nt; t++) cur[t] = prev[t] & row[t];                              \
+            if (n_vary == 0) {                                                                              \
+                out[i] = NAME##_sum(base, leaves, nt, width);                                               \
+                continue;                                                                                   \
             }                                                                                               \
-            const WORD *m = n_vary ? prefix + (n_vary - 1) * nt : base;                                     \
-            double sum = 0.0;                                                                               \
-            for (Py_ssize_t t = 0; t < nt; t++) sum += leaves[t * f->width + (m[t] ? CTZ(m[t]) : 0)];       \
-            out[i] = sum;                                                                                   \
+            for (Py_ssize_t k = k0; k < n_memo; k++) {                                                      \
+                const WORD *row = tables + table_row(f, vary[k], xi[vary[k]]) * nt;                         \
+                NAME##_and(prefix + k * nt, k == 0 ? base : prefix + (k - 1) * nt, &row, 1, nt);            \
+            }                                                                                               \
+            /* The tail, from the memo's last level, four table rows a pass; the last pass writes to fin. */ \
+            const WORD *src = n_memo == 0 ? base : prefix + (n_memo - 1) * nt;                              \
+            for (Py_ssize_t k = n_memo; k < n_vary; k += 4) {                                               \
+                const Py_ssize_t q = n_vary - k < 4 ? n_vary - k : 4;                                       \
+                const WORD *rows[4] = {NULL, NULL, NULL, NULL};                                             \
+                for (Py_ssize_t c = 0; c < q; c++)                                                          \
+                    rows[c] = tables + table_row(f, vary[k + c], xi[vary[k + c]]) * nt;                     \
+                WORD *dst = k + q == n_vary ? fin + np_ * nt : prefix + (k + q - 1) * nt;                   \
+                NAME##_and(dst, src, rows, q, nt);                                                          \
+                src = dst;                                                                                  \
+            }                                                                                               \
+            pending[np_++] = i;                                                                             \
+            if (np_ == PENDING) {                                                                           \
+                NAME##_sum4(fin, leaves, nt, width, out + pending[0], out + pending[1], out + pending[2],    \
+                            out + pending[3]);                                                              \
+                np_ = 0;                                                                                    \
+            }                                                                                               \
         }                                                                                                   \
+        for (Py_ssize_t p = 0; p < np_; p++) out[pending[p]] = NAME##_sum(fin + p * nt, leaves, nt, width); \
     }                                                                                                       \
     static void NAME##_fold(const Forest *f, const double *x, Py_ssize_t j, WORD *base) {                   \
         const WORD *row = (const WORD *)f->tables.buf + table_row(f, j, x[j]) * f->n_trees;                 \
@@ -112,7 +177,10 @@ DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
  * (a batch for one user: the user's count, mean, recent ratings...) is looked up once and folded into the
  * starting masks, so the per-row work is only that of the features that vary; these are taken in order of how
  * often a row repeats the value of the row before, so that repeated leading values are looked up once too
- * (see DEFINE_ROWS). scratch: (n_features + 1) * n_trees 8-byte words; vary and repeats: n_features entries. */
+ * (see DEFINE_ROWS). scratch: SCRATCH_WORDS 8-byte words; vary and repeats: n_features entries. */
+/* Words of scratch eval_rows needs: base, a prefix per feature, PENDING rows' final masks. */
+#define SCRATCH_WORDS(nf, nt) (((size_t)(nf) + 1 + PENDING) * (size_t)(nt))
+
 static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch, Py_ssize_t *vary,
                       Py_ssize_t *repeats) {
     const Py_ssize_t nf = f->n_features, nt = f->n_trees;
@@ -139,10 +207,18 @@ static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *ou
             repeats[k] = same;
         }
     }
+    /* The memo: the leading varying features that repeat on at least a quarter of the rows; always one fewer than
+     * all of them, so that the tail (which ends in fin) is never empty. */
+    Py_ssize_t n_memo = 0;
+    while (n_memo + 1 < n_vary && 4 * repeats[n_memo] >= n - 1) n_memo++;
     char *prefix = (char *)scratch + (size_t)nt * word;
-    if (f->word == 8) rows64(f, x, n, out, vary, n_vary, (const uint64_t *)scratch, (uint64_t *)prefix);
-    else if (f->word == 4) rows32(f, x, n, out, vary, n_vary, (const uint32_t *)scratch, (uint32_t *)prefix);
-    else rows16(f, x, n, out, vary, n_vary, (const uint16_t *)scratch, (uint16_t *)prefix);
+    char *fin = prefix + (size_t)nf * (size_t)nt * word;
+    if (f->word == 8)
+        rows64(f, x, n, out, vary, n_vary, n_memo, (const uint64_t *)scratch, (uint64_t *)prefix, (uint64_t *)fin);
+    else if (f->word == 4)
+        rows32(f, x, n, out, vary, n_vary, n_memo, (const uint32_t *)scratch, (uint32_t *)prefix, (uint32_t *)fin);
+    else
+        rows16(f, x, n, out, vary, n_vary, n_memo, (const uint16_t *)scratch, (uint16_t *)prefix, (uint16_t *)fin);
 }
 
 static int check(int ok, const char *what) {
@@ -220,7 +296,7 @@ static PyObject *Forest_predict(Forest *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "Forest.predict: x must be (n, n_features) float64 and out (n,) float64");
         goto done;
     }
-    size_t masks = (size_t)(self->n_features + 1) * (size_t)self->n_trees * 8;
+    size_t masks = SCRATCH_WORDS(self->n_features, self->n_trees) * 8;
     void *scratch = PyMem_RawMalloc(masks + 2 * (size_t)self->n_features * sizeof(Py_ssize_t));
     if (scratch == NULL) {
         PyErr_NoMemory();
@@ -255,7 +331,7 @@ static PyObject *Forest_predict_row(Forest *self, PyObject *values) {
     double stack_x[64];
     Py_ssize_t stack_idx[128];
     uint64_t stack_m[4096];
-    size_t masks = (size_t)(n + 1) * (size_t)self->n_trees;
+    size_t masks = SCRATCH_WORDS(n, self->n_trees);
     double *xv = n <= 64 ? stack_x : PyMem_Malloc((size_t)n * sizeof(double));
     Py_ssize_t *vary = n <= 64 ? stack_idx : PyMem_Malloc(2 * (size_t)n * sizeof(Py_ssize_t));
     void *m = masks <= 4096 ? (void *)stack_m : PyMem_Malloc(masks * 8);
