@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -106,6 +108,35 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     s = FeedbackStore.from_url(db_url)  # second upgrade to head is a no-op
     assert s.count() == 0
     s.close()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    # A new migration must move HEAD_REVISION too, or a store at the old head would skip it.
+    from alembic.script import ScriptDirectory
+
+    from moviematch_ml.migrations import HEAD_REVISION, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+
+def test_a_store_at_head_opens_without_alembic(db_url: str) -> None:
+    # Each worker checks the schema at start: a store already at head is one read, no Alembic import (11 MB).
+    from moviematch_ml.migrations import HEAD_REVISION, current_revision
+
+    probe = (
+        "import sys; from moviematch_ml.store import FeedbackStore; "
+        f"s = FeedbackStore.from_url({db_url!r}); s.count(); print('alembic' in sys.modules)"
+    )
+
+    def alembic_imported() -> bool:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        return done.stdout.strip() == "True"
+
+    assert alembic_imported()  # a new database: Alembic creates the schema
+    s = FeedbackStore.from_url(db_url)
+    assert current_revision(s.engine) == HEAD_REVISION
+    s.close()
+    assert not alembic_imported()  # at head: nothing to do
 
 
 def test_database_url_normalisation() -> None:
