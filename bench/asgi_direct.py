@@ -6,7 +6,7 @@ Calls the app's ASGI entry point directly in a loop with in-memory receive/send,
 makes them; the access log goes to a temporary file. Isolates our per-request work from the HTTP server and the
 load generator (useful on a machine too noisy for wrk). Workloads: ``predict`` (5000 different bodies),
 ``batch1000`` (40 bodies of 1,000 movies), ``ppredict`` and ``pbatch1000`` (the same, with the user_id of one of
-200 users who each have 5 ratings; needs a model with a personalised part, e.g. ``--model bundled``).
+200 users who each have 5 ratings, or ``--users N`` with 3 ratings each; needs a model with a personalised part, e.g. ``--model bundled``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ async def main_async(args: argparse.Namespace) -> None:
     configure_logging(settings.log_level, stream=log_file if not args.log_to_memory else io.StringIO())
     app = create_app(settings)
     rng = random.Random(7)
-    users = list(range(1, 201))
+    users = list(range(1, args.users + 1))
     workload = args.workload
     path = "/predict-batch" if workload.endswith("batch1000") else "/predict"
     if workload == "predict":
@@ -91,19 +91,22 @@ async def main_async(args: argparse.Namespace) -> None:
     elif workload == "ppredict":
         bodies = [
             orjson.dumps({**features(rng), "user_id": rng.choice(users), "movie_id": rng.randint(1, 2000)})
-            for _ in range(5000)
+            for _ in range(max(5000, args.requests + 2000) if args.users > 200 else 5000)
         ]
     else:
         user = (lambda: rng.choice(users)) if workload == "pbatch1000" else (lambda: None)
         bodies = [orjson.dumps(batch_body(rng, 1000, user())) for _ in range(40)]
     async with app.router.lifespan_context(app):
         if workload.startswith("p"):
-            # As bench/run.py seeds them: 5 ratings for each of the 200 users.
-            for u in users:
-                ratings = [
-                    {"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)
-                ]
-                await drive(app, [orjson.dumps({"ratings": ratings})], "/feedback", 1)
+            # As bench/run.py seeds them: 5 ratings for each of the 200 users (3 each for --users above 200).
+            per_user = 5 if args.users <= 200 else 3
+            ratings = [
+                {"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)}
+                for u in users
+                for _ in range(per_user)
+            ]
+            for at in range(0, len(ratings), 1000):
+                await drive(app, [orjson.dumps({"ratings": ratings[at : at + 1000]})], "/feedback", 1)
         await drive(app, bodies[-2000:], path, min(2000, args.requests))  # warm-up
         per = await drive(app, bodies, path, args.requests)
         cache = app.state.service.cache
@@ -122,6 +125,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a Settings field, e.g. FAST_PATH=false"
+    )
+    ap.add_argument(
+        "--users",
+        type=int,
+        default=200,
+        help="users of the personalised workloads; above 200, ppredict bodies are drawn for every request (the "
+        "'20k users' scenario of bench/run.py is --users 20000: most requests then miss the state cache)",
     )
     ap.add_argument("--unique", action="store_true", help="a different body for every request (no repeats)")
     ap.add_argument("--log-to-memory", action="store_true", help="write the log lines to memory, not a file")
