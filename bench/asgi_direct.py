@@ -6,7 +6,8 @@ Calls the app's ASGI entry point directly in a loop with in-memory receive/send,
 makes them; the access log goes to a temporary file. Isolates our per-request work from the HTTP server and the
 load generator (useful on a machine too noisy for wrk). Workloads: ``predict`` (5000 different bodies),
 ``batch1000`` (40 bodies of 1,000 movies), ``ppredict`` and ``pbatch1000`` (the same, with the user_id of one of
-200 users who each have 5 ratings, or ``--users N`` with 3 ratings each; needs a model with a personalised part, e.g. ``--model bundled``).
+200 users who each have 5 ratings, or ``--users N`` with 3 ratings each; needs a model with a personalised part,
+e.g. ``--model bundled``).
 """
 
 from __future__ import annotations
