@@ -161,6 +161,13 @@ def test_a_reused_sqlite_reader_sees_every_later_commit(tmp_path: Path) -> None:
         # The same connection, holding no snapshot of the first read: the other writer's commit is seen.
         assert s.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 200.0)]
         assert s._readers == [reader]
+        # Even a rating stored as an integer comes back a float (the columns' REAL affinity).
+        with s.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO feedback (feedback_id, user_id, movie_id, rating, rated_at, received_at)"
+                " VALUES ('c', 'u2', 'm3', 7, 300, 300)"
+            )
+        assert [type(v) for v in s.user_ratings("u2")[0]] == [str, float, float]
         assert not reader.in_transaction
         # It was opened by the engine, so it has the store's pragmas (WAL, durable commits, the busy timeout).
         pragmas = [reader.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "synchronous", "busy_timeout")]
