@@ -1,25 +1,32 @@
-"""How long looking up a user's state costs on the embedded default (SQLite), cache missed and hit.
+"""How long looking up a user's state costs on the embedded default (SQLite), cache missed and hit, and how many
+bytes a cached user takes.
 
-    python bench/state_lookup.py [--users 2000] [--ratings-per-user 50] [--lookups 2000]
+    python bench/state_lookup.py [--users 2000] [--ratings-per-user 50] [--lookups 2000] [--cached-users 20000]
 
 Fills a fresh SQLite store with feedback, loads the bundled personalised model, then times
-``StatePersonalizer.user_state`` (a miss reads the user's ratings and folds them in; a hit is the in-process cache)
-and ``movie_extra`` for a 1,000-movie batch (one bulk query), printing p50 / p99 / max in milliseconds.
+``StatePersonalizer.user_view`` (a miss reads the user's ratings and folds them in; a hit is the in-process cache),
+the miss's two parts (the read, ``FeedbackStore.user_ratings``; the view built from the rows) and ``movie_extra``
+for a 1,000-movie batch (one bulk query), printing p50 / p99 / max in milliseconds. Last, the memory of
+``--cached-users`` views of users with ``--ratings-per-user`` ratings each (tracemalloc): per view, and per entry
+of the personalizer's cache (the view, its user id and the cache's bookkeeping).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
 from moviematch_ml.feedback import Feedback
 from moviematch_ml.model import BUNDLED_MODEL_DIR
-from moviematch_ml.state import StatePersonalizer, load_personalized
+from moviematch_ml.personalized import PersonalizedModel, UserView, user_state
+from moviematch_ml.state import StatePersonalizer, TTLCache, load_personalized
 from moviematch_ml.store import FeedbackStore
 
 
@@ -33,6 +40,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--ratings-per-user", type=int, default=50)
     ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--cached-users", type=int, default=20_000, help="views whose memory is measured (0: skip)")
     args = ap.parse_args()
 
     model = load_personalized(BUNDLED_MODEL_DIR)
@@ -69,6 +77,7 @@ def main() -> None:
             p.user_view(model, u)
             samples.append(time.perf_counter() - t)
         print(f"user state, {name:<22} {_pct(samples)}")
+    _miss_parts(cold, model, users)
     batch = [rng.choice(movies) for _ in range(1000)]
     for name, refresh in (("refresh (one query)", True), ("cached", False)):
         samples = []
@@ -79,6 +88,52 @@ def main() -> None:
             warm.movie_extra(model, batch)
             samples.append(time.perf_counter() - t)
         print(f"movie totals x1000, {name:<22} {_pct(samples)}")
+    if args.cached_users:
+        _view_bytes(model, movies, args.cached_users, args.ratings_per_user)
+
+
+def _miss_parts(p: StatePersonalizer, model: PersonalizedModel, users: list[str]) -> None:
+    """A miss, taken apart: the store read, then the view from the rows it returned."""
+    read, build = [], []
+    for u in users:
+        t = time.perf_counter()
+        rows = p.store.user_ratings(u)
+        read.append(time.perf_counter() - t)
+        p._users.clear()
+        p.store.user_ratings = lambda _u, rows=rows: rows  # type: ignore[method-assign]  # the same rows, no read
+        t = time.perf_counter()
+        p.user_view(model, u)
+        build.append(time.perf_counter() - t)
+        del p.store.user_ratings
+    print(f"  of which the read          {_pct(read)}")
+    print(f"  of which the view (+ cache) {_pct(build)}")
+
+
+def _view_bytes(model: PersonalizedModel, movies: list[str], n_users: int, per_user: int) -> None:
+    rng = random.Random(1)
+    key = int if isinstance(next(iter(model.mf.item_index)), int) else str
+    inputs = [
+        ([key(rng.choice(movies)) for _ in range(per_user)], [rng.randint(1, 10) / 2 for _ in range(per_user)])
+        for _ in range(n_users)
+    ]
+    times = [1e9 + k for k in range(per_user)]
+    cache: TTLCache[str, UserView | None] = TTLCache(3600.0, n_users)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    views = [model.user_view(user_state(model.mf, ids, ratings, times)) for ids, ratings in inputs]
+    gc.collect()
+    built = tracemalloc.get_traced_memory()[0]
+    for k, view in enumerate(views):
+        cache.put(f"user{k}", view)
+    del views
+    gc.collect()
+    cached = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print(
+        f"memory, {n_users:,} users of {per_user} ratings: {(built - before) / n_users:,.0f} bytes per view, "
+        f"{(cached - before) / n_users:,.0f} per cached user (view, user id, cache entry)"
+    )
 
 
 if __name__ == "__main__":

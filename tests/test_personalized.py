@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from array import array
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,93 @@ def test_user_state_json_round_trip(model: PersonalizedModel) -> None:
     assert back.count == s.count
     assert back.recent_times == s.recent_times
     np.testing.assert_array_equal(back.gram, s.gram)
+
+
+def test_user_state_keeps_a_mix_of_int_and_str_ids_apart(model: PersonalizedModel) -> None:
+    # np.asarray turned [100, "x"] into ["100", "x"]: one non-numeric movie id hid every known movie.
+    s = user_state(model.mf, [100, "x"], [4.0, 2.0], [1.0, 2.0])
+    assert (s.count, s.cf_count) == (2.0, 1.0)
+
+
+def _same_view(got: UserView | None, want: UserView | None) -> None:
+    assert (got is None) == (want is None)
+    if got is None or want is None:
+        return
+    assert (got.count, got.mean, got.std) == pytest.approx((want.count, want.mean, want.std), rel=1e-12)
+    assert got.bias == pytest.approx(want.bias, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(got.factors, want.factors, rtol=1e-9, atol=1e-12)
+    assert got.recent_times == want.recent_times
+    np.testing.assert_allclose(got.recent_resid, want.recent_resid, rtol=0, atol=1e-12)
+    for now in (*want.recent_times, want.recent_times[-1] + 1.0):  # the means kept with the view, and the others
+        np.testing.assert_allclose(got.recent(now), want.recent(now), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("ids", "ratings", "times"),
+    [
+        ([999_001, 999_002], [4.0, 1.0], [1.0, 2.0]),  # no movie the model knows
+        ([100], [3.5], [5.0]),  # one rating
+        ([100, 101, 100, 102, 101], [1.0, 2.0, 5.0, 3.0, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0]),  # re-rated movies
+        ([100, 101, 102, 999_001], [5.0, 1.0, 3.0, 2.0], [7.0, 7.0, 7.0, 7.0]),  # one timestamp: arrival order
+        ([103, 104, "x"], [2.0, 4.0, 5.0], [3.0, 1.0, 2.0]),  # out of time order; an id of the other type
+        (list(range(100, 125)), [0.5 + (k % 10) / 2 for k in range(25)], [float(25 - k) for k in range(25)]),
+    ],
+)
+def test_the_view_from_the_ratings_equals_the_view_from_the_state(
+    model: PersonalizedModel, ids: list[int | str], ratings: list[float], times: list[float]
+) -> None:
+    _same_view(
+        model.user_view_of_ratings(ids, ratings, times), model.user_view(user_state(model.mf, ids, ratings, times))
+    )
+
+
+def test_the_view_from_the_ratings_by_hand(model: PersonalizedModel) -> None:
+    mu = model.mf.global_mean
+    # Movies the model does not know: no fold-in, residuals against the global mean only.
+    view = model.user_view_of_ratings([999_001, 999_002, 999_001], [4.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert view is not None
+    assert (view.count, view.mean, view.std, view.bias) == (2.0, 1.5, 0.5, 0.0)  # 999_001 counts once, as 2.0
+    assert view.factors.tolist() == [0.0, 0.0]
+    assert view.recent_times.tolist() == [2.0, 3.0]
+    assert view.recent_resid.tolist() == pytest.approx([1.0 - mu, 2.0 - mu])
+    # Eleven ratings at one second: the ten latest to arrive are the recent ones.
+    eleven = model.user_view_of_ratings(
+        list(range(999_000, 999_011)), [float(k % 5 + 1) for k in range(11)], [9.0] * 11
+    )
+    assert eleven is not None
+    assert eleven.recent_resid.tolist() == pytest.approx([k % 5 + 1 - mu for k in range(1, 11)])
+    # Nothing to answer with: no ratings, or fewer than min_user_ratings.
+    assert model.user_view_of_ratings([], [], []) is None
+    picky = PersonalizedModel(CFG.model_copy(update={"min_user_ratings": 3}), model.state, model.booster, SCALE)
+    assert picky.user_view_of_ratings([100, 101, 100], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) is None  # 2 movies
+    assert picky.user_view_of_ratings([100, 101, 102], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) is not None
+
+
+def test_a_user_view_is_one_compact_array() -> None:
+    view = UserView(3.0, 2.5, 0.5, -0.25, np.array([1.0, -2.0]), [10.0, 20.0, 30.0], [0.5, -0.5, 1.0])
+    assert (view.count, view.mean, view.std, view.bias) == (3.0, 2.5, 0.5, -0.25)
+    assert view.columns().tolist() == [3.0, 2.5, 0.5, -0.25]
+    assert view.factors.tolist() == [1.0, -2.0]
+    assert view.dot(np.array([3.0, 1.0])) == 1.0  # 1 * 3 - 2 * 1
+    assert view.recent_times.tolist() == [10.0, 20.0, 30.0]
+    assert view.recent_resid.tolist() == [0.5, -0.5, 1.0]
+    assert view.recent(31.0)[:2] == (1.0 / 3, 1.0 / 3)  # every rating before now: the means kept with the view
+    with pytest.raises(ValueError, match="read-only"):
+        view.factors[0] = 5.0  # a cached view is shared by every request
+    with pytest.raises(AttributeError):
+        view.count = 4.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="2 recent times for 3 residuals"):
+        UserView(3.0, 2.5, 0.5, -0.25, np.zeros(2), [1.0, 2.0], [0.5, -0.5, 1.0])
+    same = UserView.of_solution(3.0, 2.5, 0.5, np.array([-0.25, 1.0, -2.0]), [10.0, 20.0, 30.0], [0.5, -0.5, 1.0])
+    assert repr(same) == repr(view)
+    # Fields and arrays of floats took 825 bytes for a user with 3 ratings and 16 factors; one array takes
+    # 8 bytes per float (4 + 16 + 2 + 2 * 3 of them) plus the two objects' headers.
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    views = [UserView(3.0, 2.5, 0.5, -0.25, np.zeros(16), [1.0, 2.0, 3.0], [0.5, -0.5, 1.0]) for _ in range(1000)]
+    per_view = (tracemalloc.get_traced_memory()[0] - before) / len(views)
+    tracemalloc.stop()
+    assert 8 * 28 < per_view < 450
 
 
 def test_recent_features_by_hand() -> None:

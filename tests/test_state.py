@@ -11,7 +11,7 @@ from moviematch_ml.cf import lookup
 from moviematch_ml.errors import StoreError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.feedback import Feedback
-from moviematch_ml.personalized import PersonalizedModel
+from moviematch_ml.personalized import PersonalizedModel, user_state
 from moviematch_ml.state import MOVIE_TTL_SECONDS, StatePersonalizer, TTLCache, load_personalized
 from moviematch_ml.store import Counts, FeedbackStore
 
@@ -230,6 +230,39 @@ def test_a_model_that_skips_unknown_movies_takes_the_column_by_column_path(
     answer = p("u", [1, 123_456, 2], X)
     assert answer is not None
     assert answer[1].tolist() == [True, False, True]  # the unknown movie is left to the six-feature model
+
+
+def test_a_miss_builds_the_view_the_state_gives(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    # The miss builds the view straight from the stored rows; user_state + user_view is the reference. The user
+    # re-rates movie 2, rates a movie id that is not a number (kept as text, unknown to the int-keyed model) and
+    # sends three ratings at one second.
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 9.0, 2: 3.0})
+    store.add(
+        [
+            Feedback(f"later-{k}", "u", m, r, 2_000_100.0, None)
+            for k, (m, r) in enumerate([("2", 8.0), ("x7", 5.0), ("4", 1.0)])
+        ]
+    )
+    view = p.user_view(personalized, "u")
+    scale = personalized.scale.to_api
+    want = personalized.user_view(
+        user_state(
+            personalized.mf,
+            [1, 2, "x7", 4],
+            [9.0 / scale, 8.0 / scale, 5.0 / scale, 1.0 / scale],
+            [2_000_000.0, 2_000_100.0, 2_000_100.0, 2_000_100.0],
+        )
+    )
+    assert view is not None
+    assert want is not None
+    assert (view.count, view.mean, view.std) == pytest.approx((want.count, want.mean, want.std), rel=1e-12)
+    assert view.bias == pytest.approx(want.bias, rel=1e-9)
+    assert want.bias != 0.0  # the known movies were folded in despite the text id
+    np.testing.assert_allclose(view.factors, want.factors, rtol=1e-9)
+    assert view.recent_times == want.recent_times
+    np.testing.assert_allclose(view.recent_resid, want.recent_resid, rtol=0, atol=1e-12)
 
 
 class CountingStore(FeedbackStore):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +178,68 @@ def test_batches_of_any_size_share_their_compiled_statements(store: FeedbackStor
     assert len(hits) >= 3 * 38  # the ratings, the users' and the movies' totals, for every batch
     assert all(hits)
     assert store.count() == 2 + sum(range(2, 40))
+
+
+def test_a_reused_sqlite_reader_sees_every_later_commit(tmp_path: Path) -> None:
+    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}")
+    other = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}")  # another replica on the same file
+    try:
+        s.add([_fb("a", "u1", "m1", 8.0)])
+        assert s.user_ratings("u1") == [("m1", 8.0, 100.0)]
+        assert len(s._readers) == 1  # the read's connection is kept for the next one
+        reader = s._readers[0]
+        other.add([_fb("b", "u1", "m2", 6.0, 200.0)])
+        # The same connection, holding no snapshot of the first read: the other writer's commit is seen.
+        assert s.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 200.0)]
+        assert s._readers == [reader]
+        # Even a rating stored as an integer comes back a float (the columns' REAL affinity).
+        with s.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO feedback (feedback_id, user_id, movie_id, rating, rated_at, received_at)"
+                " VALUES ('c', 'u2', 'm3', 7, 300, 300)"
+            )
+        assert [type(v) for v in s.user_ratings("u2")[0]] == [str, float, float]
+        assert not reader.in_transaction
+        # It was opened by the engine, so it has the store's pragmas (WAL, durable commits, the busy timeout).
+        pragmas = [reader.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "synchronous", "busy_timeout")]
+        assert pragmas == ["wal", 2, 30000]
+    finally:
+        s.close()
+        other.close()
+    assert s._readers == []  # closed with the store
+
+
+def test_concurrent_sqlite_readers_each_get_their_own_connection(tmp_path: Path) -> None:
+    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}")
+    s.add([_fb(f"{u}-{k}", f"u{u}", f"m{k}", float(u + 1), float(k)) for u in range(4) for k in range(3)])
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def read(u: int) -> None:
+        try:
+            start.wait()
+            for _ in range(200):
+                assert s.user_ratings(f"u{u}") == [(f"m{k}", float(u + 1), float(k)) for k in range(3)]
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(u,)) for u in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert 1 <= len(s._readers) <= 4  # at most one per concurrent reader, each back in the list
+    assert len({id(c) for c in s._readers}) == len(s._readers)
+    s.close()
+
+
+def test_only_a_sqlite_file_gets_readers_of_its_own(db_url: str) -> None:
+    # In-memory SQLite is one database per connection (a connection of its own would see no tables), and
+    # PostgreSQL's connections need the pool's pre-ping: both read through the engine's pool as before.
+    for url in ("sqlite://", db_url):
+        s = FeedbackStore.from_url(url)
+        s.add([_fb("a", "u1", "m1", 8.0)])
+        assert s.user_ratings("u1") == [("m1", 8.0, 100.0)]
+        assert len(s._readers) == (1 if url.startswith("sqlite:///") else 0)
+        s.close()

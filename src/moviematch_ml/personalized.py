@@ -8,8 +8,9 @@ import math
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -219,7 +220,9 @@ def user_state(
     user's state from the store on a cache miss, so this is on the request path). A movie rated more than once
     counts once, with its latest rating: what ``update_user_state(..., previous_rating=...)`` keeps.
     """
-    ids: list[Id] = np.asarray(movie_ids).tolist()
+    # As cf.lookup: a sequence is taken as it is. (np.asarray turned a mix of int and str ids into strings, so one
+    # non-numeric movie id hid every known movie of an int-keyed model.)
+    ids: list[Id] = movie_ids.tolist() if isinstance(movie_ids, np.ndarray) else list(movie_ids)
     r = np.asarray(ratings, dtype=np.float64)
     t = np.asarray(timestamps, dtype=np.float64)
     if len(set(ids)) != len(ids):
@@ -272,53 +275,153 @@ def fold_in_state(mf: MFModel, state: UserState) -> tuple[float, FloatArray]:
     return float(w[0]), w[1:]
 
 
-@dataclass(frozen=True, slots=True)
+# Where UserView keeps what it knows, in one array: the user's count, mean, spread, and the fold-in solution
+# w = [bias, factors...] (the model's user columns, in the model's order); then the two residual means of the
+# tail and the recent times and residuals, at the end.
+_V_COUNT, _V_MEAN, _V_STD, _V_BIAS = range(4)
+_V_FACTORS = 4
+_FLOAT64: Final[np.dtype[np.float64]] = np.dtype(np.float64)
+
+
 class UserView:
     """The user side of the personalised model's inputs, computed once per user state rather than per request:
-    the fold-in solve, mean and spread of their ratings, and their latest ratings for the recency features."""
+    the fold-in solve, mean and spread of their ratings, and their latest ratings for the recency features.
 
-    count: float
-    mean: float
-    std: float
-    bias: float
-    factors: FloatArray
-    # array("d") rather than tuples of floats: a replica may cache tens of thousands of views, and a cached user
-    # took about 1,470 bytes with the ten latest ratings as two tuples of floats, 1,070 with them as arrays.
-    recent_times: array[float]  # ascending
-    recent_resid: array[float]
-    # The two residual means when every one of these ratings is before the query time, the usual case: computed
-    # once per view instead of on every request (two fsums were a fifth of a personalised /predict's own work).
-    _tail_mean: float = field(init=False, repr=False, compare=False)
-    _tail_mean_short: float = field(init=False, repr=False, compare=False)
+    Immutable. Everything is kept in one ``array("d")``: a replica caches tens of thousands of views, and a view
+    of 3 ratings took 825 bytes as a dataclass of six Python floats, a numpy array (a view on the solve's result,
+    which it kept alive) and two arrays, against 409 as one array (``bench/state_lookup.py``).
+    """
 
-    def __post_init__(self) -> None:
-        n = len(self.recent_resid)
-        means = self._means(n) if n else (math.nan, math.nan)
-        object.__setattr__(self, "_tail_mean", means[0])
-        object.__setattr__(self, "_tail_mean_short", means[1])
+    __slots__ = ("_data", "_n", "_t0")
+
+    def __init__(
+        self,
+        count: float,
+        mean: float,
+        std: float,
+        bias: float,
+        factors: Sequence[float] | FloatArray,
+        recent_times: Sequence[float],  # ascending
+        recent_resid: Sequence[float],
+    ) -> None:
+        data = array("d", (count, mean, std, bias))
+        data.frombytes(np.asarray(factors, dtype=np.float64).tobytes())
+        self._pack(data, recent_times, recent_resid)
+
+    @classmethod
+    def of_solution(
+        cls,
+        count: float,
+        mean: float,
+        std: float,
+        w: FloatArray,
+        recent_times: Sequence[float],
+        recent_resid: Sequence[float],
+    ) -> UserView:
+        """The view with ``w`` = [bias, factors...], the fold-in solve's result as it comes (float64)."""
+        view = cls.__new__(cls)
+        data = array("d", (count, mean, std))
+        data.frombytes(w.tobytes())
+        view._pack(data, recent_times, recent_resid)
+        return view
+
+    def _pack(self, data: array[float], recent_times: Sequence[float], recent_resid: Sequence[float]) -> None:
+        n = len(recent_resid)
+        if len(recent_times) != n:
+            raise ValueError(f"{len(recent_times)} recent times for {n} residuals")
+        data.extend((math.nan, math.nan))
+        self._t0 = len(data)
+        data.extend(recent_times)
+        data.extend(recent_resid)
+        self._data = data
+        self._n = n
+        if n:
+            # The two residual means when every one of these ratings is before the query time, the usual case:
+            # computed once per view instead of on every request (two fsums were a fifth of a /predict's own work).
+            data[self._t0 - 2], data[self._t0 - 1] = self._means(n)
+
+    @property
+    def count(self) -> float:
+        return self._data[_V_COUNT]
+
+    @property
+    def mean(self) -> float:
+        return self._data[_V_MEAN]
+
+    @property
+    def std(self) -> float:
+        return self._data[_V_STD]
+
+    @property
+    def bias(self) -> float:
+        return self._data[_V_BIAS]
+
+    def columns(self) -> array[float]:
+        """count, mean, spread and bias: the model's user columns, in its order."""
+        return self._data[:_V_FACTORS]
+
+    @property
+    def factors(self) -> FloatArray:
+        """The user's factors: a read-only numpy view on the view's array, made per call (for a batch's matmul;
+        the one-movie path uses ``dot``)."""
+        out = self._factors()
+        out.flags.writeable = False
+        return out
+
+    def _factors(self) -> FloatArray:
+        # Positional arguments: np.frombuffer's keyword parsing cost more than the rest of it (0.46 against 0.17 us).
+        k = self._t0 - 2 - _V_FACTORS
+        out: FloatArray = np.frombuffer(self._data, _FLOAT64, k, 8 * _V_FACTORS)
+        return out
+
+    def dot(self, item_factors: FloatArray) -> float:
+        """The user's factors . ``item_factors`` (one movie's): the one-movie path's dot product."""
+        return float(item_factors.dot(self._factors()))
+
+    @property
+    def recent_times(self) -> array[float]:
+        """The latest ratings' times, ascending (a copy)."""
+        return self._data[self._t0 : self._t0 + self._n]
+
+    @property
+    def recent_resid(self) -> array[float]:
+        """Their residuals against the item baseline, in the same order (a copy)."""
+        return self._data[self._t0 + self._n :]
+
+    def __repr__(self) -> str:
+        return (
+            f"UserView(count={self.count!r}, mean={self.mean!r}, std={self.std!r}, bias={self.bias!r}, "
+            f"factors={self.factors.tolist()!r}, recent_times={self.recent_times.tolist()!r}, "
+            f"recent_resid={self.recent_resid.tolist()!r})"
+        )
 
     def _means(self, end: int) -> tuple[float, float]:
-        resid = self.recent_resid
+        """Mean residual of the last RECENT_RATINGS and of the last RECENT_SHORT of the first ``end`` recent
+        ratings."""
+        data = self._data
+        first = self._t0 + self._n  # the first residual
         lo = max(0, end - RECENT_RATINGS)
         short = max(0, end - RECENT_SHORT)
-        return math.fsum(resid[lo:end]) / (end - lo), math.fsum(resid[short:end]) / (end - short)
+        return (
+            math.fsum(data[first + lo : first + end]) / (end - lo),
+            math.fsum(data[first + short : first + end]) / (end - short),
+        )
 
     def recent(self, now: float) -> tuple[float, float, float, float]:
         """``recent_features`` of this user at time ``now``, on Python floats (the one-row path)."""
-        times = self.recent_times
-        n = len(times)
-        if n and now > times[n - 1]:  # every rating is before now
-            end = n
-            mean, mean_short = self._tail_mean, self._tail_mean_short
+        data = self._data
+        t0 = self._t0  # the recent times are data[t0 : t0 + n], the tail's two means just before them
+        end = t0 + self._n  # (positions in data throughout: this is on every personalised /predict)
+        if end > t0 and now > data[end - 1]:  # every rating is before now
+            mean, mean_short = data[t0 - 2], data[t0 - 1]
         else:
-            end = bisect.bisect_left(times, now)  # ratings strictly before now
-            if end == 0:
+            end = bisect.bisect_left(data, now, t0, end)  # ratings strictly before now
+            if end == t0:
                 return math.nan, math.nan, math.nan, 0.0
-            mean, mean_short = self._means(end)
-        lo = max(0, end - RECENT_RATINGS)
+            mean, mean_short = self._means(end - t0)
         # Ratings within the day before now, among the last RECENT_RATINGS: the times are ascending.
-        within_day = end - bisect.bisect_left(times, now - SECONDS_PER_DAY, lo, end)
-        return mean, mean_short, (now - times[end - 1]) / SECONDS_PER_DAY, float(within_day)
+        within_day = end - bisect.bisect_left(data, now - SECONDS_PER_DAY, max(t0, end - RECENT_RATINGS), end)
+        return mean, mean_short, (now - data[end - 1]) / SECONDS_PER_DAY, float(within_day)
 
 
 def _scalar_mean_std(count: float, total: float, total_sq: float) -> tuple[float, float]:
@@ -636,7 +739,54 @@ class PersonalizedModel:
             return None
         bu, pu = fold_in_state(self.mf, user)
         mean, std = _scalar_mean_std(user.count, user.total, user.total_sq)
-        return UserView(user.count, mean, std, bu, pu, array("d", user.recent_times), array("d", user.recent_resid))
+        return UserView(user.count, mean, std, bu, pu, user.recent_times, user.recent_resid)
+
+    def user_view_of_ratings(
+        self, movie_ids: Sequence[Id], ratings: Sequence[float], timestamps: Sequence[float]
+    ) -> UserView | None:
+        """``user_view(user_state(self.mf, movie_ids, ratings, timestamps))`` (to float rounding), straight from
+        the ratings (data scale, in arrival order) without the general state: what the service does on a cache
+        miss, where a user has a handful of ratings and numpy's per-call overhead is most of the cost of
+        ``user_state`` (which stays the reference and the public way to keep a state).
+
+        The same rules: a movie rated more than once counts once, with its latest rating; the recent ratings are
+        the latest RECENT_RATINGS by time, arrival order among equal timestamps. The ridge system of
+        ``fold_in_state`` is built with one matmul over the rows [1, q_i, residual_i] of the known movies.
+        """
+        ids = movie_ids if isinstance(movie_ids, list) else list(movie_ids)
+        r, t = ratings, timestamps
+        n = len(ids)
+        if len(set(ids)) != n:
+            latest = sorted({m: k for k, m in enumerate(ids)}.values())
+            ids, r, t = [ids[k] for k in latest], [r[k] for k in latest], [t[k] for k in latest]
+            n = len(ids)
+        if n <= 0 or n < self.config.min_user_ratings:
+            return None
+        mf = self.mf
+        mu = mf.global_mean
+        item_bias = mf.item_bias
+        cols = list(map(mf.item_index.get, ids, repeat(-1, n)))
+        resid = [v - mu - item_bias.item(c) if c >= 0 else v - mu for v, c in zip(r, cols, strict=True)]
+        known = [k for k, c in enumerate(cols) if c >= 0]
+        m = len(known)
+        d = mf.config.factors + 1
+        if m:
+            x = np.empty((m, d + 1))
+            x[:, 0] = 1.0
+            x[:, 1:d] = mf.item_factors.take([cols[k] for k in known], 0)  # (take: a third of fancy indexing's cost)
+            x[:, d] = [resid[k] for k in known]
+            g = x.T @ x  # [[gram, rhs], [rhs^T, .]]: the state's two sums in one product
+            # The ridge terms of fold_in_state on the diagonal of the gram part; the bias entry g[0, 0] is m.
+            g.ravel()[: d * (d + 2) : d + 2] += mf.config.reg_factors * m  # (a new C-ordered array: ravel is a view)
+            g[0, 0] = m + (mf.config.reg_bias * m + mf.config.bias_damping)
+            w = np.asarray(np.linalg.solve(g[:d, :d], g[:d, d]), dtype=np.float64)
+        else:
+            w = np.zeros(d)
+        total = sum(r)
+        mean, std = _scalar_mean_std(float(n), total, sum([v * v for v in r]))
+        # The latest RECENT_RATINGS by time; sorted() is stable, so equal timestamps keep their arrival order.
+        recent = sorted(range(n), key=t.__getitem__)[-RECENT_RATINGS:]
+        return UserView.of_solution(float(n), mean, std, w, [t[k] for k in recent], [resid[k] for k in recent])
 
     def predict_user(
         self,
@@ -806,29 +956,29 @@ class PersonalizedModel:
         would cost more than the arithmetic). The prediction on the data scale, or None when the model does not
         answer this movie (see ``PersonalizedConfig.personalize``). Equal to ``predict_view`` to float rounding.
         """
-        i = self.mf.item_index.get(movie_id, -1)
-        if i < 0 and self.config.personalize != "known_user":
-            return None
         st = self.state
+        mf = st.mf
+        i = mf.item_index.get(movie_id, -1)
         known = i >= 0
-        icount, itotal, itotal_sq = (
-            (float(st.item_count[i]), float(st.item_total[i]), float(st.item_total_sq[i])) if known else (0.0, 0.0, 0.0)
-        )
+        if known:
+            icount, itotal, itotal_sq = st.item_count.item(i), st.item_total.item(i), st.item_total_sq.item(i)
+        elif self.config.personalize != "known_user":
+            return None
+        else:
+            icount = itotal = itotal_sq = 0.0
         if movie_extra is not None:
             icount, itotal, itotal_sq = icount + movie_extra[0], itotal + movie_extra[1], itotal_sq + movie_extra[2]
         im, istd = _scalar_mean_std(icount, itotal, itotal_sq)
+        user = view.columns()  # count, mean, spread, bias
         if known:
-            ibias = float(self.mf.item_bias[i])
-            dot = float(self.mf.item_factors[i] @ view.factors)
-            score = self.mf.global_mean + view.bias + ibias + dot
+            ibias = mf.item_bias.item(i)
+            dot = view.dot(mf.item_factors[i])
+            score = mf.global_mean + user[_V_BIAS] + ibias + dot
         else:
             ibias = dot = score = math.nan
         row = [
             *x6,
-            view.count,
-            view.mean,
-            view.std,
-            view.bias,
+            *user,
             icount,
             im,
             istd,

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     state_cache_users: int = Field(
         20_000,
         ge=0,
-        description="Most users whose state a worker keeps in memory (about 1.1 KB each); others are read again.",
+        description="Most users whose state a worker keeps in memory (about 0.6-0.7 KB each); others are read again.",
     )
     redis_url: str | None = Field(
         None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas)."
