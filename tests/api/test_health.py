@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -190,3 +191,12 @@ def test_a_broken_environment_also_falls_back(fallback_settings: Settings, logs:
     assert health["reason"].endswith("OSError: libgomp.so.1: cannot open shared object file")
     [failure] = [r for r in logs.records() if r["message"] == "model load failed"]
     assert "Traceback" in failure["exc_info"]
+
+
+def test_start_up_moves_what_it_built_out_of_the_collectors_sight(fallback_settings: Settings) -> None:
+    # The models and modules live as long as the process; full collections no longer walk them.
+    app = create_app(fallback_settings)
+    before = gc.get_freeze_count()
+    with TestClient(app) as c:
+        assert gc.get_freeze_count() > before
+        assert c.get("/health").status_code == 200
