@@ -265,6 +265,22 @@ def test_a_miss_builds_the_view_the_state_gives(store: FeedbackStore, personaliz
     np.testing.assert_allclose(view.recent_resid, want.recent_resid, rtol=0, atol=1e-12)
 
 
+def test_predict_one_is_the_one_movie_call_on_floats(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    p = StatePersonalizer(store, ttl=0)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 9.0, 2: 3.0})
+    row = X[0].tolist()
+    assert p.predict_one("nobody", 1, row) is None
+    for movie in (1, "2", 5, 123_456, None):
+        one = p.predict_one("u", movie, row)
+        call = p("u", [movie], X[:1])
+        assert one is not None
+        assert call is not None
+        assert type(one) is float
+        assert 0.0 <= one <= 10.0
+        assert call[0].tolist() == [one]
+
+
 class CountingStore(FeedbackStore):
     """The real store, counting the reads the personalizer makes."""
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -202,6 +202,15 @@ class Personalizer(Protocol):
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None: ...
 
 
+@runtime_checkable
+class OneMoviePersonalizer(Personalizer, Protocol):
+    """A personalizer with a path of its own for /predict's one movie, on Python floats."""
+
+    def predict_one(self, user_id: Id, movie_id: Id | None, row: list[float]) -> float | None:
+        """The answer (0-10) for a known user, or None (then the model's answer is used)."""
+        ...
+
+
 _PREDICT_EXTRA: Final[frozenset[str]] = frozenset({"user_id", "movie_id"})
 _MOVIE_EXTRA: Final[frozenset[str]] = frozenset({"movie_id"})
 _BATCH_KEYS: Final[frozenset[str]] = frozenset({"movies", "user_id", "rank", "top_k"})
@@ -306,6 +315,10 @@ class PredictionService:
         self.holder = holder
         self.max_batch_size = max_batch_size
         self.personalizer = personalizer
+        # Checked once here rather than per request (a runtime protocol check costs microseconds).
+        self._predict_one_personal = (
+            personalizer.predict_one if isinstance(personalizer, OneMoviePersonalizer) else None
+        )
         # An explicit cache (say, the shared Redis one) wins; else an in-process LRU of cache_size entries.
         self.cache: AnswerCache | None = cache if cache is not None else LRUCache(cache_size) if cache_size else None
         self.movies_rule = f"must be a list of 1 to {max_batch_size} movies"
@@ -342,19 +355,24 @@ class PredictionService:
         movie_id = parse_id(obj["movie_id"], "movie_id") if "movie_id" in obj else None
         predictor = self.holder.active
         personalizer = self.personalizer
-        answer = None
+        one: float | None = None
         if user_id is not None and personalizer is not None:
-            answer = personalizer(user_id, [movie_id], x)
-        if answer is not None and bool(answer[1][0]):
-            y, source = answer[0], "personalized"  # the six-feature model is not needed at all
+            if self._predict_one_personal is not None:
+                one = self._predict_one_personal(user_id, movie_id, x[0].tolist())
+            else:
+                answer = personalizer(user_id, [movie_id], x)
+                if answer is not None and bool(answer[1][0]):
+                    one = float(answer[0][0])
+        if one is not None:
+            y, source = one, "personalized"  # the six-feature model is not needed at all
         else:
-            y, source = predictor.predict(x), predictor.source
+            y, source = float(predictor.predict(x)[0]), predictor.source
         # A personalised answer changes with the user's feedback: it is never cached.
         cacheable = user_id is None or personalizer is None
         version = predictor.version
         if source == "personalized":
             version = (personalizer.version if personalizer is not None else None) or version
-        return round(float(y[0]), 3), source, cacheable, version
+        return round(y, 3), source, cacheable, version
 
     def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
