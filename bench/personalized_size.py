@@ -1,6 +1,6 @@
 """What a smaller personalised model costs in accuracy and saves per prediction, on validation data only.
 
-    python bench/personalized_size.py [--configs 300:0.05,200:0.075,...] [--leaves 31] [--repeat 15] [--json PATH]
+    python bench/personalized_size.py [--configs 300:0.05,200:0.075:15,...] [--leaves 31] [--repeat 15] [--json PATH]
 
 The validation split is built as docs/personalized.md describes the one behind its "What did not help" table:
 fold 1's training part of ``moviematch-ml evaluate --protocol kfold`` (movielens-small, 5 folds, seed 42, online
@@ -67,14 +67,17 @@ class Result:
     runtime: str
 
 
-def parse_configs(text: str) -> list[tuple[int, float]]:
-    """``"300:0.05,200:0.075"`` -> [(300, 0.05), (200, 0.075)]."""
-    out = []
+def parse_configs(text: str) -> list[tuple[int, float, int | None]]:
+    """``"300:0.05,200:0.075:15"`` -> [(300, 0.05, None), (200, 0.075, 15)]: trees, learning rate, and leaves
+    (None: ``--leaves``)."""
+    out: list[tuple[int, float, int | None]] = []
     for item in text.split(","):
-        trees, _, lr = item.strip().partition(":")
-        if not lr:
-            raise argparse.ArgumentTypeError(f"config {item!r}: expected TREES:LEARNING_RATE, e.g. 300:0.05")
-        out.append((int(trees), float(lr)))
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3):
+            raise argparse.ArgumentTypeError(
+                f"config {item!r}: expected TREES:LEARNING_RATE[:LEAVES], e.g. 300:0.05 or 200:0.1:15"
+            )
+        out.append((int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None))
     return out
 
 
@@ -133,7 +136,9 @@ def median_us(fn: Callable[[], object], number: int, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=parse_configs, default=parse_configs(DEFAULT_CONFIGS), help="TREES:LR,...")
+    parser.add_argument(
+        "--configs", type=parse_configs, default=parse_configs(DEFAULT_CONFIGS), help="TREES:LR[:LEAVES],..."
+    )
     parser.add_argument("--leaves", type=int, default=31, help="num_leaves of every config (default 31)")
     parser.add_argument("--repeat", type=int, default=15, help="timeit runs per measurement (default 15)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -154,8 +159,9 @@ def main() -> None:
     mask: npt.NDArray[np.bool_] | None = None
     batch: FloatArray | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        for k, (trees, lr) in enumerate(args.configs):
-            config = PersonalizedConfig(n_estimators=trees, learning_rate=lr, num_leaves=args.leaves)
+        for k, (trees, lr, config_leaves) in enumerate(args.configs):
+            leaves = args.leaves if config_leaves is None else config_leaves
+            config = PersonalizedConfig(n_estimators=trees, learning_rate=lr, num_leaves=leaves)
             t1 = time.perf_counter()
             model = PersonalizedModel.fit_frame(fit, scale, config)
             train_seconds = time.perf_counter() - t1
@@ -182,7 +188,7 @@ def main() -> None:
                 Result(
                     trees,
                     lr,
-                    args.leaves,
+                    leaves,
                     rmse(truth[mask], pred[mask]),
                     rmse(truth, overall),
                     float("nan"),
@@ -194,7 +200,7 @@ def main() -> None:
                 )
             )
             print(
-                f"  {trees} trees, lr {lr}: known-user RMSE {results[-1].rmse_known_users:.4f} "
+                f"  {trees} trees, lr {lr}, {leaves} leaves: known-user RMSE {results[-1].rmse_known_users:.4f} "
                 f"(trained in {train_seconds:.0f} s)",
                 flush=True,
             )
