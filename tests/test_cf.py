@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from moviematch_ml import cf
 from moviematch_ml.cf import JSON_NAME, NPZ_NAME, MFConfig, MFModel, read_npz, write_npz
 from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
 
@@ -177,3 +178,15 @@ def test_npz_is_stable_and_refuses_object_arrays() -> None:
 def test_fit_rejects_mismatched_inputs() -> None:
     with pytest.raises(ValueError, match="same length"):
         MFModel.fit([1, 2], [1], [3.0, 4.0], MFConfig())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["C", "map"])
+def test_lookup_finds_positions_with_or_without_the_extension(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not compiled:
+        monkeypatch.setattr(cf, "_codec", None)
+    index: dict[int | str, int] = {10: 0, 20: 1, "x": 2}
+    assert cf.lookup(index, [20, 10, 30, "x", "10"]).tolist() == [1, 0, -1, 2, -1]
+    assert cf.lookup(index, np.array([20, 99])).tolist() == [1, -1]  # numpy ids: as Python ints
+    assert cf.lookup(index, (10, 20), default=7).tolist() == [0, 1]
+    assert cf.lookup(index, [5], default=7).tolist() == [7]
+    assert cf.lookup(index, []).tolist() == []
