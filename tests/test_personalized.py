@@ -204,9 +204,18 @@ def _same_view(got: UserView | None, want: UserView | None) -> None:
         (list(range(100, 125)), [0.5 + (k % 10) / 2 for k in range(25)], [float(25 - k) for k in range(25)]),
     ],
 )
+@pytest.mark.parametrize("compiled", [True, False], ids=["C-cholesky", "numpy-solve"])
 def test_the_view_from_the_ratings_equals_the_view_from_the_state(
-    model: PersonalizedModel, ids: list[int | str], ratings: list[float], times: list[float]
+    model: PersonalizedModel,
+    ids: list[int | str],
+    ratings: list[float],
+    times: list[float],
+    compiled: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The fold-in is solved by Cholesky in C (_codec.ridge), or by np.linalg.solve without the extension.
+    if not compiled:
+        monkeypatch.setattr("moviematch_ml.personalized._codec", None)
     _same_view(
         model.user_view_of_ratings(ids, ratings, times), model.user_view(user_state(model.mf, ids, ratings, times))
     )

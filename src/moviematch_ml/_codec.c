@@ -381,9 +381,99 @@ done:
     return result;
 }
 
+/* ridge(factors, k, cols, resid, reg_factors, reg_bias, damping) -> bytes | None
+ *
+ * A user's fold-in: w = [bias, p_1..p_k] solving (sum_i x_i x_i^T + D) w = sum_i x_i resid_i over their rated
+ * movies the model knows, x_i = [1, q_i] (q_i = row cols[i] of ``factors``, a C-contiguous float64 (n_movies, k)
+ * buffer), D = diag(reg_bias * m + damping, reg_factors * m, ...) with m = len(cols): the system of
+ * personalized.fold_in_state, built and solved by Cholesky here (the matrix is symmetric positive definite
+ * whenever the ridge terms are positive). np.linalg.solve took 7-17 us of a cache miss for a 17 x 17 system; this
+ * is about a microsecond. Returns the d = k + 1 doubles of w as bytes, or None when the matrix is not positive
+ * definite (then the caller solves it with numpy, which also reports a singular one). */
+static PyObject *ridge(PyObject *self, PyObject *args) {
+    Py_buffer fac;
+    Py_ssize_t k;
+    PyObject *cols, *resid;
+    double reg_f, reg_b, damping;
+    if (!PyArg_ParseTuple(args, "y*nO!O!ddd", &fac, &k, &PyList_Type, &cols, &PyList_Type, &resid, &reg_f, &reg_b,
+                          &damping))
+        return NULL;
+    PyObject *result = NULL;
+    double *a = NULL;
+    const Py_ssize_t m = PyList_GET_SIZE(cols), d = k + 1;
+    if (k < 0 || k > 4096 || fac.len % 8 != 0 || (k > 0 && (fac.len / 8) % k != 0) || PyList_GET_SIZE(resid) != m) {
+        PyErr_SetString(PyExc_ValueError, "ridge: factors must be (movies, k) float64 and resid as long as cols");
+        goto done;
+    }
+    const Py_ssize_t n_movies = k > 0 ? fac.len / 8 / k : 0;
+    a = PyMem_Calloc((size_t)(d * d + 2 * d), sizeof(double)); /* the matrix, the right-hand side, the solution */
+    if (a == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *rhs = a + d * d, *w = rhs + d;
+    const double *q = (const double *)fac.buf;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Py_ssize_t c = PyLong_AsSsize_t(PyList_GET_ITEM(cols, i));
+        if (c == -1 && PyErr_Occurred()) goto done;
+        double e = PyFloat_AsDouble(PyList_GET_ITEM(resid, i));
+        if (e == -1.0 && PyErr_Occurred()) goto done;
+        if (c < 0 || c >= n_movies) {
+            PyErr_SetString(PyExc_ValueError, "ridge: a movie outside factors");
+            goto done;
+        }
+        const double *qi = q + c * k;
+        /* x = [1, qi]: the lower triangle of x x^T, and x * e */
+        a[0] += 1.0;
+        rhs[0] += e;
+        for (Py_ssize_t r = 1; r < d; r++) {
+            const double xr = qi[r - 1];
+            double *row = a + r * d;
+            row[0] += xr;
+            for (Py_ssize_t s2 = 1; s2 <= r; s2++) row[s2] += xr * qi[s2 - 1];
+            rhs[r] += xr * e;
+        }
+    }
+    a[0] += reg_b * (double)m + damping;
+    for (Py_ssize_t r = 1; r < d; r++) a[r * d + r] += reg_f * (double)m;
+    /* Cholesky, in place in the lower triangle: a = L L^T. */
+    for (Py_ssize_t j = 0; j < d; j++) {
+        double diag = a[j * d + j];
+        for (Py_ssize_t p = 0; p < j; p++) diag -= a[j * d + p] * a[j * d + p];
+        if (!(diag > 0.0)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        diag = sqrt(diag);
+        a[j * d + j] = diag;
+        for (Py_ssize_t i = j + 1; i < d; i++) {
+            double v = a[i * d + j];
+            for (Py_ssize_t p = 0; p < j; p++) v -= a[i * d + p] * a[j * d + p];
+            a[i * d + j] = v / diag;
+        }
+    }
+    /* L y = rhs, then L^T w = y. */
+    for (Py_ssize_t i = 0; i < d; i++) {
+        double v = rhs[i];
+        for (Py_ssize_t p = 0; p < i; p++) v -= a[i * d + p] * w[p];
+        w[i] = v / a[i * d + i];
+    }
+    for (Py_ssize_t i = d - 1; i >= 0; i--) {
+        double v = w[i];
+        for (Py_ssize_t p = i + 1; p < d; p++) v -= a[p * d + i] * w[p];
+        w[i] = v / a[i * d + i];
+    }
+    result = PyBytes_FromStringAndSize((const char *)w, (Py_ssize_t)(d * sizeof(double)));
+done:
+    PyMem_Free(a);
+    PyBuffer_Release(&fac);
+    return result;
+}
+
 static PyMethodDef codec_methods[] = {
     {"positions", positions, METH_VARARGS,
      "positions(keys, index, default, out, dense=None): index.get(key, default) into int64; returns the non-int keys."},
+    {"ridge", ridge, METH_VARARGS, "ridge(factors, k, cols, resid, reg_factors, reg_bias, damping): a fold-in."},
     {"user_rows", user_rows, METH_VARARGS, "user_rows(...): the personalised model's input matrix of one user's batch."},
     {"rows", rows, METH_VARARGS, "rows(ids, ratings, order, source, sources, prefix): the JSON of a batch's rows."},
     {"matrix", matrix, METH_VARARGS, "matrix(movies, names, out): the attributes of every movie into a float64 buffer."},
