@@ -673,3 +673,40 @@ def test_ridge_matches_numpy_and_declines_what_is_not_positive_definite() -> Non
         _codec.ridge(factors, 16, [1, 2], [1.0], 0.2, 0.0, 5.0)
     with pytest.raises(TypeError):
         _codec.ridge(factors, 16, [1.5], [1.0], 0.2, 0.0, 5.0)
+
+
+def test_view_data_by_hand() -> None:
+    # One factor; movies 0 (q = 1, bias 0.5) and 1 (q = -2, bias -1); mu = 3. Ratings: movie 1 at t = 5, an unknown
+    # movie at t = 2, movie 0 at t = 5 (same time: arrival order), recent = 2.
+    factors = np.array([[1.0], [-2.0]])
+    bias = np.array([0.5, -1.0])
+    got = _codec.view_data(factors, 1, bias, 3.0, [1, -1, 0], [4.0, 2.0, 4.5], [5.0, 2.0, 5.0], 0.5, 0.0, 1.0, 2)
+    assert got is not None
+    raw, n_recent = got
+    assert n_recent == 2
+    data = np.frombuffer(raw)
+    # residuals: 4 - 3 + 1 = 2, 2 - 3 = -1 (unknown), 4.5 - 3 - 0.5 = 1
+    # fold-in over the known two: A = [[2, -1], [-1, 5]] + diag(1, 1) = [[3, -1], [-1, 6]], b = [3, -3]
+    # w = [6 * 3 + 1 * -3, 1 * 3 + 3 * -3] / 17 = [15/17, -6/17]
+    mean = (4.0 + 2.0 + 4.5) / 3
+    spread = math.sqrt((16.0 + 4.0 + 20.25) / 3 - mean * mean)
+    np.testing.assert_allclose(data[:5], [3.0, mean, spread, 15 / 17, -6 / 17], rtol=1e-15)
+    assert np.isnan(data[5:7]).all()  # the tail's means: the caller's
+    assert data[7:].tolist() == [5.0, 5.0, 2.0, 1.0]  # the two latest, by time then arrival: movie 1, movie 0
+
+
+def test_view_data_refuses_bad_input_and_declines_a_singular_system() -> None:
+    factors = np.array([[1.0], [-2.0]])
+    bias = np.array([0.5, -1.0])
+    assert _codec.view_data(factors, 1, bias, 3.0, [0], [4.0], [1.0], 0.0, 0.0, 0.0, 10) is None  # no ridge
+    assert _codec.view_data(factors, 1, bias, 3.0, [-1], [4.0], [1.0], 0.0, 0.0, 0.0, 10) is not None  # no fold-in
+    with pytest.raises(ValueError, match="outside"):
+        _codec.view_data(factors, 1, bias, 3.0, [2], [4.0], [1.0], 0.5, 0.0, 1.0, 10)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _codec.view_data(factors, 1, bias, 3.0, [0, 1], [4.0], [1.0, 2.0], 0.5, 0.0, 1.0, 10)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _codec.view_data(factors, 2, bias, 3.0, [0], [4.0], [1.0], 0.5, 0.0, 1.0, 10)  # factors are (2, 1)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _codec.view_data(factors, 1, bias, 3.0, [], [], [], 0.5, 0.0, 1.0, 10)  # no rating
+    with pytest.raises(TypeError):
+        _codec.view_data(factors, 1, bias, 3.0, [0], ["4"], [1.0], 0.5, 0.0, 1.0, 10)

@@ -381,57 +381,26 @@ done:
     return result;
 }
 
-/* ridge(factors, k, cols, resid, reg_factors, reg_bias, damping) -> bytes | None
- *
- * A user's fold-in: w = [bias, p_1..p_k] solving (sum_i x_i x_i^T + D) w = sum_i x_i resid_i over their rated
- * movies the model knows, x_i = [1, q_i] (q_i = row cols[i] of ``factors``, a C-contiguous float64 (n_movies, k)
- * buffer), D = diag(reg_bias * m + damping, reg_factors * m, ...) with m = len(cols): the system of
- * personalized.fold_in_state, built and solved by Cholesky here (the matrix is symmetric positive definite
- * whenever the ridge terms are positive). np.linalg.solve took 7-17 us of a cache miss for a 17 x 17 system; this
- * is about a microsecond. Returns the d = k + 1 doubles of w as bytes, or None when the matrix is not positive
- * definite (then the caller solves it with numpy, which also reports a singular one). */
-static PyObject *ridge(PyObject *self, PyObject *args) {
-    Py_buffer fac;
-    Py_ssize_t k;
-    PyObject *cols, *resid;
-    double reg_f, reg_b, damping;
-    if (!PyArg_ParseTuple(args, "y*nO!O!ddd", &fac, &k, &PyList_Type, &cols, &PyList_Type, &resid, &reg_f, &reg_b,
-                          &damping))
-        return NULL;
-    PyObject *result = NULL;
-    double *a = NULL;
-    const Py_ssize_t m = PyList_GET_SIZE(cols), d = k + 1;
-    if (k < 0 || k > 4096 || fac.len % 8 != 0 || (k > 0 && (fac.len / 8) % k != 0) || PyList_GET_SIZE(resid) != m) {
-        PyErr_SetString(PyExc_ValueError, "ridge: factors must be (movies, k) float64 and resid as long as cols");
-        goto done;
-    }
-    const Py_ssize_t n_movies = k > 0 ? fac.len / 8 / k : 0;
-    a = PyMem_Calloc((size_t)(d * d + 2 * d), sizeof(double)); /* the matrix, the right-hand side, the solution */
-    if (a == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    double *rhs = a + d * d, *w = rhs + d;
-    const double *q = (const double *)fac.buf;
+/* The fold-in: w = [bias, p_1..p_k] solving (sum_i x_i x_i^T + D) w = sum_i x_i e_i over the m rated movies the
+ * model knows, x_i = [1, q_i] (q_i = row cols[i] of q, (n_movies, k)), D = diag(reg_bias * m + damping,
+ * reg_factors * m, ...): the system of personalized.fold_in_state, built and solved by Cholesky (the matrix is
+ * symmetric positive definite whenever the ridge terms are positive). ``work`` holds (k + 1)^2 + (k + 1)
+ * doubles, zeroed. Returns 1, or 0 when the matrix is not positive definite. */
+static int solve_ridge(const double *q, Py_ssize_t k, const Py_ssize_t *cols, const double *e, Py_ssize_t m,
+                       double reg_f, double reg_b, double damping, double *w, double *work) {
+    const Py_ssize_t d = k + 1;
+    double *a = work, *rhs = work + d * d;
     for (Py_ssize_t i = 0; i < m; i++) {
-        Py_ssize_t c = PyLong_AsSsize_t(PyList_GET_ITEM(cols, i));
-        if (c == -1 && PyErr_Occurred()) goto done;
-        double e = PyFloat_AsDouble(PyList_GET_ITEM(resid, i));
-        if (e == -1.0 && PyErr_Occurred()) goto done;
-        if (c < 0 || c >= n_movies) {
-            PyErr_SetString(PyExc_ValueError, "ridge: a movie outside factors");
-            goto done;
-        }
-        const double *qi = q + c * k;
+        const double *qi = q + cols[i] * k;
         /* x = [1, qi]: the lower triangle of x x^T, and x * e */
         a[0] += 1.0;
-        rhs[0] += e;
+        rhs[0] += e[i];
         for (Py_ssize_t r = 1; r < d; r++) {
             const double xr = qi[r - 1];
             double *row = a + r * d;
             row[0] += xr;
-            for (Py_ssize_t s2 = 1; s2 <= r; s2++) row[s2] += xr * qi[s2 - 1];
-            rhs[r] += xr * e;
+            for (Py_ssize_t c = 1; c <= r; c++) row[c] += xr * qi[c - 1];
+            rhs[r] += xr * e[i];
         }
     }
     a[0] += reg_b * (double)m + damping;
@@ -440,10 +409,7 @@ static PyObject *ridge(PyObject *self, PyObject *args) {
     for (Py_ssize_t j = 0; j < d; j++) {
         double diag = a[j * d + j];
         for (Py_ssize_t p = 0; p < j; p++) diag -= a[j * d + p] * a[j * d + p];
-        if (!(diag > 0.0)) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
+        if (!(diag > 0.0)) return 0;
         diag = sqrt(diag);
         a[j * d + j] = diag;
         for (Py_ssize_t i = j + 1; i < d; i++) {
@@ -463,10 +429,159 @@ static PyObject *ridge(PyObject *self, PyObject *args) {
         for (Py_ssize_t p = i + 1; p < d; p++) v -= a[p * d + i] * w[p];
         w[i] = v / a[i * d + i];
     }
-    result = PyBytes_FromStringAndSize((const char *)w, (Py_ssize_t)(d * sizeof(double)));
+    return 1;
+}
+
+/* ridge(factors, k, cols, resid, reg_factors, reg_bias, damping) -> bytes | None
+ *
+ * solve_ridge for the movies at ``cols`` (ints, rows of ``factors``, a C-contiguous float64 (n_movies, k)
+ * buffer) and their residuals ``resid`` (floats). np.linalg.solve took 7-17 us of a cache miss for a 17 x 17
+ * system; this is about a microsecond. Returns the k + 1 doubles of w as bytes, or None when the matrix is not
+ * positive definite (then the caller solves it with numpy, which also reports a singular one). */
+static PyObject *ridge(PyObject *self, PyObject *args) {
+    Py_buffer fac;
+    Py_ssize_t k;
+    PyObject *cols, *resid;
+    double reg_f, reg_b, damping;
+    if (!PyArg_ParseTuple(args, "y*nO!O!ddd", &fac, &k, &PyList_Type, &cols, &PyList_Type, &resid, &reg_f, &reg_b,
+                          &damping))
+        return NULL;
+    PyObject *result = NULL;
+    double *mem = NULL;
+    const Py_ssize_t m = PyList_GET_SIZE(cols), d = k + 1;
+    if (k < 0 || k > 4096 || fac.len % 8 != 0 || (k > 0 && (fac.len / 8) % k != 0) || PyList_GET_SIZE(resid) != m) {
+        PyErr_SetString(PyExc_ValueError, "ridge: factors must be (movies, k) float64 and resid as long as cols");
+        goto done;
+    }
+    const Py_ssize_t n_movies = k > 0 ? fac.len / 8 / k : 0;
+    /* the matrix and right-hand side, the solution, the residuals and (as doubles' room) the rows */
+    mem = PyMem_Calloc((size_t)(d * d + 2 * d + 2 * m + 1), sizeof(double));
+    if (mem == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *w = mem + d * d + d, *e = w + d;
+    Py_ssize_t *c = (Py_ssize_t *)(e + m);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        c[i] = PyLong_AsSsize_t(PyList_GET_ITEM(cols, i));
+        if (c[i] == -1 && PyErr_Occurred()) goto done;
+        e[i] = PyFloat_AsDouble(PyList_GET_ITEM(resid, i));
+        if (e[i] == -1.0 && PyErr_Occurred()) goto done;
+        if (c[i] < 0 || c[i] >= n_movies) {
+            PyErr_SetString(PyExc_ValueError, "ridge: a movie outside factors");
+            goto done;
+        }
+    }
+    if (solve_ridge((const double *)fac.buf, k, c, e, m, reg_f, reg_b, damping, w, mem))
+        result = PyBytes_FromStringAndSize((const char *)w, (Py_ssize_t)(d * sizeof(double)));
+    else
+        result = Py_NewRef(Py_None);
 done:
-    PyMem_Free(a);
+    PyMem_Free(mem);
     PyBuffer_Release(&fac);
+    return result;
+}
+
+/* view_data(factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent)
+ *     -> (bytes, n_recent) | None
+ *
+ * Everything a personalised model's UserView holds, from a user's ratings (data scale; one per movie, in arrival
+ * order): ``cols`` their movies' rows in ``factors`` / ``item_bias`` (-1: a movie the model does not know),
+ * ``times`` their timestamps. The bytes are UserView's array: count, mean, spread (personalized._scalar_mean_std),
+ * w (solve_ridge over the known movies; zeros if none), two NaN places for the tail's residual means (the caller
+ * fills them, with math.fsum), then the times and residuals r - mu - bias (r - mu for an unknown movie) of the
+ * ``recent`` latest ratings by time, ascending, arrival order among equal times (a stable sort's last ones).
+ * personalized.PersonalizedModel.user_view_of_ratings does the same in Python; this is a cache miss's work in
+ * one call. None when the matrix is not positive definite (the caller then takes the Python way). */
+static PyObject *view_data(PyObject *self, PyObject *args) {
+    Py_buffer fac, bias;
+    Py_ssize_t k, recent;
+    double mu, reg_f, reg_b, damping;
+    PyObject *cols, *ratings, *times;
+    if (!PyArg_ParseTuple(args, "y*ny*dO!O!O!dddn", &fac, &k, &bias, &mu, &PyList_Type, &cols, &PyList_Type, &ratings,
+                          &PyList_Type, &times, &reg_f, &reg_b, &damping, &recent))
+        return NULL;
+    PyObject *result = NULL;
+    double *mem = NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(cols), d = k + 1;
+    const Py_ssize_t n_movies = bias.len / 8;
+    if (k < 0 || k > 4096 || bias.len % 8 != 0 || fac.len != n_movies * k * 8 || PyList_GET_SIZE(ratings) != n ||
+        PyList_GET_SIZE(times) != n || n < 1 || recent < 1) {
+        PyErr_SetString(PyExc_ValueError, "view_data: arrays of inconsistent shapes");
+        goto done;
+    }
+    const Py_ssize_t nr = n < recent ? n : recent;
+    const Py_ssize_t out_len = 3 + d + 2 + 2 * nr;
+    /* work: the system (d^2 + d) and w (d), zeroed; per rating r, t, e, the known movies' residuals and rows (as
+     * doubles' room); the recent picks; the output */
+    mem = PyMem_Calloc((size_t)(d * d + 2 * d + 5 * n + recent + out_len), sizeof(double));
+    if (mem == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *w = mem + d * d + d, *r = w + d, *t = r + n, *e = t + n, *ek = e + n;
+    Py_ssize_t *known = (Py_ssize_t *)(ek + n), *pick = known + n;
+    double *out = (double *)(pick + recent);
+    const double *ib = (const double *)bias.buf;
+    Py_ssize_t m = 0; /* the known movies: their rows (known) and residuals (ek), in order */
+    double total = 0.0, total_sq = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t c = PyLong_AsSsize_t(PyList_GET_ITEM(cols, i));
+        if (c == -1 && PyErr_Occurred()) goto done;
+        r[i] = PyFloat_AsDouble(PyList_GET_ITEM(ratings, i));
+        if (r[i] == -1.0 && PyErr_Occurred()) goto done;
+        t[i] = PyFloat_AsDouble(PyList_GET_ITEM(times, i));
+        if (t[i] == -1.0 && PyErr_Occurred()) goto done;
+        if (c < -1 || c >= n_movies) {
+            PyErr_SetString(PyExc_ValueError, "view_data: a movie outside factors");
+            goto done;
+        }
+        e[i] = c >= 0 ? r[i] - mu - ib[c] : r[i] - mu;
+        if (c >= 0) {
+            known[m] = c;
+            ek[m++] = e[i];
+        }
+        total += r[i];
+        total_sq += r[i] * r[i];
+    }
+    if (m > 0 && !solve_ridge((const double *)fac.buf, k, known, ek, m, reg_f, reg_b, damping, w, mem)) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* The latest ``recent`` by (time, arrival), ascending: a short list kept sorted. Ratings come in arrival
+     * order, so a rating is later than every pick of the same time; one older than the oldest pick is skipped. */
+    Py_ssize_t np_ = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t pos;
+        if (np_ < nr) {
+            pos = np_++;
+        } else {
+            if (t[i] < t[pick[0]]) continue;
+            memmove(pick, pick + 1, (size_t)(nr - 1) * sizeof(Py_ssize_t)); /* the oldest pick goes */
+            pos = nr - 1;
+        }
+        while (pos > 0 && t[pick[pos - 1]] > t[i]) {
+            pick[pos] = pick[pos - 1];
+            pos--;
+        }
+        pick[pos] = i;
+    }
+    const double count = (double)n, mean = total / count;
+    const double spread = total_sq / count - mean * mean;
+    out[0] = count;
+    out[1] = mean;
+    out[2] = sqrt(spread > 0.0 ? spread : 0.0);
+    memcpy(out + 3, w, (size_t)d * sizeof(double));
+    out[3 + d] = out[4 + d] = NAN;
+    for (Py_ssize_t j = 0; j < nr; j++) {
+        out[5 + d + j] = t[pick[j]];
+        out[5 + d + nr + j] = e[pick[j]];
+    }
+    result = Py_BuildValue("(y#n)", (const char *)out, (Py_ssize_t)(out_len * sizeof(double)), nr);
+done:
+    PyMem_Free(mem);
+    PyBuffer_Release(&fac);
+    PyBuffer_Release(&bias);
     return result;
 }
 
@@ -474,6 +589,7 @@ static PyMethodDef codec_methods[] = {
     {"positions", positions, METH_VARARGS,
      "positions(keys, index, default, out, dense=None): index.get(key, default) into int64; returns the non-int keys."},
     {"ridge", ridge, METH_VARARGS, "ridge(factors, k, cols, resid, reg_factors, reg_bias, damping): a fold-in."},
+    {"view_data", view_data, METH_VARARGS, "view_data(...): a UserView's array from a user's ratings."},
     {"user_rows", user_rows, METH_VARARGS, "user_rows(...): the personalised model's input matrix of one user's batch."},
     {"rows", rows, METH_VARARGS, "rows(ids, ratings, order, source, sources, prefix): the JSON of a batch's rows."},
     {"matrix", matrix, METH_VARARGS, "matrix(movies, names, out): the attributes of every movie into a float64 buffer."},

@@ -29,3 +29,16 @@ def user_rows(
 def ridge(
     factors: Any, k: int, cols: list[int], resid: list[float], reg_factors: float, reg_bias: float, damping: float
 ) -> bytes | None: ...
+def view_data(
+    factors: Any,
+    k: int,
+    item_bias: Any,
+    mu: float,
+    cols: list[int],
+    ratings: list[float],
+    times: list[float],
+    reg_factors: float,
+    reg_bias: float,
+    damping: float,
+    recent: int,
+) -> tuple[bytes, int] | None: ...

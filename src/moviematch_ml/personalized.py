@@ -325,6 +325,21 @@ class UserView:
         view._pack(data, recent_times, recent_resid)
         return view
 
+    @classmethod
+    def of_data(cls, raw: bytes, n_recent: int) -> UserView:
+        """The view whose array is ``raw`` (``_codec.view_data``'s layout: count, mean, spread, w, two places for
+        the tail's means, then the ``n_recent`` recent times and residuals); the tail's means are computed here,
+        as ``_pack`` computes them."""
+        view = cls.__new__(cls)
+        data = array("d")
+        data.frombytes(raw)
+        view._data = data
+        view._n = n_recent
+        view._t0 = len(data) - 2 * n_recent
+        if n_recent:
+            data[view._t0 - 2], data[view._t0 - 1] = view._means(n_recent)
+        return view
+
     def _pack(self, data: array[float], recent_times: Sequence[float], recent_resid: Sequence[float]) -> None:
         n = len(recent_resid)
         if len(recent_times) != n:
@@ -766,6 +781,23 @@ class PersonalizedModel:
         mu = mf.global_mean
         item_bias = mf.item_bias
         cols = list(map(mf.item_index.get, ids, repeat(-1, n)))
+        if _codec is not None:
+            # All of what follows in one C call (_codec.view_data): the Python below cost most of a cache miss.
+            packed = _codec.view_data(
+                self._item_factors,
+                mf.config.factors,
+                self._item_bias,
+                mu,
+                cols,
+                r if isinstance(r, list) else list(r),
+                t if isinstance(t, list) else list(t),
+                mf.config.reg_factors,
+                mf.config.reg_bias,
+                mf.config.bias_damping,
+                RECENT_RATINGS,
+            )
+            if packed is not None:
+                return UserView.of_data(*packed)
         resid = [v - mu - item_bias.item(c) if c >= 0 else v - mu for v, c in zip(r, cols, strict=True)]
         known = [k for k, c in enumerate(cols) if c >= 0]
         m = len(known)
@@ -920,6 +952,11 @@ class PersonalizedModel:
             dot[known] = self.mf.item_factors[rows[known]] @ np.asarray(view.factors, dtype=np.float64)
             out[:, _COL["cf_score"]] = self.mf.global_mean + view.bias + movie[:, 3] + dot
         return self._predict_rows(out)
+
+    @property
+    def _item_bias(self) -> FloatArray:
+        bias: FloatArray = np.ascontiguousarray(self.mf.item_bias, dtype=np.float64)
+        return bias
 
     @property
     def _item_factors(self) -> FloatArray:
