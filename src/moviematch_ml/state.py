@@ -53,6 +53,7 @@ _NO_RATINGS: Final[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 Id = str | int
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class TTLCache(Generic[K, V]):
@@ -332,9 +333,11 @@ class StatePersonalizer:
             return list(movie_ids)  # type: ignore[arg-type]  # None is not among the types
         return [self._key(m) for m in movie_ids]
 
-    def predict_one(self, user_id: Id, movie_id: Id | None, row: list[float]) -> float | None:
-        """/predict's answer for a known user (0-10), or None: ``__call__`` of one movie, on Python floats from
-        end to end (``row``: the six features). The arrays ``__call__`` returns cost 2 us of a 22 us request."""
+    def _read(
+        self, user_id: Id, movies: Callable[[PersonalizedModel], T]
+    ) -> tuple[PersonalizedModel, UserView, T] | None:
+        """The model, the user's view and ``movies(model)`` (what the request needs of the movie totals), read
+        together; None when there is no model, the user has no view, or the store is down (logged)."""
         model = self.model  # read once: a concurrent set_model must not mix two models in one answer
         if model is None:
             return None
@@ -343,12 +346,20 @@ class StatePersonalizer:
             view = self.user_view(model, str(user_id))
             if view is None:
                 return None
-            # (No totals for a model trained from the store: movie_totals leaves them empty, see set_model.)
-            extra = self.movie_extra_one(model, movie_id)
+            return model, view, movies(model)
         except StoreError as exc:
             # The store is down: answer with the six-feature model rather than fail the prediction.
             log.warning("user state unavailable", extra={"reason": str(exc)})
             return None
+
+    def predict_one(self, user_id: Id, movie_id: Id | None, row: list[float]) -> float | None:
+        """/predict's answer for a known user (0-10), or None: ``__call__`` of one movie, on Python floats from
+        end to end (``row``: the six features). The arrays ``__call__`` returns cost 2 us of a 22 us request."""
+        # (No totals for a model trained from the store: movie_totals leaves them empty, see set_model.)
+        read = self._read(user_id, lambda model: self.movie_extra_one(model, movie_id))
+        if read is None:
+            return None
+        model, view, extra = read
         one = model.predict_view_one(view, self._key(movie_id), row, movie_extra=extra)
         return None if one is None else min(max(one * model.scale.to_api, 0.0), 10.0)
 
@@ -358,20 +369,11 @@ class StatePersonalizer:
         if len(movie_ids) == 1:
             one = self.predict_one(user_id, movie_ids[0], x[0].tolist())
             return None if one is None else (np.array([one]), np.ones(1, dtype=bool))
-        model = self.model  # read once: a concurrent set_model must not mix two models in one answer
-        if model is None:
+        read = self._read(user_id, self.movie_totals)
+        if read is None:
             return None
-        try:
-            self.sync()
-            view = self.user_view(model, str(user_id))
-            if view is None:
-                return None
-            totals = self.movie_totals(model)
-            rows = self._rows(totals, movie_ids)
-        except StoreError as exc:
-            # The store is down: answer with the six-feature model rather than fail the prediction.
-            log.warning("user state unavailable", extra={"reason": str(exc)})
-            return None
+        model, view, totals = read
+        rows = self._rows(totals, movie_ids)
         if model.config.personalize == "known_user":  # every movie answered: the matrix in one pass
             return model.to_api(model.predict_table(view, x, rows, totals.table)), np.ones(len(rows), dtype=bool)
         n = len(totals.known)
