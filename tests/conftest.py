@@ -101,8 +101,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_ratings(n_users: int = 60, n_movies: int = 30, seed: int = 1) -> dict[str, np.ndarray]:
     """Synthetic ratings (0.5-5) where the user matters: half the users rate 1.5 stars above the rest."""
     rng = np.random.default_rng(seed)
-    users, movies = np.meshgrid(np.arange(n_users), np.arange(n_movies), indexing="ij")
-    users, movies = users.ravel(), movies.ravel()
+    grid_users, grid_movies = np.meshgrid(np.arange(n_users), np.arange(n_movies), indexing="ij")
+    users, movies = grid_users.ravel(), grid_movies.ravel()
     keep = rng.random(users.size) < 0.6
     users, movies = users[keep], movies[keep]
     x, _ = tiny_training_data(users.size, seed)

@@ -23,7 +23,7 @@ from moviematch_ml.api.fastpath import FastPathMiddleware
 from moviematch_ml.errors import FieldError, InputError
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.logs import JsonFormatter
-from moviematch_ml.serving import ModelHolder, PredictionService
+from moviematch_ml.serving import LRUCache, ModelHolder, PredictionService
 from moviematch_ml.settings import Settings
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -281,6 +281,7 @@ def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) 
     second = _Fixed("v2", 3.0)
     holder.swap(second)
     assert orjson.loads(service.predict_one(body))["predicted_rating"] == 3.0  # new version: not the old entry
+    assert isinstance(service.cache, LRUCache)
     assert (second.calls, len(service.cache)) == (1, 2)  # bounded: the oldest entry was evicted
 
 
@@ -296,7 +297,7 @@ def test_personalised_answers_are_not_cached(tmp_path: Path) -> None:
         assert (out["predicted_rating"], out["source"], out["model_version"]) == (1.25, "personalized", "personal-1")
     assert personal.calls == 2
     assert model.calls == 0  # a personalised answer does not need the six-feature model at all
-    assert service.cache is not None
+    assert isinstance(service.cache, LRUCache)
     assert len(service.cache) == 0
 
 

@@ -327,7 +327,7 @@ def test_direct_log_goes_through_logging_when_anything_else_is_configured(
     # A second handler: both get the record, with its fields.
     seen: list[logging.LogRecord] = []
     extra = logging.Handler()
-    extra.emit = seen.append  # type: ignore[method-assign]
+    extra.emit = seen.append  # type: ignore[method-assign, assignment]
     direct_logger.addHandler(extra)
     log.info("request", FIELDS)
     direct_logger.removeHandler(extra)
