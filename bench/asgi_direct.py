@@ -109,6 +109,10 @@ async def main_async(args: argparse.Namespace) -> None:
             for at in range(0, len(ratings), 1000):
                 await drive(app, [orjson.dumps({"ratings": ratings[at : at + 1000]})], "/feedback", 1)
         await drive(app, bodies[-2000:], path, min(2000, args.requests))  # warm-up
+        if args.warm and workload == "ppredict":
+            # One request per user first: every user's view is cached when the timed requests start.
+            warm = [orjson.dumps({**features(rng), "user_id": u, "movie_id": 5}) for u in users]
+            await drive(app, warm, path, len(warm))
         per = await drive(app, bodies, path, args.requests)
         cache = app.state.service.cache
         if cache is not None:
@@ -133,6 +137,9 @@ def main() -> None:
         default=200,
         help="users of the personalised workloads; above 200, ppredict bodies are drawn for every request (the "
         "'20k users' scenario of bench/run.py is --users 20000: most requests then miss the state cache)",
+    )
+    ap.add_argument(
+        "--warm", action="store_true", help="ppredict: one request per user before timing (every user cached)"
     )
     ap.add_argument("--unique", action="store_true", help="a different body for every request (no repeats)")
     ap.add_argument("--log-to-memory", action="store_true", help="write the log lines to memory, not a file")
