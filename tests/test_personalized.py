@@ -213,7 +213,7 @@ def test_the_view_from_the_ratings_equals_the_view_from_the_state(
     compiled: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The fold-in is solved by Cholesky in C (_codec.ridge), or by np.linalg.solve without the extension.
+    # The view is built in C (_codec.view_data, the fold-in solved by Cholesky), or by numpy without the extension.
     if not compiled:
         monkeypatch.setattr("moviematch_ml.personalized._codec", None)
     _same_view(

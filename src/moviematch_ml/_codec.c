@@ -384,8 +384,8 @@ done:
 /* The fold-in: w = [bias, p_1..p_k] solving (sum_i x_i x_i^T + D) w = sum_i x_i e_i over the m rated movies the
  * model knows, x_i = [1, q_i] (q_i = row cols[i] of q, (n_movies, k)), D = diag(reg_bias * m + damping,
  * reg_factors * m, ...): the system of personalized.fold_in_state, built and solved by Cholesky (the matrix is
- * symmetric positive definite whenever the ridge terms are positive). ``work`` holds (k + 1)^2 + (k + 1)
- * doubles, zeroed. Returns 1, or 0 when the matrix is not positive definite. */
+ * symmetric positive definite whenever the ridge terms are positive; np.linalg.solve took 7-17 us of a cache
+ * miss for this 17 x 17 system, this about a microsecond). ``work`` holds (k + 1)^2 + (k + 1) doubles, zeroed. Returns 1, or 0 when the matrix is not positive definite. */
 static int solve_ridge(const double *q, Py_ssize_t k, const Py_ssize_t *cols, const double *e, Py_ssize_t m,
                        double reg_f, double reg_b, double damping, double *w, double *work) {
     const Py_ssize_t d = k + 1;
@@ -430,56 +430,6 @@ static int solve_ridge(const double *q, Py_ssize_t k, const Py_ssize_t *cols, co
         w[i] = v / a[i * d + i];
     }
     return 1;
-}
-
-/* ridge(factors, k, cols, resid, reg_factors, reg_bias, damping) -> bytes | None
- *
- * solve_ridge for the movies at ``cols`` (ints, rows of ``factors``, a C-contiguous float64 (n_movies, k)
- * buffer) and their residuals ``resid`` (floats). np.linalg.solve took 7-17 us of a cache miss for a 17 x 17
- * system; this is about a microsecond. Returns the k + 1 doubles of w as bytes, or None when the matrix is not
- * positive definite (then the caller solves it with numpy, which also reports a singular one). */
-static PyObject *ridge(PyObject *self, PyObject *args) {
-    Py_buffer fac;
-    Py_ssize_t k;
-    PyObject *cols, *resid;
-    double reg_f, reg_b, damping;
-    if (!PyArg_ParseTuple(args, "y*nO!O!ddd", &fac, &k, &PyList_Type, &cols, &PyList_Type, &resid, &reg_f, &reg_b,
-                          &damping))
-        return NULL;
-    PyObject *result = NULL;
-    double *mem = NULL;
-    const Py_ssize_t m = PyList_GET_SIZE(cols), d = k + 1;
-    if (k < 0 || k > 4096 || fac.len % 8 != 0 || (k > 0 && (fac.len / 8) % k != 0) || PyList_GET_SIZE(resid) != m) {
-        PyErr_SetString(PyExc_ValueError, "ridge: factors must be (movies, k) float64 and resid as long as cols");
-        goto done;
-    }
-    const Py_ssize_t n_movies = k > 0 ? fac.len / 8 / k : 0;
-    /* the matrix and right-hand side, the solution, the residuals and (as doubles' room) the rows */
-    mem = PyMem_Calloc((size_t)(d * d + 2 * d + 2 * m + 1), sizeof(double));
-    if (mem == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    double *w = mem + d * d + d, *e = w + d;
-    Py_ssize_t *c = (Py_ssize_t *)(e + m);
-    for (Py_ssize_t i = 0; i < m; i++) {
-        c[i] = PyLong_AsSsize_t(PyList_GET_ITEM(cols, i));
-        if (c[i] == -1 && PyErr_Occurred()) goto done;
-        e[i] = PyFloat_AsDouble(PyList_GET_ITEM(resid, i));
-        if (e[i] == -1.0 && PyErr_Occurred()) goto done;
-        if (c[i] < 0 || c[i] >= n_movies) {
-            PyErr_SetString(PyExc_ValueError, "ridge: a movie outside factors");
-            goto done;
-        }
-    }
-    if (solve_ridge((const double *)fac.buf, k, c, e, m, reg_f, reg_b, damping, w, mem))
-        result = PyBytes_FromStringAndSize((const char *)w, (Py_ssize_t)(d * sizeof(double)));
-    else
-        result = Py_NewRef(Py_None);
-done:
-    PyMem_Free(mem);
-    PyBuffer_Release(&fac);
-    return result;
 }
 
 /* view_data(factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent)
@@ -588,7 +538,6 @@ done:
 static PyMethodDef codec_methods[] = {
     {"positions", positions, METH_VARARGS,
      "positions(keys, index, default, out, dense=None): index.get(key, default) into int64; returns the non-int keys."},
-    {"ridge", ridge, METH_VARARGS, "ridge(factors, k, cols, resid, reg_factors, reg_bias, damping): a fold-in."},
     {"view_data", view_data, METH_VARARGS, "view_data(...): a UserView's array from a user's ratings."},
     {"user_rows", user_rows, METH_VARARGS, "user_rows(...): the personalised model's input matrix of one user's batch."},
     {"rows", rows, METH_VARARGS, "rows(ids, ratings, order, source, sources, prefix): the JSON of a batch's rows."},

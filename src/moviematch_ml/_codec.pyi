@@ -26,9 +26,6 @@ def user_rows(
     dot_col: int,
     base: float,
 ) -> None: ...
-def ridge(
-    factors: Any, k: int, cols: list[int], resid: list[float], reg_factors: float, reg_bias: float, damping: float
-) -> bytes | None: ...
 def view_data(
     factors: Any,
     k: int,

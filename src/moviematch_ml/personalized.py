@@ -314,14 +314,14 @@ class UserView:
         count: float,
         mean: float,
         std: float,
-        w: FloatArray | bytes,
+        w: FloatArray,
         recent_times: Sequence[float],
         recent_resid: Sequence[float],
     ) -> UserView:
-        """The view with ``w`` = [bias, factors...], the fold-in solve's result as it comes (float64, or its bytes)."""
+        """The view with ``w`` = [bias, factors...], the fold-in solve's result as it comes (float64)."""
         view = cls.__new__(cls)
         data = array("d", (count, mean, std))
-        data.frombytes(w if isinstance(w, bytes) else w.tobytes())
+        data.frombytes(w.tobytes())
         view._pack(data, recent_times, recent_resid)
         return view
 
@@ -802,19 +802,8 @@ class PersonalizedModel:
         known = [k for k, c in enumerate(cols) if c >= 0]
         m = len(known)
         d = mf.config.factors + 1
-        w: FloatArray | bytes | None = None
-        if m and _codec is not None:
-            # The system built and solved by Cholesky in C: np.linalg.solve alone took 7-17 us of a miss.
-            w = _codec.ridge(
-                self._item_factors,
-                d - 1,
-                [cols[k] for k in known],
-                [resid[k] for k in known],
-                mf.config.reg_factors,
-                mf.config.reg_bias,
-                mf.config.bias_damping,
-            )
-        if w is None and m:  # no extension, or a matrix that is not positive definite: numpy's solve
+        w: FloatArray
+        if m:  # no extension, or a system view_data found not positive definite: numpy's solve (which reports it)
             x = np.empty((m, d + 1))
             x[:, 0] = 1.0
             x[:, 1:d] = mf.item_factors.take([cols[k] for k in known], 0)  # (take: a third of fancy indexing's cost)
@@ -824,7 +813,7 @@ class PersonalizedModel:
             g.ravel()[: d * (d + 2) : d + 2] += mf.config.reg_factors * m  # (a new C-ordered array: ravel is a view)
             g[0, 0] = m + (mf.config.reg_bias * m + mf.config.bias_damping)
             w = np.asarray(np.linalg.solve(g[:d, :d], g[:d, d]), dtype=np.float64)
-        elif w is None:
+        else:
             w = np.zeros(d)
         total = sum(r)
         mean, std = _scalar_mean_std(float(n), total, sum([v * v for v in r]))
