@@ -141,6 +141,14 @@ def _dense_rows(rows: dict[Id, int]) -> npt.NDArray[np.int32] | None:
     return dense
 
 
+def _inputs(totals: MovieTotals, rows: IntArray) -> tuple[IntArray, npt.NDArray[np.float64]]:
+    """(positions in the model, -1 for a movie it does not know; (n, 4) movie inputs) of the movies at ``rows`` of
+    ``totals.table``."""
+    n = len(totals.known)
+    index = rows if len(rows) == 0 or rows.max() < n else np.where(rows < n, rows, -1)
+    return index, totals.table[rows]
+
+
 class StatePersonalizer:
     """Answers for users the store knows: their ratings folded into the personalised model, in one model call.
 
@@ -308,10 +316,7 @@ class StatePersonalizer:
         """(positions in the model, -1 for a movie it does not know; (n, 4) movie inputs) of a batch's movies: rows
         of ``PersonalizedModel.movie_table`` with /feedback's totals."""
         totals = self.movie_totals(model)
-        rows = self._rows(totals, movie_ids)
-        n = len(totals.known)
-        index = rows if len(rows) == 0 or rows.max() < n else np.where(rows < n, rows, -1)
-        return index, totals.table[rows]
+        return _inputs(totals, self._rows(totals, movie_ids))
 
     def _rows(self, totals: MovieTotals, movie_ids: Sequence[Id | None]) -> IntArray:
         """Each movie's row of ``totals.table`` (its last row for a movie neither the model nor /feedback knows)."""
@@ -376,10 +381,8 @@ class StatePersonalizer:
         rows = self._rows(totals, movie_ids)
         if model.config.personalize == "known_user":  # every movie answered: the matrix in one pass
             return model.to_api(model.predict_table(view, x, rows, totals.table)), np.ones(len(rows), dtype=bool)
-        n = len(totals.known)
-        index = np.where(rows < n, rows, -1)
-        keys = self._keys(movie_ids)
-        pred, mask = model.predict_view(view, keys, x, index=index, movie_columns=totals.table[rows])
+        index, columns = _inputs(totals, rows)
+        pred, mask = model.predict_view(view, self._keys(movie_ids), x, index=index, movie_columns=columns)
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask
