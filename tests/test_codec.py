@@ -512,9 +512,11 @@ def test_a_1000_movie_batch_renders_as_the_dicts(
 # --- positions: a batch's ids looked up in a model's id -> position dict ------------------------------------------
 
 
-def _positions(keys: list[Any], index: dict[Any, int], default: int, dense: Any = None) -> tuple[list[int], int]:
+def _positions(
+    keys: list[Any], index: dict[Any, int], default: int, dense: Any = None, *, complete: bool = False
+) -> tuple[list[int], int]:
     out = np.full(len(keys), 12345, dtype=np.int64)
-    not_int = _codec.positions(keys, index, default, out, dense)
+    not_int = _codec.positions(keys, index, default, out, dense, complete)
     return out.tolist(), not_int
 
 
@@ -534,6 +536,17 @@ def test_positions_with_a_dense_array_gives_the_same_answers() -> None:
     expected = ([0, -1, 1, 4, 5, -1, -1, 3, 2, 0, -1], 2)
     assert _positions(keys, index, -1, dense) == expected
     assert _positions(keys, index, -1) == expected
+
+
+def test_positions_with_a_complete_dense_array_answers_ids_past_its_end_with_the_default() -> None:
+    # Every non-negative int key of the index is in the array: 10, 1000 and 2**70 are not keys, -1 and 5 are.
+    index: dict[Any, int] = {0: 4, 3: 0, 5: 2, 9: 1, "x": 3, -1: 6}
+    dense = np.array([4, -1, -1, 0, -1, 2, -1, -1, -1, 1], dtype=np.int32)
+    keys: list[Any] = [3, 10, 1000, 2**70, -1, -(2**70), "x", 5, 9]
+    expected = ([0, 7, 7, 7, 6, 7, 3, 2, 1], 1)
+    assert _positions(keys, index, 7, dense, complete=True) == expected
+    assert _positions(keys, index, 7, dense) == expected
+    assert _positions(keys, index, 7) == expected
 
 
 def test_positions_refuses_malformed_calls() -> None:

@@ -225,13 +225,18 @@ done:
  * 35 ns a key in calls and boxing; this is the hash probe alone. ``dense``, optional, is an int32 buffer holding
  * index[k] at position k for every int key k of ``index`` (-1 where ``index`` has no such key): an int key
  * inside it is read from there instead of probing the dict (the dict's entries are spread over a megabyte; the
- * array is one read). The values must be ints (TypeError otherwise). Returns how many keys were not ints (so a
- * caller whose index has int keys knows that no key needed another spelling). */
+ * array is one read). With ``complete`` true, ``dense`` holds every non-negative int key of ``index`` and no other
+ * key of ``index`` equals an int (a float or a bool, say): a non-negative int past its end then takes the default
+ * without a probe (ids above the catalogue's highest are common in a batch, and each probe of the large dict is a
+ * cache miss). The values must be ints (TypeError otherwise). Returns how many keys were not ints (so a caller
+ * whose index has int keys knows that no key needed another spelling). */
 static PyObject *positions(PyObject *self, PyObject *args) {
     PyObject *keys, *index, *dense_obj = Py_None;
     long long dflt;
+    int complete = 0;
     Py_buffer out, dense = {0};
-    if (!PyArg_ParseTuple(args, "O!O!Lw*|O", &PyList_Type, &keys, &PyDict_Type, &index, &dflt, &out, &dense_obj))
+    if (!PyArg_ParseTuple(args, "O!O!Lw*|Op", &PyList_Type, &keys, &PyDict_Type, &index, &dflt, &out, &dense_obj,
+                          &complete))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = PyList_GET_SIZE(keys), n_dense = 0, not_int = 0;
@@ -277,6 +282,10 @@ static PyObject *positions(PyObject *self, PyObject *args) {
                     __builtin_prefetch(dn + v);
                     pos[k] = v;
                     from_dense[k] = 1;
+                    continue;
+                }
+                if (complete && (overflow > 0 || (!overflow && v >= 0))) {
+                    pos[k] = dflt; /* past the end of a complete array: not a key of index */
                     continue;
                 }
             }
@@ -537,7 +546,8 @@ done:
 
 static PyMethodDef codec_methods[] = {
     {"positions", positions, METH_VARARGS,
-     "positions(keys, index, default, out, dense=None): index.get(key, default) into int64; returns the non-int keys."},
+     "positions(keys, index, default, out, dense=None, complete=False): index.get(key, default) into int64; returns "
+     "the non-int keys."},
     {"view_data", view_data, METH_VARARGS, "view_data(...): a UserView's array from a user's ratings."},
     {"user_rows", user_rows, METH_VARARGS, "user_rows(...): the personalised model's input matrix of one user's batch."},
     {"rows", rows, METH_VARARGS, "rows(ids, ratings, order, source, sources, prefix): the JSON of a batch's rows."},

@@ -128,6 +128,7 @@ class MovieTotals:
     table: npt.NDArray[np.float64]
     # ``rows`` for its int ids as an array (-1 where it has none), when the model's ids are ints below
     # DENSE_IDS_MAX: a batch's int ids are then looked up by position rather than by hashing (_codec.positions).
+    # It holds every non-negative int id of ``rows`` (whose other keys are strings), so a higher id is not there.
     dense: npt.NDArray[np.int32] | None
 
 
@@ -323,7 +324,7 @@ class StatePersonalizer:
         default = len(totals.table) - 1
         if _codec is not None and totals.dense is not None and type(movie_ids) is list:
             rows: IntArray = np.empty(len(movie_ids), dtype=np.int64)
-            if _codec.positions(movie_ids, totals.rows, default, rows, totals.dense) == 0:
+            if _codec.positions(movie_ids, totals.rows, default, rows, totals.dense, True) == 0:
                 return rows  # every id an int, as the model spells its ids: no other spelling to try
         return lookup(totals.rows, self._keys(movie_ids), default)
 
