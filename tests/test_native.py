@@ -257,6 +257,33 @@ def test_a_wide_model_with_memo_tail_and_repeats_gives_the_one_row_answers(n: in
     np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_inputs", [7, 65])
+def test_constant_and_repeated_columns_are_found_whatever_the_number_of_inputs(n_inputs: int) -> None:
+    # The repeat count compares two columns at a time where it can: an odd last column, and models too wide for
+    # that (more than 64 inputs), are counted one by one. A constant column (one of them NaN, one the last) is
+    # folded once; a column that is constant but for one row (the second, the last) must not be.
+    rng = np.random.default_rng(n_inputs)
+    train = rng.normal(size=(3000, n_inputs))
+    train[rng.random(train.shape) < 0.05] = np.nan
+    y = np.nansum(train * np.linspace(1, 2, n_inputs), axis=1) + rng.normal(size=3000)
+    params = {"objective": "regression", "num_leaves": 31, "min_data_in_leaf": 5, "seed": 0, "verbose": -1}
+    text: str = lgb.train({**params, "num_threads": 1}, lgb.Dataset(train, y), 20).model_to_string()
+    native = TreeEnsemble.from_lightgbm_text(text, n_inputs)
+    assert native.runtime == "native"
+    x = rng.normal(size=(50, n_inputs))
+    x[:, 0] = np.nan
+    x[:, 3] = 0.25
+    x[:, 1] = 1.5
+    x[37, 1] = -1.5  # all rows equal but one
+    x[:, -1] = 0.5
+    x[12, -1] = -0.5  # the same in the last column
+    x[:, 2] = np.repeat(rng.normal(size=10), 5)  # runs of five
+    got = native.predict_raw(x)
+    singles = np.array([native.predict_value(row.tolist()) for row in x])
+    np.testing.assert_array_equal(got, singles)
+    np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
+
+
 def test_batches_of_one_and_zero_rows() -> None:
     native, numpy_evaluator = _pair(_model(60, True))
     x = _nan_rows(seed=31)

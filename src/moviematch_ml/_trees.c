@@ -15,6 +15,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* LightGBM reads |x| <= kZeroThreshold as exactly zero (model._ZERO_THRESHOLD); its constant is the float 1e-35f
  * widened to double (1.0000000180025095e-35), not the double 1e-35. */
@@ -195,10 +198,32 @@ static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *ou
      * evaluation of a 1,000-movie batch).
      * The counts wait in vary: the insertion below writes vary[k] only for k <= j, after reading vary[j]. */
     for (Py_ssize_t j = 0; j < nf; j++) vary[j] = 0;
-    for (Py_ssize_t i = 1; i < n; i++) {
+    Py_ssize_t j0 = 0;
+#if defined(__SSE2__)
+    /* Two features at a time: equal, or both NaN (same_value), as an all-ones lane subtracted from its count. */
+    __m128i counts[32];
+    const Py_ssize_t paired = nf <= 64 ? nf & ~(Py_ssize_t)1 : 0;
+    for (Py_ssize_t p = 0; p < paired / 2; p++) counts[p] = _mm_setzero_si128();
+    for (Py_ssize_t i = 1; i < n && paired; i++) {
         const double *a = x + i * nf, *b = a - nf;
-        /* same_value without its short circuits: compares the compiler can do two at a time, with no branch. */
-        for (Py_ssize_t j = 0; j < nf; j++) vary[j] += (a[j] == b[j]) | ((a[j] != a[j]) & (b[j] != b[j]));
+        for (Py_ssize_t p = 0; p < paired / 2; p++) {
+            const __m128d va = _mm_loadu_pd(a + 2 * p), vb = _mm_loadu_pd(b + 2 * p);
+            const __m128d nans = _mm_and_pd(_mm_cmpunord_pd(va, va), _mm_cmpunord_pd(vb, vb));
+            const __m128d same = _mm_or_pd(_mm_cmpeq_pd(va, vb), nans);
+            counts[p] = _mm_sub_epi64(counts[p], _mm_castpd_si128(same));
+        }
+    }
+    for (Py_ssize_t p = 0; p < paired / 2; p++) {
+        int64_t c[2];
+        _mm_storeu_si128((__m128i *)c, counts[p]);
+        vary[2 * p] = (Py_ssize_t)c[0];
+        vary[2 * p + 1] = (Py_ssize_t)c[1];
+    }
+    j0 = paired;
+#endif
+    for (Py_ssize_t i = 1; i < n && j0 < nf; i++) {
+        const double *a = x + i * nf, *b = a - nf;
+        for (Py_ssize_t j = j0; j < nf; j++) vary[j] += same_value(a[j], b[j]);
     }
     for (Py_ssize_t j = 0; j < nf; j++) {
         const Py_ssize_t same = vary[j];
