@@ -19,6 +19,19 @@
 #include <emmintrin.h>
 #endif
 
+/* On x86-64 with glibc, eval_rows (with the row loops inlined into it) is compiled twice, for any x86-64 and for
+ * AVX2 CPUs (x86-64-v3), and the loader picks the one the CPU runs: the AND passes then take 32 bytes at a time
+ * (personalised batches 7% faster, six-feature ones 4%). A wheel or an image must run on any x86-64, so -march is
+ * not an option; AVX-512 clones (x86-64-v4) were slower on the personalised model. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define EVAL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef EVAL_CLONES
+#define EVAL_CLONES
+#endif
+
 /* LightGBM reads |x| <= kZeroThreshold as exactly zero (model._ZERO_THRESHOLD); its constant is the float 1e-35f
  * widened to double (1.0000000180025095e-35), not the double 1e-35. */
 #define ZERO_THRESHOLD ((double)1e-35f)
@@ -122,8 +135,11 @@ static inline int same_value(double a, double b) {
             for (Py_ssize_t t = 0; t < nt; t++) dst[t] = src[t] & r0[t] & r1[t] & r2[t] & r3[t];            \
         }                                                                                                   \
     }                                                                                                       \
-    static void NAME(const Forest *f, const double *x, Py_ssize_t n, double *out, const Py_ssize_t *vary,  \
-                     Py_ssize_t n_vary, Py_ssize_t n_memo, const WORD *base, WORD *prefix, WORD *fin) {     \
+    /* Inlined into eval_rows, so that its AVX2 clone (EVAL_CLONES) covers these loops too. */               \
+    static inline __attribute__((always_inline)) void NAME(const Forest *f, const double *x, Py_ssize_t n,     \
+                                                           double *out, const Py_ssize_t *vary,             \
+                                                           Py_ssize_t n_vary, Py_ssize_t n_memo,            \
+                                                           const WORD *base, WORD *prefix, WORD *fin) {     \
         const Py_ssize_t nt = f->n_trees, nf = f->n_features, width = f->width;                             \
         const WORD *tables = (const WORD *)f->tables.buf;                                                   \
         const double *leaves = (const double *)f->leaf_values.buf;                                          \
@@ -186,8 +202,8 @@ DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 /* Words of scratch eval_rows needs: base, a prefix per feature, PENDING rows' final masks. */
 #define SCRATCH_WORDS(nf, nt) (((size_t)(nf) + 1 + PENDING) * (size_t)(nt))
 
-static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch, Py_ssize_t *vary,
-                      Py_ssize_t *repeats) {
+EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch,
+                                  Py_ssize_t *vary, Py_ssize_t *repeats) {
     const Py_ssize_t nf = f->n_features, nt = f->n_trees;
     const size_t word = (size_t)f->word;
     Py_ssize_t n_vary = 0;
