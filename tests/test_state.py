@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from moviematch_ml.errors import StoreError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.feedback import Feedback
 from moviematch_ml.personalized import PersonalizedModel, user_state
-from moviematch_ml.state import MOVIE_TTL_SECONDS, StatePersonalizer, TTLCache, load_personalized
+from moviematch_ml.state import MOVIE_TTL_SECONDS, StatePersonalizer, TTLCache, keep_warm, load_personalized
 from moviematch_ml.store import Counts, FeedbackStore
 
 X = np.array([[float(EXAMPLE[n]) for n in FEATURE_NAMES]] * 3)
@@ -303,9 +304,11 @@ class CountingStore(FeedbackStore):
         self._count("feed")
         return self.inner.last_row_id()
 
-    def changed_users(self, after_id: int) -> tuple[int, set[str]]:
+    def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
         self._count("feed")
-        return self.inner.changed_users(after_id)
+        return [row for row in self.inner.changed_rows(after_id) if row[0] not in self.uncommitted]
+
+    uncommitted: frozenset[int] = frozenset()  # row ids the feed does not show yet (a transaction committed late)
 
 
 def test_movie_totals_are_one_query_per_movie_ttl(store: FeedbackStore, personalized: PersonalizedModel) -> None:
@@ -360,16 +363,174 @@ def test_a_failed_poll_drops_every_cached_state(store: FeedbackStore, personaliz
     _rate(store, "u", {1: 2.0})
     assert p("u", [5], X[:1]) is not None
 
-    def down(after_id: int) -> tuple[int, set[str]]:
+    def down(after_id: int) -> list[tuple[int, str]]:
         raise StoreError("database is down")
 
-    counting.changed_users = down  # type: ignore[method-assign]
+    counting.changed_rows = down  # type: ignore[method-assign]
     clock.now = 2.0
     assert p("u", [5], X[:1]) is None  # the six-feature model answers while the store is unreadable
-    del counting.changed_users
+    del counting.changed_rows
     clock.now = 4.0
     assert p("u", [5], X[:1]) is not None
     assert counting.reads["user u"] == 2  # read again: what was cached before the failure was not trusted
+
+
+def test_a_rating_is_news_once_not_at_every_poll_of_the_overlap(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    # Each poll reads the rows after the mark of five polls ago (a late commit is still seen): the user is
+    # forgotten for the rows the poll before did not return, not again at each of the next four polls.
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
+    p.set_model(personalized)
+    p.sync()  # the first look: where the feed starts
+    _rate(store, "u", {1: 2.0})
+    for second in range(1, 7):
+        clock.now = float(second)
+        assert p("u", [5], X[:1]) is not None
+    assert counting.reads["feed"] == 7  # the first look and six polls
+    assert counting.reads["user u"] == 1  # read once: at the first request after the poll that named the rating
+    _rate(store, "u", {2: 9.0})
+    clock.now = 7.0
+    assert p("u", [5], X[:1]) is not None
+    assert counting.reads["user u"] == 2  # a new row is news again
+
+
+def test_a_row_committed_late_is_news_when_it_shows(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    # Row 2 (user v) commits after row 3 (user w) was seen: a poll that saw row 3 must still report row 2 later.
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
+    p.set_model(personalized)
+    _rate(store, "u", {1: 2.0})
+    _rate(store, "v", {1: 4.0})
+    p.sync()
+    assert p("v", [5], X[:1]) is not None
+    _rate(store, "v", {2: 9.0})  # row 3
+    _rate(store, "w", {1: 8.0})  # row 4
+    counting.uncommitted = frozenset({3})
+    clock.now = 1.0
+    p.sync()
+    assert p("v", [5], X[:1]) is not None
+    assert counting.reads["user v"] == 1  # the feed did not show row 3 yet: v's view stands
+    counting.uncommitted = frozenset()
+    clock.now = 2.0
+    p.sync()
+    assert p("v", [5], X[:1]) is not None
+    assert counting.reads["user v"] == 2
+
+
+def _warming(
+    store: FeedbackStore, personalized: PersonalizedModel, **kw: int
+) -> tuple[StatePersonalizer, CountingStore, FakeClock]:
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock, **kw)
+    p.set_model(personalized)
+    p.warm_ahead = True
+    p.sync()  # the first look
+    return p, counting, clock
+
+
+def test_warm_builds_the_views_the_feed_names_before_they_are_asked_for(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    p, counting, clock = _warming(store, personalized)
+    _rate(store, "u", {1: 2.0, 3: 4.0})
+    _rate(store, "w", {1: 9.0})
+    clock.now = 1.0
+    p.sync()
+    assert p.to_warm == 2
+    assert p.warm(10.0) == 0
+    assert counting.reads == {"feed": 2, "user u": 1, "user w": 1}
+    got = p("u", [5, 7], X[:2])
+    assert counting.reads["user u"] == 1  # the request found the view built
+    cold = StatePersonalizer(store, ttl=1.0)
+    cold.set_model(personalized)
+    want = cold("u", [5, 7], X[:2])
+    assert got is not None
+    assert want is not None
+    np.testing.assert_array_equal(got[0], want[0])  # the same view as a request would have built
+
+
+def test_warm_stops_after_its_budget_and_is_bounded_by_the_cache(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    p, counting, clock = _warming(store, personalized, max_users=30)
+    for k in range(50):
+        _rate(store, f"u{k}", {1: 5.0})
+    clock.now = 1.0
+    p.sync()
+    assert p.to_warm == 30  # no more than the cache holds: the 30 latest
+    assert p.warm(0.0) == 29  # at least one view per call, whatever the budget
+    assert counting.reads.get("user u19", 0) == 0
+    assert counting.reads["user u20"] == 1
+
+
+def test_warm_without_a_model_or_with_the_store_down(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    p, counting, clock = _warming(store, personalized)
+    _rate(store, "u", {1: 2.0})
+    clock.now = 1.0
+    p.sync()
+
+    def down(user_id: str) -> list[tuple[str, float, float]]:
+        raise StoreError("database is down")
+
+    counting.user_ratings = down  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        p.warm(1.0)
+    assert p.to_warm == 1  # still to do
+    del counting.user_ratings
+    p.set_model(None)
+    assert p.warm(1.0) == 0
+    assert p.to_warm == 0
+
+
+def test_a_user_named_again_while_warmed_is_not_kept(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    # A poll on another thread names the user again while their ratings are read for warm: the view warm built may
+    # predate that rating, so it is not kept, and the user stays queued.
+    p, counting, clock = _warming(store, personalized)
+    _rate(store, "u", {1: 2.0})
+    clock.now = 1.0
+    p.sync()
+    inner_read = counting.user_ratings
+
+    def read_then_poll(user_id: str) -> list[tuple[str, float, float]]:
+        rows = inner_read(user_id)
+        _rate(store, "u", {2: 9.0})
+        clock.now = 2.0
+        p.sync()
+        return rows
+
+    counting.user_ratings = read_then_poll  # type: ignore[method-assign]
+    assert p.warm(0.0) == 1
+    del counting.user_ratings
+    before = counting.reads["user u"]
+    assert p("u", [5], X[:1]) is not None
+    assert counting.reads["user u"] == before + 1  # not cached: read again, with the new rating
+
+
+def test_keep_warm_polls_and_builds_in_the_background(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    async def scenario() -> tuple[int, int]:
+        counting = CountingStore(store)
+        p = StatePersonalizer(counting, ttl=0.02)
+        p.set_model(personalized)
+        task = asyncio.create_task(keep_warm(p, 0.5))
+        await asyncio.sleep(0.05)  # its first poll: where the feed starts
+        _rate(store, "u", {1: 2.0})
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if counting.reads.get("user u"):
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        reads = counting.reads["user u"]
+        assert p("u", [5], X[:1]) is not None
+        return reads, counting.reads["user u"]
+
+    assert asyncio.run(scenario()) == (1, 1)  # built by the task; the request found it cached
 
 
 class BrokenStore(FeedbackStore):

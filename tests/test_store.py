@@ -46,16 +46,16 @@ def test_ratings_are_stored_once_and_totals_follow(store: FeedbackStore) -> None
     assert store.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 100.0)]
 
 
-def test_change_feed_names_the_users_with_new_rows(store: FeedbackStore) -> None:
+def test_change_feed_gives_the_new_rows_and_their_users(store: FeedbackStore) -> None:
     assert store.last_row_id() == 0
-    assert store.changed_users(0) == (0, set())
+    assert store.changed_rows(0) == []
     store.add([_fb("a", "u1", "m1", 8.0), _fb("b", "u2", "m1", 6.0)])
     mark = store.last_row_id()
     assert mark == 2
-    assert store.changed_users(0) == (2, {"u1", "u2"})
+    assert store.changed_rows(0) == [(1, "u1"), (2, "u2")]
     store.add([_fb("c", "u2", "m2", 4.0), _fb("d", "u3", "m2", 4.0), _fb("a", "u1", "m1", 8.0)])  # "a" is a repeat
-    assert store.changed_users(mark) == (4, {"u2", "u3"})
-    assert store.changed_users(4) == (4, set())
+    assert store.changed_rows(mark) == [(3, "u2"), (4, "u3")]
+    assert store.changed_rows(4) == []
 
 
 def test_a_key_repeated_inside_one_request_counts_once(store: FeedbackStore) -> None:

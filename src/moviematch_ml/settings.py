@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Most users whose state a worker keeps in memory (about 0.6-0.7 KB each); others are read again.",
     )
+    state_warm_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of a worker's time it may spend building, before they ask, the state of users the change "
+        "feed names (new ratings, from any replica); 0: off, their next request reads their ratings instead.",
+    )
     redis_url: str | None = Field(
         None, description="Redis, for PREDICTION_CACHE_BACKEND=redis (the answer cache shared by replicas)."
     )

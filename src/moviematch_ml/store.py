@@ -284,17 +284,17 @@ class FeedbackStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
-    def changed_users(self, after_id: int) -> tuple[int, set[str]]:
-        """(highest row id seen, the users with a rating stored after row ``after_id``): the change feed replicas
-        poll to drop the cached state of users whose ratings another replica stored."""
+    def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
+        """(row id, user id) of every rating stored after row ``after_id``, by row id: the change feed replicas
+        poll to drop (and rebuild) the cached state of users whose ratings another replica stored. Row ids rather
+        than one line per user, so that a poller can tell the rows it has already seen from new ones."""
         t = feedback_table
-        q = select(t.c.user_id, func.max(t.c.id)).where(t.c.id > after_id).group_by(t.c.user_id)
+        q = select(t.c.id, t.c.user_id).where(t.c.id > after_id).order_by(t.c.id)
         try:
             with self.engine.connect() as conn:
-                rows = conn.execute(q).all()
+                return [(int(i), str(u)) for i, u in conn.execute(q)]
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
-        return max((int(r[1]) for r in rows), default=after_id), {str(r[0]) for r in rows}
 
     def all_movie_counts(self) -> dict[str, Counts]:
         """Every rated movie's totals in one query (one row per movie the app's users rated)."""

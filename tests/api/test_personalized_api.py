@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
+from moviematch_ml.feedback import Feedback
 from moviematch_ml.settings import Settings
+from moviematch_ml.store import FeedbackStore
 
 
 @pytest.fixture
@@ -56,3 +59,29 @@ def test_batch_mixes_sources_and_keeps_order(pclient: TestClient) -> None:
 
 def test_root_reports_the_personalised_model(pclient: TestClient) -> None:
     assert pclient.app.state.personalizer.version == "tiny-personalized-1"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("share", [0.5, 0.0], ids=["warm-ahead", "off"])
+def test_each_worker_builds_the_state_of_users_who_just_rated(
+    tiny_personalized_dir: Path, tmp_path: Path, share: float
+) -> None:
+    # A rating stored by another replica (here: straight into the database) reaches this one through the change
+    # feed; with STATE_WARM_SHARE above 0 the worker's background task builds the user's state before any request
+    # asks for it. Off, nothing is built until a request does.
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    settings = Settings(
+        model_path=tiny_personalized_dir, database_url=url, state_ttl_seconds=0.02, state_warm_share=share
+    )
+    with TestClient(create_app(settings)) as c:
+        personalizer = c.app.state.personalizer  # type: ignore[attr-defined]
+        assert personalizer.warm_ahead is (share > 0)
+        time.sleep(0.1)  # the task's first poll: where the feed starts
+        FeedbackStore.from_url(url).add([Feedback("other-1", "9", "1", 8.0, 1_000.0, None)])
+        deadline = time.monotonic() + (3.0 if share > 0 else 0.5)
+        while time.monotonic() < deadline and not personalizer._users.get("9")[0]:
+            c.get("/health")  # the event loop runs the task while the client waits
+            time.sleep(0.02)
+        assert personalizer._users.get("9")[0] is (share > 0)
+        task = c.app.state.warming  # type: ignore[attr-defined]
+        assert (task is None) is (share == 0)
+    assert task is None or task.done()  # the lifespan stopped it at shutdown

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ from moviematch_ml.logs import configure_logging
 from moviematch_ml.model import BUNDLED_MODEL_DIR
 from moviematch_ml.serving import AnswerCache, ModelHolder, PredictionService, decode_answer, encode_answer
 from moviematch_ml.settings import ENV_ONLY, Settings
-from moviematch_ml.state import StatePersonalizer, load_personalized
+from moviematch_ml.state import StatePersonalizer, keep_warm, load_personalized
 from moviematch_ml.store import FeedbackStore, make_engine
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
         # garbage collector's sight, its full collections no longer walk it (about 5 us per request under 20,000
         # users' views, whose churn triggers them; docs/performance.md).
         gc.freeze()
+        warming = None
+        if settings.state_warm_share > 0 and settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
+            warming = asyncio.create_task(keep_warm(personalizer, settings.state_warm_share))
+        app.state.warming = warming
         log.info(
             "service started",
             extra={
@@ -74,6 +79,10 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
             },
         )
         yield
+        if warming is not None:
+            warming.cancel()
+            with suppress(asyncio.CancelledError):
+                await warming
         feedback_store.close()
         log.info("service stopped")
 
