@@ -284,6 +284,53 @@ def test_constant_and_repeated_columns_are_found_whatever_the_number_of_inputs(n
     np.testing.assert_allclose(got, _lightgbm(text, x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 5, 203])
+def test_rows_given_as_some_columns_and_shared_values_give_the_full_rows_answers(n: int) -> None:
+    # A personalised batch writes only the inputs that differ between its movies; the user's are given once.
+    # Columns in any order, one of them constant (folded), the absent features' shared values with a NaN among them.
+    text = _wide_model()
+    native = TreeEnsemble.from_lightgbm_text(text, 20)
+    numpy_evaluator = TreeEnsemble.from_lightgbm_text(text, 20, native=False)
+    rng = np.random.default_rng(29)
+    full = rng.normal(size=(n, 20))
+    shared = [1, 4, 6, 9, 16, 17, 18, 19]
+    full[:, shared] = rng.normal(size=len(shared))
+    full[:, 17] = np.nan
+    full[:, 12] = 0.5  # a column of x that is the same in every row
+    for start in range(0, n, 6):
+        full[start : start + 4, 10:14] = full[start, 10:14]
+    columns = np.array([c for c in rng.permutation(20) if c not in shared], dtype=np.int64)
+    x = np.ascontiguousarray(full[:, columns])
+    values = full[0].copy()
+    values[columns] = 99.0  # ignored: those features are columns of x
+    want = native.predict_raw(full)
+    np.testing.assert_array_equal(native.predict_raw_columns(x, columns, values), want)
+    np.testing.assert_array_equal(
+        numpy_evaluator.predict_raw_columns(x, columns, values), numpy_evaluator.predict_raw(full)
+    )
+
+
+def test_predict_refuses_columns_that_are_not_distinct_features() -> None:
+    native = TreeEnsemble.from_lightgbm_text(_wide_model(), 20)
+    forest = native._native
+    out = np.empty(3)
+    values = np.zeros(20)
+    x = np.zeros((3, 2))
+    for columns, match in (
+        (np.array([1, 1]), "distinct features"),
+        (np.array([0, 20]), "distinct features"),
+        (np.array([-1, 2]), "distinct features"),
+        (np.array([0, 1, 2]), r"x must be \(n, n_features\)"),
+        (np.arange(21), "1 to n_features"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            forest.predict(x, out, columns.astype(np.int64), values)
+    with pytest.raises(ValueError, match="1 to n_features"):
+        forest.predict(x, out, np.array([0, 1], dtype=np.int64), np.zeros(19))
+    with pytest.raises(ValueError, match="go together"):
+        forest.predict(x, out, np.array([0, 1], dtype=np.int64))
+
+
 def test_batches_of_one_and_zero_rows() -> None:
     native, numpy_evaluator = _pair(_model(60, True))
     x = _nan_rows(seed=31)

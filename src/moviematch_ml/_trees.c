@@ -137,18 +137,19 @@ static inline int same_value(double a, double b) {
     }                                                                                                       \
     /* Inlined into eval_rows, so that its AVX2 clone (EVAL_CLONES) covers these loops too. */               \
     static inline __attribute__((always_inline)) void NAME(const Forest *f, const double *x, Py_ssize_t n,     \
+                                                           Py_ssize_t stride, const Py_ssize_t *feat,       \
                                                            double *out, const Py_ssize_t *vary,             \
                                                            Py_ssize_t n_vary, Py_ssize_t n_memo,            \
                                                            const WORD *base, WORD *prefix, WORD *fin) {     \
-        const Py_ssize_t nt = f->n_trees, nf = f->n_features, width = f->width;                             \
+        const Py_ssize_t nt = f->n_trees, width = f->width;                                                 \
         const WORD *tables = (const WORD *)f->tables.buf;                                                   \
         const double *leaves = (const double *)f->leaf_values.buf;                                          \
         Py_ssize_t pending[PENDING], np_ = 0; /* rows whose masks wait in fin for their sums */            \
         for (Py_ssize_t i = 0; i < n; i++) {                                                                \
-            const double *xi = x + i * nf;                                                                  \
+            const double *xi = x + i * stride;                                                              \
             Py_ssize_t k0 = 0;                                                                              \
             if (i > 0) {                                                                                    \
-                while (k0 < n_vary && same_value(xi[vary[k0]], xi[vary[k0] - nf])) k0++;                    \
+                while (k0 < n_vary && same_value(xi[vary[k0]], xi[vary[k0] - stride])) k0++;                \
                 if (k0 == n_vary) {                                                                         \
                     for (Py_ssize_t p = 0; p < np_; p++)                                                    \
                         out[pending[p]] = NAME##_sum(fin + p * nt, leaves, nt, width);                      \
@@ -162,7 +163,7 @@ static inline int same_value(double a, double b) {
                 continue;                                                                                   \
             }                                                                                               \
             for (Py_ssize_t k = k0; k < n_memo; k++) {                                                      \
-                const WORD *row = tables + table_row(f, vary[k], xi[vary[k]]) * nt;                         \
+                const WORD *row = tables + table_row(f, feat[vary[k]], xi[vary[k]]) * nt;                   \
                 NAME##_and(prefix + k * nt, k == 0 ? base : prefix + (k - 1) * nt, &row, 1, nt);            \
             }                                                                                               \
             /* The tail, from the memo's last level, four table rows a pass; the last pass writes to fin. */ \
@@ -171,7 +172,7 @@ static inline int same_value(double a, double b) {
                 const Py_ssize_t q = n_vary - k < 4 ? n_vary - k : 4;                                       \
                 const WORD *rows[4] = {NULL, NULL, NULL, NULL};                                             \
                 for (Py_ssize_t c = 0; c < q; c++)                                                          \
-                    rows[c] = tables + table_row(f, vary[k + c], xi[vary[k + c]]) * nt;                     \
+                    rows[c] = tables + table_row(f, feat[vary[k + c]], xi[vary[k + c]]) * nt;               \
                 WORD *dst = k + q == n_vary ? fin + np_ * nt : prefix + (k + q - 1) * nt;                   \
                 NAME##_and(dst, src, rows, q, nt);                                                          \
                 src = dst;                                                                                  \
@@ -185,8 +186,8 @@ static inline int same_value(double a, double b) {
         }                                                                                                   \
         for (Py_ssize_t p = 0; p < np_; p++) out[pending[p]] = NAME##_sum(fin + p * nt, leaves, nt, width); \
     }                                                                                                       \
-    static void NAME##_fold(const Forest *f, const double *x, Py_ssize_t j, WORD *base) {                   \
-        const WORD *row = (const WORD *)f->tables.buf + table_row(f, j, x[j]) * f->n_trees;                 \
+    static void NAME##_fold(const Forest *f, Py_ssize_t j, double value, WORD *base) {                      \
+        const WORD *row = (const WORD *)f->tables.buf + table_row(f, j, value) * f->n_trees;                \
         for (Py_ssize_t t = 0; t < f->n_trees; t++) base[t] &= row[t];                                      \
     }
 
@@ -194,34 +195,48 @@ DEFINE_ROWS(rows16, uint16_t, __builtin_ctz)
 DEFINE_ROWS(rows32, uint32_t, __builtin_ctz)
 DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 
-/* Evaluate n rows of x (row-major, n_features columns) into out. A feature with the same value in every row
- * (a batch for one user: the user's count, mean, recent ratings...) is looked up once and folded into the
- * starting masks, so the per-row work is only that of the features that vary; these are taken in order of how
- * often a row repeats the value of the row before, so that repeated leading values are looked up once too
- * (see DEFINE_ROWS). scratch: SCRATCH_WORDS 8-byte words; vary and repeats: n_features entries. */
+/* Evaluate n rows of x into out. x is row-major with ``stride`` columns, column c holding feature feat[c] (every
+ * feature, in order, for a plain matrix); the features that are not columns (``values`` non-NULL) take the value
+ * values[j] in every row. A feature with the same value in every row (a batch for one user: the user's count,
+ * mean, recent ratings...) is looked up once and folded into the starting masks, so the per-row work is only
+ * that of the columns that vary; these are taken in order of how often a row repeats the value of the row
+ * before, so that repeated leading values are looked up once too (see DEFINE_ROWS). scratch: SCRATCH_WORDS 8-byte
+ * words; vary and repeats: n_features entries; stride <= n_features, feat without repeats. */
 /* Words of scratch eval_rows needs: base, a prefix per feature, PENDING rows' final masks. */
 #define SCRATCH_WORDS(nf, nt) (((size_t)(nf) + 1 + PENDING) * (size_t)(nt))
 
-EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, double *out, void *scratch,
+EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n, Py_ssize_t stride,
+                                  const Py_ssize_t *feat, const double *values, double *out, void *scratch,
                                   Py_ssize_t *vary, Py_ssize_t *repeats) {
     const Py_ssize_t nf = f->n_features, nt = f->n_trees;
     const size_t word = (size_t)f->word;
     Py_ssize_t n_vary = 0;
     if (n == 0) return;
     memset(scratch, 0xff, (size_t)nt * word);
-    /* How often each feature repeats the row before, counted row by row: one sequential pass over x (a pass per
-     * feature read it with a stride of a whole row, 20 times over for the personalised model: a tenth of its
+    /* The features that are not columns of x take their one value from ``values``: folded once. */
+    if (values != NULL) {
+        for (Py_ssize_t j = 0; j < nf; j++) {
+            Py_ssize_t c = 0;
+            while (c < stride && feat[c] != j) c++;
+            if (c < stride) continue; /* a column of x */
+            if (f->word == 8) rows64_fold(f, j, values[j], (uint64_t *)scratch);
+            else if (f->word == 4) rows32_fold(f, j, values[j], (uint32_t *)scratch);
+            else rows16_fold(f, j, values[j], (uint16_t *)scratch);
+        }
+    }
+    /* How often each column repeats the row before, counted row by row: one sequential pass over x (a pass per
+     * column read it with a stride of a whole row, 20 times over for the personalised model: a tenth of its
      * evaluation of a 1,000-movie batch).
-     * The counts wait in vary: the insertion below writes vary[k] only for k <= j, after reading vary[j]. */
-    for (Py_ssize_t j = 0; j < nf; j++) vary[j] = 0;
-    Py_ssize_t j0 = 0;
+     * The counts wait in vary: the insertion below writes vary[k] only for k <= c, after reading vary[c]. */
+    for (Py_ssize_t c = 0; c < stride; c++) vary[c] = 0;
+    Py_ssize_t c0 = 0;
 #if defined(__SSE2__)
-    /* Two features at a time: equal, or both NaN (same_value), as an all-ones lane subtracted from its count. */
+    /* Two columns at a time: equal, or both NaN (same_value), as an all-ones lane subtracted from its count. */
     __m128i counts[32];
-    const Py_ssize_t paired = nf <= 64 ? nf & ~(Py_ssize_t)1 : 0;
+    const Py_ssize_t paired = stride <= 64 ? stride & ~(Py_ssize_t)1 : 0;
     for (Py_ssize_t p = 0; p < paired / 2; p++) counts[p] = _mm_setzero_si128();
     for (Py_ssize_t i = 1; i < n && paired; i++) {
-        const double *a = x + i * nf, *b = a - nf;
+        const double *a = x + i * stride, *b = a - stride;
         for (Py_ssize_t p = 0; p < paired / 2; p++) {
             const __m128d va = _mm_loadu_pd(a + 2 * p), vb = _mm_loadu_pd(b + 2 * p);
             const __m128d nans = _mm_and_pd(_mm_cmpunord_pd(va, va), _mm_cmpunord_pd(vb, vb));
@@ -230,47 +245,50 @@ EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n
         }
     }
     for (Py_ssize_t p = 0; p < paired / 2; p++) {
-        int64_t c[2];
-        _mm_storeu_si128((__m128i *)c, counts[p]);
-        vary[2 * p] = (Py_ssize_t)c[0];
-        vary[2 * p + 1] = (Py_ssize_t)c[1];
+        int64_t cnt[2];
+        _mm_storeu_si128((__m128i *)cnt, counts[p]);
+        vary[2 * p] = (Py_ssize_t)cnt[0];
+        vary[2 * p + 1] = (Py_ssize_t)cnt[1];
     }
-    j0 = paired;
+    c0 = paired;
 #endif
-    for (Py_ssize_t i = 1; i < n && j0 < nf; i++) {
-        const double *a = x + i * nf, *b = a - nf;
-        for (Py_ssize_t j = j0; j < nf; j++) vary[j] += same_value(a[j], b[j]);
+    for (Py_ssize_t i = 1; i < n && c0 < stride; i++) {
+        const double *a = x + i * stride, *b = a - stride;
+        for (Py_ssize_t c = c0; c < stride; c++) vary[c] += same_value(a[c], b[c]);
     }
-    for (Py_ssize_t j = 0; j < nf; j++) {
-        const Py_ssize_t same = vary[j];
+    for (Py_ssize_t c = 0; c < stride; c++) {
+        const Py_ssize_t same = vary[c];
         if (n > 1 && same == n - 1) {
-            if (f->word == 8) rows64_fold(f, x, j, (uint64_t *)scratch);
-            else if (f->word == 4) rows32_fold(f, x, j, (uint32_t *)scratch);
-            else rows16_fold(f, x, j, (uint16_t *)scratch);
+            if (f->word == 8) rows64_fold(f, feat[c], x[c], (uint64_t *)scratch);
+            else if (f->word == 4) rows32_fold(f, feat[c], x[c], (uint32_t *)scratch);
+            else rows16_fold(f, feat[c], x[c], (uint16_t *)scratch);
         } else {
-            /* Insertion by decreasing repeats (stable: equal counts keep the features' order). */
+            /* Insertion by decreasing repeats (stable: equal counts keep the columns' order). */
             Py_ssize_t k = n_vary++;
             while (k > 0 && repeats[k - 1] < same) {
                 vary[k] = vary[k - 1];
                 repeats[k] = repeats[k - 1];
                 k--;
             }
-            vary[k] = j;
+            vary[k] = c;
             repeats[k] = same;
         }
     }
-    /* The memo: the leading varying features that repeat on at least a quarter of the rows; always one fewer than
+    /* The memo: the leading varying columns that repeat on at least a quarter of the rows; always one fewer than
      * all of them, so that the tail (which ends in fin) is never empty. */
     Py_ssize_t n_memo = 0;
     while (n_memo + 1 < n_vary && 4 * repeats[n_memo] >= n - 1) n_memo++;
     char *prefix = (char *)scratch + (size_t)nt * word;
     char *fin = prefix + (size_t)nf * (size_t)nt * word;
     if (f->word == 8)
-        rows64(f, x, n, out, vary, n_vary, n_memo, (const uint64_t *)scratch, (uint64_t *)prefix, (uint64_t *)fin);
+        rows64(f, x, n, stride, feat, out, vary, n_vary, n_memo, (const uint64_t *)scratch, (uint64_t *)prefix,
+               (uint64_t *)fin);
     else if (f->word == 4)
-        rows32(f, x, n, out, vary, n_vary, n_memo, (const uint32_t *)scratch, (uint32_t *)prefix, (uint32_t *)fin);
+        rows32(f, x, n, stride, feat, out, vary, n_vary, n_memo, (const uint32_t *)scratch, (uint32_t *)prefix,
+               (uint32_t *)fin);
     else
-        rows16(f, x, n, out, vary, n_vary, n_memo, (const uint16_t *)scratch, (uint16_t *)prefix, (uint16_t *)fin);
+        rows16(f, x, n, stride, feat, out, vary, n_vary, n_memo, (const uint16_t *)scratch, (uint16_t *)prefix,
+               (uint16_t *)fin);
 }
 
 static int check(int ok, const char *what) {
@@ -337,34 +355,71 @@ static int require_ready(Forest *self) {
     return self->ready;
 }
 
-/* predict(x, out): x a C-contiguous float64 (n, n_features) buffer, out a writable float64 (n,) buffer. */
+/* predict(x, out, columns=None, values=None): x a C-contiguous float64 (n, n_features) buffer, out a writable
+ * float64 (n,) buffer. With ``columns`` (int64, k distinct features) and ``values`` (float64, n_features), x is
+ * (n, k), its column c holding feature columns[c], and every other feature j takes values[j] in every row: a
+ * caller whose rows share most of their inputs (one user's batch) writes and passes only the ones that differ. */
 static PyObject *Forest_predict(Forest *self, PyObject *args) {
-    Py_buffer x, out;
-    if (!require_ready(self) || !PyArg_ParseTuple(args, "y*w*", &x, &out)) return NULL;
+    Py_buffer x, out, cols = {0}, vals = {0};
+    PyObject *cols_obj = Py_None, *vals_obj = Py_None;
+    if (!require_ready(self) || !PyArg_ParseTuple(args, "y*w*|OO", &x, &out, &cols_obj, &vals_obj)) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t row_bytes = 8 * self->n_features;
+    void *scratch = NULL;
+    const Py_ssize_t nf = self->n_features;
+    Py_ssize_t stride = nf;
+    if ((cols_obj == Py_None) != (vals_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "Forest.predict: columns and values go together");
+        goto done;
+    }
+    if (cols_obj != Py_None) {
+        if (PyObject_GetBuffer(cols_obj, &cols, PyBUF_SIMPLE) < 0 ||
+            PyObject_GetBuffer(vals_obj, &vals, PyBUF_SIMPLE) < 0)
+            goto done;
+        stride = cols.len / 8;
+        if (cols.len % 8 != 0 || stride < 1 || stride > nf || vals.len != nf * 8) {
+            PyErr_SetString(PyExc_ValueError,
+                            "Forest.predict: columns must be 1 to n_features int64 and values n_features float64");
+            goto done;
+        }
+    }
     Py_ssize_t n = out.len / 8;
-    if (out.len % 8 != 0 || x.len != n * row_bytes) {
+    if (out.len % 8 != 0 || x.len != n * 8 * stride) {
         PyErr_SetString(PyExc_ValueError, "Forest.predict: x must be (n, n_features) float64 and out (n,) float64");
         goto done;
     }
-    size_t masks = SCRATCH_WORDS(self->n_features, self->n_trees) * 8;
-    void *scratch = PyMem_RawMalloc(masks + 2 * (size_t)self->n_features * sizeof(Py_ssize_t));
+    size_t masks = SCRATCH_WORDS(nf, self->n_trees) * 8;
+    scratch = PyMem_RawMalloc(masks + 3 * (size_t)nf * sizeof(Py_ssize_t));
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t *vary = (Py_ssize_t *)((char *)scratch + masks);
-    const double *xs = (const double *)x.buf;
+    Py_ssize_t *vary = (Py_ssize_t *)((char *)scratch + masks), *feat = vary + 2 * nf;
+    if (cols.buf != NULL) {
+        const int64_t *c = (const int64_t *)cols.buf;
+        for (Py_ssize_t k = 0; k < stride; k++) {
+            int seen = 0;
+            for (Py_ssize_t q = 0; q < k; q++) seen |= c[q] == c[k];
+            if (c[k] < 0 || c[k] >= nf || seen) {
+                PyErr_SetString(PyExc_ValueError, "Forest.predict: columns must be distinct features");
+                goto done;
+            }
+            feat[k] = (Py_ssize_t)c[k];
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < nf; j++) feat[j] = j;
+    }
+    const double *xs = (const double *)x.buf, *vs = (const double *)vals.buf;
     double *ys = (double *)out.buf;
     Py_BEGIN_ALLOW_THREADS
-    eval_rows(self, xs, n, ys, scratch, vary, vary + self->n_features);
+    eval_rows(self, xs, n, stride, feat, vs, ys, scratch, vary, vary + nf);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(scratch);
     result = Py_NewRef(Py_None);
 done:
+    PyMem_RawFree(scratch);
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
+    if (cols.obj != NULL) PyBuffer_Release(&cols);
+    if (vals.obj != NULL) PyBuffer_Release(&vals);
     return result;
 }
 
@@ -381,11 +436,11 @@ static PyObject *Forest_predict_row(Forest *self, PyObject *values) {
     }
     /* One row: no batch to share work with, and the masks (n_features + 1 rows of n_trees words) are small. */
     double stack_x[64];
-    Py_ssize_t stack_idx[128];
+    Py_ssize_t stack_idx[192];
     uint64_t stack_m[4096];
     size_t masks = SCRATCH_WORDS(n, self->n_trees);
     double *xv = n <= 64 ? stack_x : PyMem_Malloc((size_t)n * sizeof(double));
-    Py_ssize_t *vary = n <= 64 ? stack_idx : PyMem_Malloc(2 * (size_t)n * sizeof(Py_ssize_t));
+    Py_ssize_t *vary = n <= 64 ? stack_idx : PyMem_Malloc(3 * (size_t)n * sizeof(Py_ssize_t));
     void *m = masks <= 4096 ? (void *)stack_m : PyMem_Malloc(masks * 8);
     PyObject *result = NULL;
     if (xv == NULL || m == NULL || vary == NULL) {
@@ -399,7 +454,9 @@ static PyObject *Forest_predict_row(Forest *self, PyObject *values) {
         xv[j] = v;
     }
     double y;
-    eval_rows(self, xv, 1, &y, m, vary, vary + n);
+    Py_ssize_t *feat = vary + 2 * n;
+    for (Py_ssize_t j = 0; j < n; j++) feat[j] = j;
+    eval_rows(self, xv, 1, n, feat, NULL, &y, m, vary, vary + n);
     result = PyFloat_FromDouble(y);
 done:
     if (xv != stack_x) PyMem_Free(xv);
@@ -411,7 +468,8 @@ done:
 
 static PyMethodDef Forest_methods[] = {
     {"predict", (PyCFunction)Forest_predict, METH_VARARGS,
-     "predict(x, out): the sum of leaf values of each row of x (C-contiguous float64, (n, n_features)) into out."},
+     "predict(x, out, columns=None, values=None): the sum of leaf values of each row of x (C-contiguous float64, "
+     "(n, n_features), or (n, len(columns)) with the other features at values) into out."},
     {"predict_row", (PyCFunction)Forest_predict_row, METH_O,
      "predict_row(values): the sum of leaf values of one row given as a list or tuple of floats."},
     {NULL, NULL, 0, NULL},

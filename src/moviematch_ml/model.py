@@ -315,6 +315,22 @@ class TreeEnsemble:
             tables.append(table)
         return cls(thresholds, tables, leaf_values, n_trees, native=native)
 
+    def predict_raw_columns(
+        self, x: npt.NDArray[np.float64], columns: npt.NDArray[np.int64], values: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """``predict_raw`` of rows that share most of their inputs: ``x`` (n, k) holds the features ``columns``
+        (k distinct feature indices), and every other feature j is ``values[j]`` (n_features) in every row. The
+        compiled evaluator reads them as they are (a personalised batch then writes 12 columns per movie, not 20);
+        numpy gets the full matrix."""
+        if self._native is not None:
+            out = np.empty(x.shape[0], dtype=np.float64)
+            self._native.predict(x, out, columns, values)
+            return out
+        full = np.empty((x.shape[0], len(values)))
+        full[:] = values
+        full[:, columns] = x
+        return self.predict_raw(full)
+
     def predict_raw(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Sum of the trees' leaf values for each row of ``x`` (n, n_features)."""
         n = x.shape[0]

@@ -456,13 +456,14 @@ class PredictionService:
             y = predictor.predict(x)
         else:
             ratings, mask = answer
-            y = np.array(ratings, dtype=np.float64)
-            rest = ~mask
-            if rest.any():  # only the rows the personalised model did not answer need the six-feature model
+            if mask.all():
+                y = ratings  # only read below (np.round makes a new array)
+                source = "personalized"  # every row: one source for all, no per-row list
+            else:  # only the rows the personalised model did not answer need the six-feature model
+                y = np.array(ratings, dtype=np.float64)
+                rest = ~mask
                 y[rest] = predictor.predict(x[rest])
                 sources = ["personalized" if m else predictor.source for m in mask.tolist()]
-            else:
-                source = "personalized"  # every row: one source for all, no per-row list
             personalized_version = personalizer.version
         rounded: list[float] = np.round(y, 3).tolist()
 

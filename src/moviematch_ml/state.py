@@ -460,7 +460,8 @@ class StatePersonalizer:
         model, view, totals = read
         rows = self._rows(totals, movie_ids)
         if model.config.personalize == "known_user":  # every movie answered: the matrix in one pass
-            return model.to_api(model.predict_table(view, x, rows, totals.table)), np.ones(len(rows), dtype=bool)
+            pred = model.predict_table(view, x, rows, totals.table)
+            return model.to_api(pred, in_place=True), np.ones(len(rows), dtype=bool)
         index, columns = _inputs(totals, rows)
         pred, mask = model.predict_view(view, self._keys(movie_ids), x, index=index, movie_columns=columns)
         if not mask.any():
