@@ -1,7 +1,7 @@
 """Benchmark: start the service and the common-way reference app, drive both with wrk over loopback, print a table.
 
     python bench/run.py [--duration 10] [--workers 2] [--skip-reference] [--json results.json]
-                        [--as-deployed] [--model DIR] [--only SCENARIO ...] [--set KEY=VALUE ...]
+                        [--as-deployed] [--model DIR] [--only SCENARIO ...] [--set KEY=VALUE ...] [--settle 8]
 
 Also drives the HTTP stack's ceiling (``bench/ceiling_app.py``, a raw ASGI app answering a fixed JSON) on
 /predict. Needs wrk (Debian: ``apt-get install wrk``) and scikit-learn for the reference app

@@ -375,15 +375,23 @@ def test_a_failed_poll_drops_every_cached_state(store: FeedbackStore, personaliz
     assert counting.reads["user u"] == 2  # read again: what was cached before the failure was not trusted
 
 
+def _polling(
+    store: FeedbackStore, personalized: PersonalizedModel, **kw: int
+) -> tuple[StatePersonalizer, CountingStore, FakeClock]:
+    """A personalizer on a counting store and a fake clock, polling the change feed once per second."""
+    clock = FakeClock()
+    counting = CountingStore(store)
+    p = StatePersonalizer(counting, ttl=1.0, clock=clock, **kw)
+    p.set_model(personalized)
+    return p, counting, clock
+
+
 def test_a_rating_is_news_once_not_at_every_poll_of_the_overlap(
     store: FeedbackStore, personalized: PersonalizedModel
 ) -> None:
     # Each poll reads the rows after the mark of five polls ago (a late commit is still seen): the user is
     # forgotten for the rows the poll before did not return, not again at each of the next four polls.
-    clock = FakeClock()
-    counting = CountingStore(store)
-    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
-    p.set_model(personalized)
+    p, counting, clock = _polling(store, personalized)
     p.sync()  # the first look: where the feed starts
     _rate(store, "u", {1: 2.0})
     for second in range(1, 7):
@@ -398,11 +406,8 @@ def test_a_rating_is_news_once_not_at_every_poll_of_the_overlap(
 
 
 def test_a_row_committed_late_is_news_when_it_shows(store: FeedbackStore, personalized: PersonalizedModel) -> None:
-    # Row 2 (user v) commits after row 3 (user w) was seen: a poll that saw row 3 must still report row 2 later.
-    clock = FakeClock()
-    counting = CountingStore(store)
-    p = StatePersonalizer(counting, ttl=1.0, clock=clock)
-    p.set_model(personalized)
+    # Row 3 (user v) commits after row 4 (user w) was seen: a poll that saw row 4 must still report row 3 later.
+    p, counting, clock = _polling(store, personalized)
     _rate(store, "u", {1: 2.0})
     _rate(store, "v", {1: 4.0})
     p.sync()
@@ -424,10 +429,7 @@ def test_a_row_committed_late_is_news_when_it_shows(store: FeedbackStore, person
 def _warming(
     store: FeedbackStore, personalized: PersonalizedModel, **kw: int
 ) -> tuple[StatePersonalizer, CountingStore, FakeClock]:
-    clock = FakeClock()
-    counting = CountingStore(store)
-    p = StatePersonalizer(counting, ttl=1.0, clock=clock, **kw)
-    p.set_model(personalized)
+    p, counting, clock = _polling(store, personalized, **kw)
     p.warm_ahead = True
     p.sync()  # the first look
     return p, counting, clock

@@ -74,12 +74,7 @@ _COL: Final[dict[str, int]] = {name: k for k, name in enumerate(MODEL_FEATURES)}
 # features, the movie's four, the CF score and dot product (the user's eight are the same in every row).
 _ROW_INPUTS: Final[tuple[str, ...]] = (
     *FEATURE_NAMES,
-    "movie_count",
-    "movie_mean",
-    "movie_std",
-    "movie_bias",
-    "cf_score",
-    "cf_dot",
+    *(name for name in _BASE_STATE_FEATURES if not name.startswith("user_")),
 )
 _ROW_COLUMNS: Final[npt.NDArray[np.int64]] = np.array([_COL[name] for name in _ROW_INPUTS], dtype=np.int64)
 _ROW_TEMPLATE: Final[npt.NDArray[np.float64]] = np.zeros(len(_ROW_INPUTS))  # user_rows overwrites every column
