@@ -541,6 +541,21 @@ def test_keep_warm_polls_and_builds_in_the_background(store: FeedbackStore, pers
     assert asyncio.run(scenario()) == (1, 1)  # built by the task; the request found it cached
 
 
+def test_keep_warm_reads_nothing_without_a_personalised_model(store: FeedbackStore) -> None:
+    async def scenario() -> dict[str, int]:
+        counting = CountingStore(store)
+        p = StatePersonalizer(counting, ttl=0.01)
+        task = asyncio.create_task(keep_warm(p, 0.5))
+        _rate(store, "u", {1: 2.0})
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return counting.reads
+
+    assert asyncio.run(scenario()) == {}
+
+
 class BrokenStore(FeedbackStore):
     def __init__(self) -> None:
         pass

@@ -495,6 +495,9 @@ async def _warm_loop(personalizer: StatePersonalizer, share: float, period: floa
     while True:
         spent = 0.0
         try:
+            if personalizer.model is None:  # nothing is personalised: no state to keep, no feed to read
+                await asyncio.sleep(period)
+                continue
             personalizer.sync()
             while personalizer.to_warm and spent < share * period:
                 started = time.perf_counter()
