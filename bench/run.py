@@ -268,7 +268,8 @@ def main() -> int:
         [{**features(rng), "user_id": rng.choice(many_users), "movie_id": rng.randint(1, 2000)} for _ in range(50_000)],
     )
     # As many others whose ratings were stored before the service started (a restart, a deploy): the feed does not
-    # name them, so each worker's first request for each of them reads their ratings and folds them in.
+    # name them (a worker builds at start those of the latest rows, but the 20,200 above push them out of the
+    # 20,000-view cache), so each worker's first request for each of them reads their ratings and folds them in.
     cold_users = list(range(40_001, 40_001 + 20_000))
     personal_cold = bodies(
         "pcold",

@@ -445,7 +445,7 @@ def test_warm_builds_the_views_the_feed_names_before_they_are_asked_for(
     p.sync()
     assert p.to_warm == 2
     assert p.warm(10.0) == 0
-    assert counting.reads == {"feed": 2, "user u": 1, "user w": 1}
+    assert counting.reads == {"feed": 3, "user u": 1, "user w": 1}  # the first look reads the mark and the latest rows
     got = p("u", [5, 7], X[:2])
     assert counting.reads["user u"] == 1  # the request found the view built
     cold = StatePersonalizer(store, ttl=1.0)
@@ -468,6 +468,36 @@ def test_warm_stops_after_its_budget_and_is_bounded_by_the_cache(
     assert p.warm(0.0) == 29  # at least one view per call, whatever the budget
     assert counting.reads.get("user u19", 0) == 0
     assert counting.reads["user u20"] == 1
+
+
+def test_a_worker_that_starts_queues_the_users_of_the_latest_rows(
+    store: FeedbackStore, personalized: PersonalizedModel
+) -> None:
+    # Ratings stored before the worker started (a deploy, a restart): the first look queues the users of the latest
+    # rows, as many rows as the cache holds users (here 4: rows 3-6), by their latest row.
+    for user, movie in (("a", 1), ("b", 1), ("c", 1), ("d", 1), ("c", 2), ("e", 1)):
+        _rate(store, user, {movie: 5.0})
+    p, counting, _ = _warming(store, personalized, max_users=4)
+    assert p.to_warm == 3
+    assert p.warm(10.0) == 0
+    assert sorted(k for k in counting.reads if k.startswith("user")) == ["user c", "user d", "user e"]
+    cold, _, _ = _polling(store, personalized, max_users=4)
+    cold.sync()  # without warm_ahead, the first look only marks where the feed starts
+    assert cold.to_warm == 0
+
+
+def test_a_new_model_rebuilds_the_users_that_were_cached(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+    p, counting, _ = _warming(store, personalized)
+    _rate(store, "u", {1: 2.0})
+    _rate(store, "w", {1: 9.0})
+    assert p("u", [5], X[:1]) is not None
+    assert p("w", [5], X[:1]) is not None
+    p.set_model(personalized)  # a model swapped in: the views were built against the old one
+    assert p.to_warm == 2
+    assert p.warm(10.0) == 0
+    assert counting.reads["user u"] == counting.reads["user w"] == 2
+    assert p("u", [5], X[:1]) is not None
+    assert counting.reads["user u"] == 2  # built ahead for the new model
 
 
 def test_warm_without_a_model_or_with_the_store_down(store: FeedbackStore, personalized: PersonalizedModel) -> None:

@@ -86,6 +86,11 @@ class TTLCache(Generic[K, V]):
             while len(self._data) > self.max_entries:
                 self._data.popitem(last=False)
 
+    def keys(self) -> list[K]:
+        """The keys held, least recently stored first (expired ones included)."""
+        with self._lock:
+            return list(self._data)
+
     def discard(self, keys: Iterable[K]) -> None:
         with self._lock:
             for k in keys:
@@ -204,7 +209,10 @@ class StatePersonalizer:
         return None if model is None else model.version
 
     def set_model(self, model: PersonalizedModel | None) -> None:
-        """Install a (new) personalised model; cached state was built against the old one, so it is dropped."""
+        """Install a (new) personalised model; cached state was built against the old one, so it is dropped (and,
+        with ``warm_ahead``, its users are queued for ``warm``: they were being asked for)."""
+        if self.warm_ahead and model is not None:
+            self._queue(self._users.keys())
         self._users.clear()
         self._movies = None
         if model is not None:
@@ -238,9 +246,15 @@ class StatePersonalizer:
             self._feed_checked = now
             try:
                 if not self._feed_marks:
-                    # The first look: nothing is cached yet, so only the starting point of the feed is needed.
-                    self._feed_marks.append(self.store.last_row_id())
+                    # The first look: nothing is cached yet, so only the starting point of the feed is needed; with
+                    # warm_ahead, the users of the latest rows (as many rows as the cache holds users) are queued
+                    # too, so that a worker that starts (a deploy, a restart) does not start cold for them.
+                    last = self.store.last_row_id()
+                    recent = self.store.changed_rows(max(last - self._users.max_entries, 0)) if self.warm_ahead else []
+                    self._feed_marks.append(last)
                     self._feed_seen = set()
+                    if recent:
+                        self._queue(_by_latest_row(recent))
                     return
                 rows = self.store.changed_rows(self._feed_marks[0])
             except StoreError:
@@ -249,11 +263,7 @@ class StatePersonalizer:
                 self._forget_queue()
                 raise
             seen = self._feed_seen
-            users: dict[str, None] = {}  # the users of the new rows, by their latest one (oldest first)
-            for row, user in rows:
-                if row not in seen:
-                    users.pop(user, None)
-                    users[user] = None
+            users = _by_latest_row([(row, user) for row, user in rows if row not in seen])
             self._feed_seen = {row for row, _ in rows}  # every row above the window's start: the older ones leave
             self._feed_marks.append(max(rows[-1][0] if rows else 0, self._feed_marks[-1]))
             if users:
@@ -467,6 +477,15 @@ class StatePersonalizer:
         if not mask.any():
             return None
         return model.to_api(np.where(mask, pred, 0.0)), mask
+
+
+def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
+    """The users of (row id, user) rows in row order, each placed by their latest row (oldest first)."""
+    users: dict[str, None] = {}
+    for _, user in rows:
+        users.pop(user, None)
+        users[user] = None
+    return users
 
 
 async def keep_warm(personalizer: StatePersonalizer, share: float) -> None:
