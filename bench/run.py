@@ -394,13 +394,14 @@ def main() -> int:
                 ("moviematch", "personalised, 20k users", "/predict", personal_many, 64, 1),
                 ("moviematch", "personalised, 20k cold", "/predict", personal_cold, 64, 1),
             ]
-        scenarios += [
-            ("moviematch", "batch 1000", "/predict-batch", batches[1000], 8, 1000),
-            ("reference", "batch 1000", "/predict-batch", batches[1000], 8, 1000),
-        ]
+        # Our two batches next to each other, the reference's after them: until 2026-11-28 the reference's run sat
+        # between them, putting 10 s and another app's load between the two sides of the tighter comparison (the
+        # personalised cost ratio, against 13x and more for the reference).
+        scenarios.append(("moviematch", "batch 1000", "/predict-batch", batches[1000], 8, 1000))
         if have_feedback:
             scenarios.append(("moviematch", "personalised batch 1000", "/predict-batch", personal_batch, 8, 1000))
         scenarios += [
+            ("reference", "batch 1000", "/predict-batch", batches[1000], 8, 1000),
             ("moviematch", "batch 100", "/predict-batch", batches[100], 8, 100),
             ("moviematch", "batch 10000", "/predict-batch", batches[10_000], 4, 10_000),
         ]
