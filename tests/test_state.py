@@ -185,6 +185,11 @@ def test_a_batch_is_built_in_one_pass_and_equals_the_column_by_column_build(
     by_columns, mask = personalized.predict_view(view, p._keys(movies), x, now, index=index, movie_columns=columns)
     assert mask.all()
     np.testing.assert_allclose(one_pass, by_columns, rtol=0, atol=1e-12)
+    # A model our evaluator does not cover runs on LightGBM's own booster, which takes the whole matrix.
+    import lightgbm as lgb
+
+    monkeypatch.setattr(personalized, "booster", lgb.Booster(model_str=personalized.booster.model_to_string()))
+    np.testing.assert_allclose(personalized.predict_table(view, x, rows, totals.table, now), one_pass, atol=1e-12)
     # Without the C extension the matrix is built in numpy: the same answers again.
     monkeypatch.setattr("moviematch_ml.personalized._codec", None)
     np.testing.assert_allclose(personalized.predict_table(view, x, rows, totals.table, now), one_pass, atol=1e-12)

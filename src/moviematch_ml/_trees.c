@@ -195,6 +195,13 @@ DEFINE_ROWS(rows16, uint16_t, __builtin_ctz)
 DEFINE_ROWS(rows32, uint32_t, __builtin_ctz)
 DEFINE_ROWS(rows64, uint64_t, __builtin_ctzll)
 
+/* AND feature j's table row for ``value`` into the starting masks ``base``, in the forest's word size. */
+static inline void fold(const Forest *f, Py_ssize_t j, double value, void *base) {
+    if (f->word == 8) rows64_fold(f, j, value, (uint64_t *)base);
+    else if (f->word == 4) rows32_fold(f, j, value, (uint32_t *)base);
+    else rows16_fold(f, j, value, (uint16_t *)base);
+}
+
 /* Evaluate n rows of x into out. x is row-major with ``stride`` columns, column c holding feature feat[c] (every
  * feature, in order, for a plain matrix); the features that are not columns (``values`` non-NULL) take the value
  * values[j] in every row. A feature with the same value in every row (a batch for one user: the user's count,
@@ -219,9 +226,7 @@ EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n
             Py_ssize_t c = 0;
             while (c < stride && feat[c] != j) c++;
             if (c < stride) continue; /* a column of x */
-            if (f->word == 8) rows64_fold(f, j, values[j], (uint64_t *)scratch);
-            else if (f->word == 4) rows32_fold(f, j, values[j], (uint32_t *)scratch);
-            else rows16_fold(f, j, values[j], (uint16_t *)scratch);
+            fold(f, j, values[j], scratch);
         }
     }
     /* How often each column repeats the row before, counted row by row: one sequential pass over x (a pass per
@@ -259,9 +264,7 @@ EVAL_CLONES static void eval_rows(const Forest *f, const double *x, Py_ssize_t n
     for (Py_ssize_t c = 0; c < stride; c++) {
         const Py_ssize_t same = vary[c];
         if (n > 1 && same == n - 1) {
-            if (f->word == 8) rows64_fold(f, feat[c], x[c], (uint64_t *)scratch);
-            else if (f->word == 4) rows32_fold(f, feat[c], x[c], (uint32_t *)scratch);
-            else rows16_fold(f, feat[c], x[c], (uint16_t *)scratch);
+            fold(f, feat[c], x[c], scratch);
         } else {
             /* Insertion by decreasing repeats (stable: equal counts keep the columns' order). */
             Py_ssize_t k = n_vary++;

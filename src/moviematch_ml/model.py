@@ -175,6 +175,17 @@ def _in_order(left: list[int], right: list[int], n_leaf: int) -> tuple[list[int]
     return order, left_leaves
 
 
+def full_rows(
+    x: npt.NDArray[np.float64], columns: npt.NDArray[np.int64], values: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """The (n, len(values)) matrix of ``predict_raw_columns``'s arguments: ``values`` in every row, ``x``'s columns
+    at ``columns``."""
+    full = np.empty((x.shape[0], len(values)))
+    full[:] = values
+    full[:, columns] = x
+    return full
+
+
 class TreeEnsemble:
     """LightGBM regression trees evaluated with numpy, all trees at once (QuickScorer's bit-vector algorithm).
 
@@ -326,10 +337,7 @@ class TreeEnsemble:
             out = np.empty(x.shape[0], dtype=np.float64)
             self._native.predict(x, out, columns, values)
             return out
-        full = np.empty((x.shape[0], len(values)))
-        full[:] = values
-        full[:, columns] = x
-        return self.predict_raw(full)
+        return self.predict_raw(full_rows(x, columns, values))
 
     def predict_raw(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Sum of the trees' leaf values for each row of ``x`` (n, n_features)."""

@@ -27,6 +27,7 @@ from moviematch_ml.model import (
     RatingScale,
     card_path,
     fast_booster,
+    full_rows,
     read_card,
     verified_bytes,
     write_card,
@@ -917,8 +918,8 @@ class PersonalizedModel:
         mean, spread, bias) and ``rows`` ((n,) ints) each movie's row. Every row is personalised, so this is only
         for ``personalize == "known_user"``. Equal to ``predict_view`` with those movie inputs, to float rounding.
 
-        The whole input matrix is written in one pass (``_codec.user_rows``): in numpy it was a gather, a matmul
-        and a dozen column writes, 35 us of a 1,000-movie batch.
+        The inputs that differ between movies are written in one pass (``_codec.user_rows``): in numpy it was a
+        gather, a matmul and a dozen column writes, 35 us of a 1,000-movie batch.
         """
         if self.config.personalize != "known_user":
             raise ValueError('predict_table answers every movie: only for personalize == "known_user"')
@@ -929,7 +930,7 @@ class PersonalizedModel:
         template[_COL[RECENT_FEATURES[0]] :] = view.recent(time.time() if now is None else float(now))
         x6 = np.ascontiguousarray(x6, dtype=np.float64)
         booster = self.booster
-        if _codec is not None and isinstance(booster, EnsembleBooster):
+        if _codec is not None:
             # Only the 12 inputs that differ between movies are written; the trees take the user's 8 from the
             # template (TreeEnsemble.predict_raw_columns): 96 bytes a movie to write and read instead of 160.
             narrow = np.empty((m, len(_ROW_COLUMNS)))
@@ -947,24 +948,11 @@ class PersonalizedModel:
                 N_FEATURES + 5,
                 self.mf.global_mean + view.bias,
             )
-            return self._clip(booster.ensemble.predict_raw_columns(narrow, _ROW_COLUMNS, template))
-        out = np.empty((m, len(MODEL_FEATURES)))
-        if _codec is not None:
-            _codec.user_rows(
-                np.ascontiguousarray(rows, dtype=np.int64),
-                x6,
-                np.ascontiguousarray(table, dtype=np.float64),
-                self._item_factors,
-                np.ascontiguousarray(view.factors, dtype=np.float64),
-                template,
-                out,
-                n_known,
-                _COL["movie_count"],
-                _COL["cf_score"],
-                _COL["cf_dot"],
-                self.mf.global_mean + view.bias,
-            )
+            if isinstance(booster, EnsembleBooster):
+                return self._clip(booster.ensemble.predict_raw_columns(narrow, _ROW_COLUMNS, template))
+            out = full_rows(narrow, _ROW_COLUMNS, template)  # LightGBM's own booster takes the whole matrix
         else:  # the same matrix in numpy
+            out = np.empty((m, len(MODEL_FEATURES)))
             out[:] = template
             out[:, :N_FEATURES] = x6
             movie = table[rows]
