@@ -14,7 +14,6 @@ of the two sides' total requests, and the spread of the per-slice ratios. Only 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -24,7 +23,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import HIDE_PACKAGES, LUA, batch_body, features, free_port, post_json, run_wrk, start, stop, wait_ready
+from run import (
+    LUA,
+    batch_body,
+    features,
+    free_port,
+    hide_packages,
+    post_json,
+    run_wrk,
+    start,
+    stop,
+    wait_ready,
+    write_bodies,
+)
 
 
 def main() -> int:
@@ -39,9 +50,7 @@ def main() -> int:
     lua.write_text(LUA)
 
     def bodies(name: str, items: list[object]) -> Path:
-        path = tmp / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(b, separators=(",", ":")) + "\n" for b in items))
-        return path
+        return write_bodies(tmp, name, items)
 
     users = list(range(1, 201))
     movies = [rng.randint(1, 2000) for _ in range(5000)]
@@ -61,11 +70,8 @@ def main() -> int:
             bodies("pbatch", [batch_body(rng, 1000, rng.choice(users)) for _ in range(40)]),
         ),
     ]
-    site = tmp / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
     env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'ratio.sqlite3'}"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    hide_packages(env, tmp)
     port = free_port()
     cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = start([*cmd, "--workers", str(args.workers)], env, tmp / "service.log")

@@ -204,6 +204,21 @@ def prestore(database_url: str, users: list[int], rng: random.Random) -> None:
     store.close()
 
 
+def write_bodies(directory: Path, name: str, items: list[object]) -> Path:
+    """``items`` as JSON lines in ``directory/name.jsonl``: the bodies the wrk script cycles through."""
+    path = directory / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(b, separators=(",", ":")) + "\n" for b in items))
+    return path
+
+
+def hide_packages(env: dict[str, str], directory: Path) -> None:
+    """--as-deployed: put a sitecustomize that hides HIDE_PACKAGES (written in ``directory``) on env's PYTHONPATH."""
+    site = directory / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+
+
 def post_json(url: str, body: object) -> object:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -244,9 +259,7 @@ def main() -> int:
     lua.write_text(LUA)
 
     def bodies(name: str, items: list[object]) -> Path:
-        path = tmp / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(b, separators=(",", ":")) + "\n" for b in items))
-        return path
+        return write_bodies(tmp, name, items)
 
     single = bodies("single", [features(rng) for _ in range(5000)])
     batches = {
@@ -290,10 +303,7 @@ def main() -> int:
         env["MODEL_PATH"] = str(args.model.resolve())
     env.update(kv.split("=", 1) for kv in args.set)
     if args.as_deployed:
-        site = tmp / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+        hide_packages(env, tmp)
     if args.only is None or "personalised, 20k cold" in args.only:
         prestore(env["DATABASE_URL"], cold_users, rng)
     procs: list[subprocess.Popen[bytes]] = []
