@@ -560,14 +560,13 @@ def test_keep_warm_polls_and_builds_in_the_background(store: FeedbackStore, pers
             await asyncio.sleep(0.01)
             if counting.reads.get("user u"):
                 break
-        assert p.polled_in_background  # requests leave the polls to the task
+        assert p.warm_ahead  # requests leave the polls to the task
         polls = counting.reads["feed"]
         assert p("w", [5], X[:1]) is None
         assert counting.reads["feed"] == polls
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not p.polled_in_background
         assert not p.warm_ahead
         reads = counting.reads["user u"]
         assert p("u", [5], X[:1]) is not None

@@ -185,12 +185,11 @@ class StatePersonalizer:
         self._feed_seen: set[int] = set()  # the row ids of the last poll: a row seen before is not news again
         self._feed_checked = -math.inf
         self._feed_lock = threading.Lock()
-        # Users the feed named, whose views ``warm`` builds ahead of their next request (oldest first), when a
-        # caller turned it on (``warm_ahead``): a user who rates movies usually asks for recommendations next.
-        self.warm_ahead = False
-        # Set while keep_warm polls the feed: requests then leave the polls to it (a poll after a burst of ratings
+        # Users the feed named, whose views ``warm`` builds ahead of their next request (oldest first), while
+        # ``warm_ahead`` is set (by keep_warm): a user who rates movies usually asks for recommendations next.
+        # keep_warm also polls the feed then, so requests leave the polls to it (a poll after a burst of ratings
         # reads every new row: 68 ms for 60,000, which a request would otherwise wait for).
-        self.polled_in_background = False
+        self.warm_ahead = False
         self._to_warm: dict[str, None] = {}
         self._warm_lock = threading.Lock()
         # A movie's totals move slowly (one more rating among many): they are kept longer than a user's state, which
@@ -436,7 +435,7 @@ class StatePersonalizer:
         if model is None:
             return None
         try:
-            if not self.polled_in_background:
+            if not self.warm_ahead:  # else keep_warm polls
                 self.sync()
             view = self.user_view(model, str(user_id))
             if view is None:
@@ -496,16 +495,14 @@ async def keep_warm(personalizer: StatePersonalizer, share: float) -> None:
     this, that request (one per worker) pays the read of their ratings and the fold-in, ~30 us instead of ~1 us for
     a cached view. The views are built in slices of WARM_SLICE_SECONDS with the event loop free between them, and for
     at most ``share`` of each period, so requests keep priority. The task takes the polls off the request path
-    (``polled_in_background``). Runs until cancelled; a store that cannot be read is logged and tried again at the
+    (``warm_ahead``). Runs until cancelled; a store that cannot be read is logged and tried again at the
     next period.
     """
     personalizer.warm_ahead = True
-    personalizer.polled_in_background = True
     period = personalizer.ttl
     try:
         await _warm_loop(personalizer, share, period)
     finally:  # as without this task: requests poll again, and nothing is built ahead
-        personalizer.polled_in_background = False
         personalizer.warm_ahead = False
         personalizer._forget_queue()
 
