@@ -16,6 +16,18 @@ TINY_MODEL_VERSION = "tiny-1"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/api/golden_api.json from the current answers"
+    )
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """Whether the golden test rewrites its recording (``--update-golden``) before comparing."""
+    return bool(request.config.getoption("--update-golden"))
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The feedback store's database, once as a SQLite file and once as a fresh schema on the real PostgreSQL
