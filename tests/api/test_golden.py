@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +199,8 @@ def _record(tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def recorded(tmp_path: Path) -> Iterator[dict[str, list[dict[str, Any]]]]:
-    yield _record(tmp_path)
+def recorded(tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
+    return _record(tmp_path)
 
 
 def test_every_answer_is_the_recorded_one(recorded: dict[str, list[dict[str, Any]]], update_golden: bool) -> None:
