@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import ModelCard, RatingScale, sha256_file, write_card
+from moviematch_ml.runtime.cards import ModelCard, RatingScale, write_card
 
 TINY_MODEL_VERSION = "tiny-1"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -101,7 +102,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         created_at="2026-01-01T00:00:00+00:00",
         model_file="model.txt",
         model_format="lightgbm-text",
-        sha256=sha256_file(directory / "model.txt"),
+        sha256=hashlib.sha256((directory / "model.txt").read_bytes()).hexdigest(),
         features=list(FEATURE_NAMES),
         rating_scale=RatingScale(min=0.5, max=5.0, step=0.5),
         metrics={"note": "synthetic test model"},
@@ -130,8 +131,9 @@ def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     """The tiny six-feature model plus a tiny personalised model in ``personalized/`` (read-only, session-wide)."""
     import shutil
 
-    from moviematch_ml.cf import MFConfig
-    from moviematch_ml.personalized import PersonalizedConfig, PersonalizedModel
+    from moviematch_ml.offline.personalization import fit_personalized
+    from moviematch_ml.runtime.factors import MFConfig
+    from moviematch_ml.runtime.personalized import PersonalizedConfig
 
     directory = tmp_path_factory.mktemp("tiny_personalized")
     for f in tiny_model_dir.iterdir():
@@ -140,7 +142,7 @@ def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     config = PersonalizedConfig(
         mf=MFConfig(factors=3, iterations=5), inner_folds=2, n_estimators=40, num_leaves=7, min_child_samples=5
     )
-    model = PersonalizedModel.fit(
+    model = fit_personalized(
         d["users"].tolist(),
         d["movies"].tolist(),
         d["ratings"],

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 from moviematch_ml.errors import MovieMatchError
 
 if TYPE_CHECKING:
-    from moviematch_ml.data import Dataset
+    from moviematch_ml.offline.data import Dataset
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moviematch-ml", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    # --- serve (owned by the API work) ---------------------------------------------------------------------
     serve = sub.add_parser(
         "serve", help="run the prediction service", description="Run the prediction service (settings: environment)."
     )
@@ -30,7 +29,6 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default: WORKERS, else 1)")
     serve.set_defaults(func=_serve)
 
-    # --- train / evaluate (owned by the training work) -----------------------------------------------------
     train = sub.add_parser("train", help="train a model and write its model card and report")
     _add_data_options(train)
     train.add_argument("--out", type=Path, default=Path("model"), help="directory for model.txt and model_card.json")
@@ -64,9 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from moviematch_ml import serve
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
+    from moviematch_ml.online import server
     from moviematch_ml.settings import ENV_ONLY, Settings
 
     try:
@@ -82,7 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     # uvicorn installs its own handler while serving and restores this one afterwards.
     signal.signal(signal.SIGTERM, _graceful_exit)
-    serve.run(
+    server.run(
+        app="moviematch_ml.api.app:app_from_env",
         host=args.host if args.host is not None else settings.host,
         port=args.port if args.port is not None else settings.port,
         workers=workers,
@@ -95,9 +94,6 @@ def _serve(args: argparse.Namespace) -> int:
         http="auto",  # httptools when installed, else h11
     )
     return 0
-
-
-# --- train / evaluate (owned by the training work) ---------------------------------------------------------
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -122,7 +118,7 @@ def _load_dataset(args: argparse.Namespace) -> Dataset:
     from moviematch_ml.errors import ConfigError, DataError
 
     try:
-        from moviematch_ml import data
+        from moviematch_ml.offline import data
     except ImportError as exc:
         # The service install leaves out the training extras; say how to get them instead of a traceback.
         raise ConfigError(
@@ -153,11 +149,12 @@ def _load_feedback(args: argparse.Namespace) -> Dataset:
 
     from sqlalchemy.engine import make_url
 
-    from moviematch_ml.data import load_feedback
     from moviematch_ml.errors import DataError
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.data import load_feedback
+    from moviematch_ml.offline.training import min_training_ratings
+    from moviematch_ml.online.store import FeedbackStore, engine_url
     from moviematch_ml.settings import Settings
-    from moviematch_ml.store import FeedbackStore, engine_url
-    from moviematch_ml.training import TrainConfig, min_training_ratings
 
     for flag, value in (
         ("--ratings", args.ratings),
@@ -196,15 +193,15 @@ def _train(args: argparse.Namespace) -> int:
     import time
     from datetime import UTC, datetime
 
-    from moviematch_ml.report import write_report
-    from moviematch_ml.training import (
-        PERSONALIZED_DIR,
-        TrainConfig,
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.report import write_report
+    from moviematch_ml.offline.training import (
         personalized_config,
         remove_personalized,
         train_models,
         write_model,
     )
+    from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 
     started = time.perf_counter()
     dataset = _load_dataset(args)
@@ -245,7 +242,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from moviematch_ml.evaluation import evaluate
+    from moviematch_ml.offline.evaluation import evaluate
 
     dataset = _load_dataset(args)
     summary = evaluate(dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features)

@@ -1,8 +1,11 @@
-"""The project's exceptions: one base class and a small tree, mapped to HTTP in ``api/errors.py``.
+"""The project's exceptions: one base class and a small tree, mapped to HTTP in ``api/handlers.py``.
 
 MovieMatchError
 ├── InputError ............ a request the service refuses (HTTP 4xx)
-│   └── FieldError ........ one field broke one rule (HTTP 422)
+│   ├── FieldError ........ one field broke one rule (HTTP 422)
+│   ├── InvalidJSONError .. the body is not JSON (HTTP 400)
+│   ├── BodyTooLargeError . the body is over MAX_BODY_BYTES (HTTP 413)
+│   └── UnsupportedMediaTypeError  the body says it is not JSON (HTTP 415)
 ├── ModelError ............ the model could not be loaded; the service falls back
 │   ├── ModelNotFoundError
 │   ├── ModelChecksumError
@@ -22,9 +25,10 @@ class MovieMatchError(Exception):
 
 
 class InputError(MovieMatchError):
-    """A request the service refuses; ``status`` is its HTTP status."""
+    """A request the service refuses; ``status`` is its HTTP status and ``code`` the error code of the body."""
 
     status = 400
+    code: str | None = None
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -48,6 +52,27 @@ class FieldError(InputError):
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class InvalidJSONError(InputError):
+    """The request body is not JSON (or holds numbers JSON cannot carry, like NaN or 1e999)."""
+
+    code = "invalid_json"
+    status = 400
+
+
+class BodyTooLargeError(InputError):
+    """The request body is larger than ``MAX_BODY_BYTES``."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class UnsupportedMediaTypeError(InputError):
+    """The request says its body is something other than JSON."""
+
+    code = "unsupported_media_type"
+    status = 415
 
 
 class ModelError(MovieMatchError):

@@ -1,24 +1,39 @@
-"""The six features: the one definition used by training, evaluation, serving, the fallback and drift."""
+"""The six features and the identifiers: each rule defined once, with every form a validator needs derived from it.
+
+A feature's rule depends on its kind:
+
+    flag    0 or 1, as an integer, an integral float or a JSON boolean
+    count   an integer (or an integral float) between minimum and maximum
+    number  a finite number between minimum and maximum
+
+``Feature`` states that rule once and gives it in each form the service uses: ``parse`` (one JSON value, with
+the exact error), ``column_ok`` (a whole column of a batch at once), ``msgspec_type`` (the typed batch decoder),
+``annotation`` (the pydantic type behind the OpenAPI schema) and ``rule`` (the words of the 422 answers). A
+property test (tests/test_features.py) drives all of them with the same values and checks that they agree.
+"""
 
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, cast
+from typing import Annotated, Any, Final, Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field, StringConstraints
 
 from moviematch_ml.errors import FieldError
 
 Kind = Literal["count", "flag", "number"]
 
+_NUMERIC_TYPES: Final[frozenset[type]] = frozenset({int, float})
+_FLAG_TYPES: Final[frozenset[type]] = frozenset({int, float, bool})
+
 
 @dataclass(frozen=True, slots=True)
 class Feature:
-    """One model input: its JSON name, type, valid range and where the app takes it from."""
+    """One model input: its JSON name, kind, valid range and where the app takes it from."""
 
     name: str
     kind: Kind
@@ -36,6 +51,70 @@ class Feature:
         if self.kind == "count":
             return f"must be an integer between {_fmt(self.minimum)} and {_fmt(self.maximum)}"
         return f"must be a finite number between {_fmt(self.minimum)} and {_fmt(self.maximum)}"
+
+    def parse(self, value: object, loc: str) -> float:
+        """Check one JSON value against the rule and return it as a float; FieldError(loc, rule, value) if not.
+
+        Written by hand rather than through a pydantic model so that a batch is validated without building a
+        Python object per field.
+        """
+        # bool is a subclass of int in Python: only the flag accepts it.
+        if isinstance(value, bool):
+            if self.kind == "flag":
+                return 1.0 if value else 0.0
+            raise FieldError(loc, self.rule, value)
+        if type(value) is int:
+            x = float(value)
+        elif type(value) is float:
+            x = value
+            if not math.isfinite(x) or (self.kind != "number" and not x.is_integer()):
+                raise FieldError(loc, self.rule, value)
+        else:
+            raise FieldError(loc, self.rule, value)
+        if self.kind == "flag":
+            if x != 0.0 and x != 1.0:
+                raise FieldError(loc, self.rule, value)
+        elif not (self.minimum <= x <= self.maximum):
+            raise FieldError(loc, self.rule, value)
+        return x
+
+    @property
+    def json_types(self) -> frozenset[type]:
+        """The Python types a decoded JSON value of this feature may have (before the value checks)."""
+        return _FLAG_TYPES if self.kind == "flag" else _NUMERIC_TYPES
+
+    def column_ok(self, values: npt.NDArray[np.float64]) -> bool:
+        """Whether every value of a column (already of ``json_types``, as float64) keeps the rule."""
+        if self.kind == "flag":
+            return bool(((values == 0.0) | (values == 1.0)).all())
+        # NaN fails both comparisons; orjson never yields NaN or infinities, but the rule refuses them anyway.
+        if not bool(((values >= self.minimum) & (values <= self.maximum)).all()):
+            return False
+        return self.kind != "count" or bool((np.floor(values) == values).all())
+
+    def msgspec_type(self) -> Any:
+        """The type msgspec's typed decoder checks: the same rule, but stricter on integral floats (a count sent
+        as ``2.0`` or a flag as ``1.0`` is refused there, and then accepted by ``parse`` on the slow path)."""
+        if self.kind == "flag":
+            return bool | Literal[0, 1]
+        if self.kind == "count":
+            return Annotated[int, msgspec.Meta(ge=int(self.minimum), le=int(self.maximum))]
+        return Annotated[float, msgspec.Meta(ge=self.minimum, le=self.maximum)]
+
+    def annotation(self) -> Any:
+        """The pydantic type of the OpenAPI schema (with the description and example)."""
+        description = f"{self.description} Rule: {self.rule}. From TMDB: `{self.tmdb}`."
+        if self.kind == "flag":
+            return Annotated[Literal[0, 1] | bool, Field(description=description, examples=[int(self.example)])]
+        if self.kind == "count":
+            bounds = Field(
+                ge=int(self.minimum), le=int(self.maximum), description=description, examples=[int(self.example)]
+            )
+            return Annotated[int, bounds]
+        bounds = Field(
+            ge=self.minimum, le=self.maximum, allow_inf_nan=False, description=description, examples=[self.example]
+        )
+        return Annotated[float, bounds]
 
 
 def _fmt(x: float) -> str:
@@ -105,45 +184,25 @@ EXAMPLE: Final[dict[str, float | int]] = {
     f.name: (int(f.example) if f.kind != "number" else f.example) for f in FEATURES
 }
 
+
+def example_matrix() -> npt.NDArray[np.float64]:
+    """EXAMPLE as a (1, 6) matrix: the canned request every model must answer before it serves."""
+    return np.array([[float(EXAMPLE[name]) for name in FEATURE_NAMES]], dtype=np.float64)
+
+
+# --- identifiers ---------------------------------------------------------------------------------------------------
+
 # Identifiers (user_id, movie_id) are opaque keys: integers or short strings. They are never model inputs, only
 # keys for A/B assignment, feedback and per-user state, so the rule is about safety, not meaning.
 MAX_ID_LENGTH: Final[int] = 128
+MAX_INT_ID: Final[int] = 2**63 - 1
 ID_RULE: Final[str] = f"must be a non-negative integer or a string of 1-{MAX_ID_LENGTH} printable characters"
-
-
-def parse_value(feature: Feature, value: object, loc: str) -> float:
-    """Check one JSON value against its feature's rule and return it as a float.
-
-    Written by hand rather than through a pydantic model so that the batch path validates a thousand rows without
-    building a Python object per field; the pydantic schemas in the API only describe the same rules for OpenAPI.
-    """
-    # bool is a subclass of int in Python: only the flag accepts it.
-    if isinstance(value, bool):
-        if feature.kind == "flag":
-            return 1.0 if value else 0.0
-        raise FieldError(loc, feature.rule, value)
-    if type(value) is int:
-        x = float(value)
-    elif type(value) is float:
-        x = value
-        if not math.isfinite(x):
-            raise FieldError(loc, feature.rule, value)
-        if feature.kind != "number" and not x.is_integer():
-            raise FieldError(loc, feature.rule, value)
-    else:
-        raise FieldError(loc, feature.rule, value)
-    if feature.kind == "flag":
-        if x != 0.0 and x != 1.0:
-            raise FieldError(loc, feature.rule, value)
-    elif not (feature.minimum <= x <= feature.maximum):
-        raise FieldError(loc, feature.rule, value)
-    return x
 
 
 def parse_id(value: object, loc: str) -> str | int:
     """Validate a user or movie identifier; integers stay integers so responses echo what was sent."""
     if type(value) is int:
-        if value < 0 or value > 2**63 - 1:
+        if value < 0 or value > MAX_INT_ID:
             raise FieldError(loc, ID_RULE, value)
         return value
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable():
@@ -151,91 +210,16 @@ def parse_id(value: object, loc: str) -> str | int:
     raise FieldError(loc, ID_RULE, value)
 
 
-def row_from_mapping(
-    obj: object, loc: str, out: npt.NDArray[np.float64], allowed_extra: frozenset[str] = frozenset()
-) -> None:
-    """Validate one JSON object holding the six features and write them into ``out`` (a row of the matrix).
-
-    Unknown fields are refused (422 "unknown field"): a misspelt optional name would otherwise be silently
-    ignored, and the backend would never learn that the service did not see what it meant to send.
-    """
-    if not isinstance(obj, dict):
-        raise FieldError(loc or "body", "must be a JSON object", obj)
-    prefix = f"{loc}." if loc else ""
-    for i, feature in enumerate(FEATURES):
-        try:
-            value = obj[feature.name]
-        except KeyError:
-            raise FieldError(prefix + feature.name, "is required", None) from None
-        out[i] = parse_value(feature, value, prefix + feature.name)
-    if len(obj) > N_FEATURES:
-        for key in obj:
-            if key not in _NAME_SET and key not in allowed_extra:
-                raise FieldError(prefix + str(key), "unknown field", obj[key])
-
-
-_NAME_SET: Final[frozenset[str]] = frozenset(FEATURE_NAMES)
-_NUMERIC_TYPES: Final[frozenset[type]] = frozenset({int, float})
-_FLAG_TYPES: Final[frozenset[type]] = frozenset({int, float, bool})
-_MAX_INT_ID: Final[int] = 2**63 - 1
-
-
-def matrix_from_mappings(objs: list[object], id_key: str) -> tuple[npt.NDArray[np.float64], list[str | int]] | None:
-    """The feature matrix and the ids of many rows at once, or None if any row breaks any rule.
-
-    The batch fast path: values are pulled column by column with list comprehensions and checked with a few
-    vectorised numpy operations, instead of one ``parse_value`` call per field. It accepts exactly what
-    ``row_from_mapping`` + ``parse_id`` accept (each row: a dict holding the six features and ``id_key``, nothing
-    else); on None the caller runs the per-row loop, which finds the first broken rule and raises its exact error.
-    """
-    n = len(objs)
-    # Every row a dict of exactly seven keys; with the seven names all present (below), no key is unknown.
-    if set(map(type, objs)) != {dict}:
-        return None
-    dicts = cast(list[dict[str, object]], objs)
-    if set(map(len, dicts)) != {N_FEATURES + 1}:
-        return None
-    try:
-        rows = list(map(operator.itemgetter(*FEATURE_NAMES, id_key), dicts))
-    except KeyError:
-        return None
-    *columns, ids = zip(*rows, strict=True)
-    x = np.empty((n, N_FEATURES), dtype=np.float64)
-    for j, (feature, column) in enumerate(zip(FEATURES, columns, strict=True)):
-        # bool is a subclass of int, but type() tells them apart: only the flag accepts it.
-        allowed = _FLAG_TYPES if feature.kind == "flag" else _NUMERIC_TYPES
-        if not set(map(type, column)) <= allowed:
-            return None
-        try:
-            values = np.fromiter(column, dtype=np.float64, count=n)
-        except OverflowError:  # an integer too big for a float: certainly out of range
-            return None
-        if feature.kind == "flag":
-            ok = bool(((values == 0.0) | (values == 1.0)).all())
-        else:
-            # NaN fails both comparisons; orjson never yields NaN or infinities, but the rule refuses them anyway.
-            ok = bool(((values >= feature.minimum) & (values <= feature.maximum)).all())
-            if ok and feature.kind == "count":
-                ok = bool((np.floor(values) == values).all())
-        if not ok:
-            return None
-        x[:, j] = values
-    id_types = set(map(type, ids))
-    if id_types == {int}:
-        int_ids = cast(tuple[int, ...], ids)  # checked just above
-        if min(int_ids) < 0 or max(int_ids) > _MAX_INT_ID:
-            return None
-        return x, list[str | int](int_ids)
-    if not id_types <= {int, str}:
-        return None
-    try:
-        return x, [parse_id(i, "") for i in ids]
-    except FieldError:
-        return None
-
-
-def as_matrix(rows: Sequence[Mapping[str, float]]) -> npt.NDArray[np.float64]:
-    """Stack already-valid feature mappings into the (n, 6) float64 matrix the models take, in FEATURES order."""
-    return np.array([[float(r[name]) for name in FEATURE_NAMES] for r in rows], dtype=np.float64).reshape(
-        len(rows), N_FEATURES
+def id_msgspec_type() -> Any:
+    """The identifier rule for msgspec's decoder (printability is checked after decoding: msgspec has no test)."""
+    return (
+        Annotated[int, msgspec.Meta(ge=0, le=MAX_INT_ID)]
+        | Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
     )
+
+
+# The identifier rule for pydantic (OpenAPI). "Printable" (Python's str.isprintable) has no exact JSON-schema
+# pattern; the descriptions state it.
+IdInt = Annotated[int, Field(ge=0, le=MAX_INT_ID)]
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+Identifier = IdInt | IdStr

@@ -1,1 +1,1 @@
-"""The HTTP layer of the service: FastAPI app, routes, error mapping and middleware."""
+"""The HTTP layer: the app factory (composition root), routes, the fast path, error mapping and middleware."""

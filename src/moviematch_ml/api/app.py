@@ -1,4 +1,4 @@
-"""The FastAPI application: ``create_app(settings)`` for tests and embedding, ``app_from_env`` for uvicorn."""
+"""The composition root: ``create_app(settings)`` wires the online services into the FastAPI application."""
 
 from __future__ import annotations
 
@@ -15,18 +15,21 @@ from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
 
 from moviematch_ml import __version__
-from moviematch_ml.api import errors, schemas
+from moviematch_ml.api import handlers, schemas
 from moviematch_ml.api.fastpath import FastPathMiddleware
-from moviematch_ml.api.feedback import build_feedback_router
 from moviematch_ml.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from moviematch_ml.api.routes import build_router
 from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
-from moviematch_ml.model import BUNDLED_MODEL_DIR
-from moviematch_ml.serving import AnswerCache, ModelHolder, PredictionService, decode_answer, encode_answer
+from moviematch_ml.online.caches import AnswerCache
+from moviematch_ml.online.contract import decode_answer, encode_answer
+from moviematch_ml.online.feedback import FeedbackService
+from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.personalizer import StatePersonalizer, keep_warm
+from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.store import FeedbackStore, make_engine
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import ENV_ONLY, Settings
-from moviematch_ml.state import StatePersonalizer, keep_warm, load_personalized
-from moviematch_ml.store import FeedbackStore, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -36,46 +39,46 @@ cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
 `{"error": "<code>", "message": "<text>", "detail": [...]}`. Every response carries `X-Request-ID`."""
 
 
-def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: FeedbackStore | None = None) -> FastAPI:
-    """Build the service from its settings; the model is loaded and the store migrated by the lifespan, not here."""
-    model_holder = holder if holder is not None else ModelHolder(settings)
+def create_app(settings: Settings, *, models: ModelSet | None = None, store: FeedbackStore | None = None) -> FastAPI:
+    """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
+    model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
     personalizer = StatePersonalizer(
         feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users
     )
     service = PredictionService(
-        model_holder,
+        model_set,
         max_batch_size=settings.max_batch_size,
         cache_size=settings.prediction_cache_size,
         cache=_shared_cache(settings),
         personalizer=personalizer,
     )
+    feedback = FeedbackService(feedback_store, personalizer.forget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model_holder.load()
-        personalizer.set_model(load_personalized(settings.model_path or BUNDLED_MODEL_DIR))
+        model_set.load()
         try:
             feedback_store.migrate()
         except StoreError as exc:
             log.error("feedback store unavailable", extra={"reason": str(exc)})
-        ready = model_holder.warm_up()
         # What start-up built (modules, the models, their tables) lives as long as the process: out of the cyclic
-        # garbage collector's sight, its full collections no longer walk it (about 5 us per request under 20,000
-        # users' views, whose churn triggers them; docs/performance.md).
+        # garbage collector's sight, its full collections no longer walk it (docs/performance.md).
         gc.freeze()
         warming = None
         if settings.state_warm_share > 0 and settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
-            warming = asyncio.create_task(keep_warm(personalizer, settings.state_warm_share))
-        app.state.warming = warming
+            warming = asyncio.create_task(
+                keep_warm(personalizer, lambda: model_set.current.personalized, settings.state_warm_share)
+            )
+        current = model_set.current
         log.info(
             "service started",
             extra={
-                "status": model_holder.status,
-                "model_version": model_holder.active.version,
-                "reason": model_holder.reason,
-                "ready": ready,
+                "status": current.status,
+                "model_version": current.six.version,
+                "reason": current.reason,
+                "ready": model_set.ready,
             },
         )
         yield
@@ -92,17 +95,16 @@ def create_app(settings: Settings, *, holder: ModelHolder | None = None, store: 
         description=DESCRIPTION,
         lifespan=lifespan,
         # FastAPI checks on every request whether OpenTelemetry providers are set up (environment look-ups
-        # included): ~10 us per request for nothing when none is. Off unless asked for.
+        # included), which costs microseconds for nothing when none is: off unless asked for.
         telemetry=None if settings.fastapi_telemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
-    app.state.holder = model_holder
+    app.state.models = model_set
     app.state.service = service
     app.state.store = feedback_store
-    app.include_router(build_router(model_holder, service, time.monotonic()))
     app.state.personalizer = personalizer
-    app.include_router(build_feedback_router(feedback_store, personalizer.forget))
-    errors.install(app)
+    app.include_router(build_router(model_set, service, feedback, time.monotonic()))
+    handlers.install(app)
 
     if settings.fast_path:
         # Added first, so it sits inside CORS and the request middleware: both still apply to the hot routes.
@@ -136,7 +138,7 @@ def _shared_cache(settings: Settings) -> AnswerCache | None:
     """The Redis answer cache when asked for; None leaves the in-process one (or none) to PredictionService."""
     if settings.prediction_cache_backend != "redis" or settings.redis_url is None or not settings.prediction_cache_size:
         return None
-    from moviematch_ml.cache import RedisCache
+    from moviematch_ml.online.caches import RedisCache
 
     return RedisCache.from_url(settings.redis_url, encode=encode_answer, decode=decode_answer)
 

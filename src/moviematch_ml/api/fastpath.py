@@ -9,9 +9,9 @@ import anyio
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moviematch_ml.api.errors import input_error_response
-from moviematch_ml.errors import InputError
-from moviematch_ml.serving import PredictionService, UnsupportedMediaTypeError
+from moviematch_ml.api.handlers import input_error_response
+from moviematch_ml.errors import InputError, UnsupportedMediaTypeError
+from moviematch_ml.online.service import PredictionService
 
 # Bodies above this size are answered in a worker thread. Higher than the FastAPI route's threshold: below it a
 # batch (up to ~7,000 movies) blocks the loop for at most ~15 ms, and the thread hop (plus the GIL ping-pong it

@@ -8,10 +8,10 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moviematch_ml.api.errors import input_error_response, internal_error_response
-from moviematch_ml.errors import InputError
+from moviematch_ml.api.handlers import input_error_response, internal_error_response
+from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
-from moviematch_ml.serving import BodyTooLargeError, new_id
+from moviematch_ml.online.contract import new_id
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
 access_log = DirectLog(logging.getLogger(ACCESS_LOGGER))

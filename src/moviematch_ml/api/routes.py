@@ -1,4 +1,4 @@
-"""The HTTP routes: predictions (bytes in, bytes out through PredictionService), service info and health probes."""
+"""The HTTP routes: predictions and feedback (bytes in, bytes out through the online services), info and health."""
 
 from __future__ import annotations
 
@@ -13,18 +13,28 @@ from starlette.responses import Response
 
 from moviematch_ml import SERVICE_NAME, __version__
 from moviematch_ml.api import schemas
-from moviematch_ml.api.errors import not_ready_response
-from moviematch_ml.serving import ModelHolder, PredictionService, UnsupportedMediaTypeError
+from moviematch_ml.api.handlers import not_ready_response
+from moviematch_ml.errors import UnsupportedMediaTypeError
+from moviematch_ml.online.feedback import FeedbackService
+from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.service import PredictionService
 
 # Bodies above this size are parsed and predicted in a worker thread so that one 10 000-movie batch does not stall
 # the event loop for every other request; small bodies stay inline, where a thread hop would cost more than it saves.
 THREADPOOL_BODY_BYTES: Final[int] = 64 * 1024
+IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON (NaN, Infinity and 1e999 too)."},
     413: {"model": schemas.ErrorResponse, "description": "The body is larger than MAX_BODY_BYTES."},
     415: {"model": schemas.ErrorResponse, "description": "Content-Type is set and is not JSON."},
     422: {"model": schemas.ErrorResponse, "description": "A field is missing, unknown, or breaks its rule."},
+}
+_FEEDBACK_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    200: {"model": schemas.FeedbackResponse, "description": "Every rating was already stored: nothing new."},
+    400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON."},
+    422: {"model": schemas.ErrorResponse, "description": "A field is missing, unknown, or breaks its rule."},
+    503: {"model": schemas.ErrorResponse, "description": "The store could not write; nothing was stored, retry."},
 }
 
 
@@ -43,8 +53,10 @@ def check_json(request: Request) -> None:
         raise UnsupportedMediaTypeError(f"Content-Type must be application/json (got {content_type!r})")
 
 
-def build_router(holder: ModelHolder, service: PredictionService, started_at: float) -> APIRouter:
-    """The routes, bound to one holder and one prediction service (no globals, so tests can build many apps)."""
+def build_router(
+    models: ModelSet, service: PredictionService, ratings: FeedbackService, started_at: float
+) -> APIRouter:
+    """The routes, bound to one model set and its services (no globals, so tests can build many apps)."""
     router = APIRouter()
 
     @router.post(
@@ -74,16 +86,16 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
 
     @router.get("/", summary="Service name, version and model summary", response_model=schemas.RootResponse)
     async def root() -> Response:
-        return _json({"service": SERVICE_NAME, "version": __version__, "model": holder.summary(), "docs": "/docs"})
+        return _json({"service": SERVICE_NAME, "version": __version__, "model": models.summary(), "docs": "/docs"})
 
     @router.get("/health", summary="Model status: ok, or degraded and why", response_model=schemas.HealthResponse)
     async def health() -> Response:
-        current = holder.current
+        current = models.current
         return _json(
             {
                 "status": current.status,
-                "model_version": current.predictor.version,
-                "source": current.predictor.source,
+                "model_version": current.six.version,
+                "source": current.six.source,
                 "reason": current.reason,
                 "uptime_seconds": round(time.monotonic() - started_at, 3),
             }
@@ -100,9 +112,30 @@ def build_router(holder: ModelHolder, service: PredictionService, started_at: fl
         responses={503: {"model": schemas.ErrorResponse, "description": "Still starting."}},
     )
     async def ready() -> Response:
-        if not holder.ready:
+        if not models.ready:
             return not_ready_response("the service is starting: no canned prediction has succeeded yet")
         return _json({"status": "ready"})
+
+    @router.post(
+        "/feedback",
+        summary="Store the ratings users gave (idempotent: a retried request is not counted twice)",
+        status_code=201,
+        response_model=schemas.FeedbackResponse,
+        responses=_FEEDBACK_RESPONSES,
+        openapi_extra=schemas.FEEDBACK_BODY,
+    )
+    async def feedback(request: Request) -> Response:
+        """One rating, or ``{"ratings": [...]}`` (up to 1000). A 2xx means every rating is committed to the store.
+
+        Idempotency: each rating's key is its ``feedback_id``; else the ``Idempotency-Key`` header plus the
+        rating's index in the request; else a hash of its content. Ratings whose key is already stored are
+        reported as ``duplicate`` and change nothing.
+        """
+        check_json(request)
+        body = await request.body()
+        # The write blocks on the database (fsync): keep it off the event loop.
+        new, payload = await run_in_threadpool(ratings.record, body, request.headers.get(IDEMPOTENCY_HEADER))
+        return Response(payload, status_code=201 if new else 200, media_type="application/json")
 
     return router
 

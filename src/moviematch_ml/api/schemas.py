@@ -1,54 +1,24 @@
 """Pydantic models of the requests and responses, generated from FEATURES, used only for the OpenAPI docs.
 
-Requests are validated by ``features.row_from_mapping`` on the hot path; these models describe the same rules (a
-test checks both agree) so that ``/docs`` and ``/openapi.json`` tell clients the truth.
+Requests are validated by ``online/contract.py`` on the hot path; these models are built from the same feature
+and identifier rules (``Feature.annotation``, ``features.Identifier``), and a test checks that both accept and
+refuse the same requests, so that ``/docs`` and ``/openapi.json`` tell clients the truth.
 """
 
 from __future__ import annotations
 
 from types import GenericAlias
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
-from moviematch_ml.features import EXAMPLE, FEATURES, ID_RULE, MAX_ID_LENGTH, Feature
-
-IdInt = Annotated[int, Field(ge=0, le=2**63 - 1)]
-# "Printable" (Python's str.isprintable) has no exact JSON-schema pattern; the description states it.
-IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-Identifier = IdInt | IdStr
+from moviematch_ml.features import EXAMPLE, FEATURES, ID_RULE, Identifier, IdStr
 
 _FORBID: Final = ConfigDict(extra="forbid")
 
 
-def _feature_field(feature: Feature) -> tuple[Any, Any]:
-    description = f"{feature.description} Rule: {feature.rule}. From TMDB: `{feature.tmdb}`."
-    if feature.kind == "flag":
-        return (Literal[0, 1] | bool, Field(description=description, examples=[int(feature.example)]))
-    if feature.kind == "count":
-        return (
-            int,
-            Field(
-                ge=int(feature.minimum),
-                le=int(feature.maximum),
-                description=description,
-                examples=[int(feature.example)],
-            ),
-        )
-    return (
-        float,
-        Field(
-            ge=feature.minimum,
-            le=feature.maximum,
-            allow_inf_nan=False,
-            description=description,
-            examples=[feature.example],
-        ),
-    )
-
-
-_FEATURE_FIELDS: Final[dict[str, Any]] = {f.name: _feature_field(f) for f in FEATURES}
+_FEATURE_FIELDS: Final[dict[str, Any]] = {f.name: (f.annotation(), ...) for f in FEATURES}
 _USER_ID: Final[tuple[Any, Any]] = (
     Identifier | None,
     Field(None, description=f"The user the prediction is for (not a model input today). Rule: {ID_RULE}."),
@@ -237,3 +207,16 @@ def request_body(schema_name: str, examples: dict[str, dict[str, Any]]) -> dict[
             },
         }
     }
+
+
+FEEDBACK_BODY: Final[dict[str, Any]] = request_body(
+    "FeedbackRating",
+    {
+        "one_rating": FEEDBACK_EXAMPLE,
+        "batch": {"ratings": [FEEDBACK_EXAMPLE, {**FEEDBACK_EXAMPLE, "movie_id": 2}]},
+    },
+)
+# The body is one rating or a batch of them.
+FEEDBACK_BODY["requestBody"]["content"]["application/json"]["schema"] = {
+    "oneOf": [{"$ref": "#/components/schemas/FeedbackRating"}, {"$ref": "#/components/schemas/FeedbackBatch"}]
+}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from moviematch_ml.fallback import fallback_rating
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import RatingScale
+from moviematch_ml.runtime.cards import RatingScale
+from moviematch_ml.runtime.fallback import fallback_rating
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -112,48 +112,3 @@ def fallback_on_scale(rows: pd.DataFrame, scale: RatingScale) -> FloatArray:
     x = rows.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
     out: FloatArray = fallback_rating(x) / scale.to_api
     return out
-
-
-# --- scorers: the evaluation's view of each baseline -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GlobalMeanCandidate:
-    """Candidate wrapper of GlobalMean."""
-
-    name: str = "global_mean"
-
-    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
-        return GlobalMean.fit(train).predict(test)
-
-
-@dataclass(frozen=True)
-class MovieMeanCandidate:
-    """Candidate wrapper of MovieMean."""
-
-    config: BaselineConfig = field(default_factory=BaselineConfig)
-    name: str = "movie_mean"
-
-    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
-        return MovieMean.fit(train, self.config.movie_damping).predict(test)
-
-
-@dataclass(frozen=True)
-class BiasCandidate:
-    """Candidate wrapper of Bias."""
-
-    config: BaselineConfig = field(default_factory=BaselineConfig)
-    name: str = "bias"
-
-    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
-        return Bias.fit(train, self.config).predict(test)
-
-
-@dataclass(frozen=True)
-class FallbackCandidate:
-    """Candidate wrapper of the fallback rule (ignores the training rows)."""
-
-    name: str = "fallback"
-
-    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray:
-        return fallback_on_scale(test, scale)

@@ -1,113 +1,34 @@
-"""Evaluation protocols (temporal, k-fold) and metrics (RMSE, MAE, NDCG@10, cold-user RMSE) for pluggable models."""
+"""Evaluation protocols (temporal, k-fold): every candidate fitted and scored on the same splits and features."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from moviematch_ml.baselines import BiasCandidate, FallbackCandidate, GlobalMeanCandidate, MovieMeanCandidate
-from moviematch_ml.data import RATING_COLUMNS, Dataset
 from moviematch_ml.errors import MovieMatchError
-from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import RatingScale
-from moviematch_ml.personalized import PersonalizedCandidate
-from moviematch_ml.trainfeatures import compute_features
-from moviematch_ml.training import SixFeatureCandidate, TrainConfig
+from moviematch_ml.offline.boosting import TrainConfig
+from moviematch_ml.offline.candidates import CANDIDATES, Candidate
+from moviematch_ml.offline.data import RATING_COLUMNS, Dataset
+from moviematch_ml.offline.featurize import compute_features
+from moviematch_ml.offline.metrics import mae, ndcg_at_k, rmse
+from moviematch_ml.runtime.cards import RatingScale
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Protocol_ = Literal["temporal", "kfold"]
 FeatureMode = Literal["online", "frozen"]
 
-NDCG_K = 10
-NDCG_MIN_RATINGS = 5
 TEMPORAL_TRAIN_FRACTION = 0.8
 
 
 class EvaluationError(MovieMatchError):
     """A candidate returned unusable predictions (wrong length, NaN, infinite)."""
-
-
-class Candidate(Protocol):
-    """A model under evaluation.
-
-    ``fit_predict(train, test, scale)``: ``train`` has columns user_id, movie_id, rating, timestamp and the six
-    FEATURE_NAMES; ``test`` has the same columns without rating. Return one prediction per test row, in test row
-    order, on the data's own rating scale (``scale``). Fit only on ``train``.
-    """
-
-    @property
-    def name(self) -> str:
-        """The key of this model in the output (``models``)."""
-        ...
-
-    def fit_predict(self, train: pd.DataFrame, test: pd.DataFrame, scale: RatingScale) -> FloatArray: ...
-
-
-# The models `evaluate` compares, in output order. A new model is one more entry: name -> factory(config).
-CANDIDATES: dict[str, Callable[[TrainConfig], Candidate]] = {
-    "global_mean": lambda cfg: GlobalMeanCandidate(),
-    "movie_mean": lambda cfg: MovieMeanCandidate(),
-    "bias": lambda cfg: BiasCandidate(),
-    "fallback": lambda cfg: FallbackCandidate(),
-    "six_features": lambda cfg: SixFeatureCandidate(cfg),
-    "personalized": lambda cfg: PersonalizedCandidate(six_config=cfg),
-}
-
-
-# --- metrics -----------------------------------------------------------------------------------------------------
-
-
-def rmse(truth: FloatArray, pred: FloatArray) -> float:
-    """sqrt(mean((ŷ - y)²))."""
-    return float(np.sqrt(np.mean((pred - truth) ** 2))) if truth.size else float("nan")
-
-
-def mae(truth: FloatArray, pred: FloatArray) -> float:
-    """mean(|ŷ - y|)."""
-    return float(np.mean(np.abs(pred - truth))) if truth.size else float("nan")
-
-
-def ndcg_at_k(
-    users: npt.ArrayLike, truth: FloatArray, pred: FloatArray, k: int = NDCG_K, min_ratings: int = NDCG_MIN_RATINGS
-) -> float:
-    """Mean over users with at least ``min_ratings`` rows of NDCG@k, gain = true rating.
-
-    Per user: order their rows by prediction (descending; ties keep row order), DCG@k = Σ_{i=1..k} y_(i) / log2(i+1);
-    IDCG@k is the same sum with the rows ordered by true rating; NDCG = DCG / IDCG (users with IDCG = 0 are
-    skipped). NaN if no user qualifies.
-    """
-    codes = pd.factorize(pd.Series(users))[0].astype(np.int64)
-    counts = np.bincount(codes)
-    keep = counts[codes] >= min_ratings
-    if not keep.any():
-        return float("nan")
-    codes, truth, pred = codes[keep], truth[keep], pred[keep]
-    rows = np.arange(codes.size)
-
-    def dcg(score: FloatArray) -> FloatArray:
-        order = np.lexsort((rows, -score, codes))
-        c = codes[order]
-        start = np.searchsorted(c, c, side="left")
-        rank = np.arange(c.size) - start  # 0-based rank within the user
-        top = rank < k
-        gains = truth[order][top] / np.log2(rank[top] + 2.0)
-        sums: FloatArray = np.bincount(c[top], weights=gains, minlength=int(codes.max()) + 1).astype(np.float64)
-        return sums
-
-    actual, ideal = dcg(pred), dcg(truth)
-    users_kept = np.unique(codes)
-    ok = ideal[users_kept] > 0
-    return float(np.mean(actual[users_kept][ok] / ideal[users_kept][ok])) if ok.any() else float("nan")
-
-
-# --- protocols ---------------------------------------------------------------------------------------------------
 
 
 def temporal_split(n: int) -> list[tuple[IntArray, IntArray]]:
@@ -293,19 +214,3 @@ def _mean_finite(values: list[float]) -> float:
 
 def _round(x: float) -> float:
     return round(x, 4) if np.isfinite(x) else x
-
-
-__all__ = [
-    "CANDIDATES",
-    "FEATURE_NAMES",
-    "Candidate",
-    "EvaluationError",
-    "FeatureMode",
-    "evaluate",
-    "kfold_split",
-    "mae",
-    "ndcg_at_k",
-    "rmse",
-    "split_frames",
-    "temporal_split",
-]

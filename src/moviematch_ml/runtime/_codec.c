@@ -556,7 +556,7 @@ static PyMethodDef codec_methods[] = {
 };
 
 static struct PyModuleDef codec_module = {
-    PyModuleDef_HEAD_INIT, .m_name = "moviematch_ml._codec",
+    PyModuleDef_HEAD_INIT, .m_name = "moviematch_ml.runtime._codec",
     .m_doc = "C loops of /predict-batch: the feature matrix and the answer's rows.", .m_size = -1,
     .m_methods = codec_methods,
 };

@@ -1,17 +1,22 @@
-"""Feedback ratings: validation of what the app sends and the idempotency key of each rating."""
+"""Feedback: the ratings the app sends, validated and keyed for idempotency, then stored."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from moviematch_ml.errors import FieldError, InputError
+from moviematch_ml.errors import FieldError, InputError, InvalidJSONError
 from moviematch_ml.features import MAX_ID_LENGTH, parse_id
+
+if TYPE_CHECKING:  # the store imports Feedback from here
+    from moviematch_ml.online.store import FeedbackStore
 
 MAX_FEEDBACK_BATCH: Final[int] = 1000
 RATING_RULE: Final[str] = "must be a finite number between 0 and 10"
@@ -122,3 +127,33 @@ def parse_feedback(body: object, idempotency_key: str | None, now: float) -> lis
             feedback_id = _content_key(user_id, movie_id, rating, raw_ts, prediction_id)
         out.append(Feedback(feedback_id, user_id, movie_id, rating, rated_at, prediction_id))
     return out
+
+
+class FeedbackService:
+    """``POST /feedback`` without HTTP: validates the body, stores its new ratings in one transaction, and tells
+    ``on_stored`` which users got new ratings (the personaliser forgets their views)."""
+
+    def __init__(self, store: FeedbackStore, on_stored: Callable[[Iterable[str]], None] | None = None) -> None:
+        self.store = store
+        self.on_stored = on_stored
+
+    def record(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
+        """(whether any rating was new, the JSON answer). Raises InputError for a refused body and StoreError when
+        the store could not write (nothing was stored)."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+        ratings = parse_feedback(obj, idempotency_key, time.time())
+        result = self.store.add(ratings)
+        if self.on_stored is not None and result.accepted:
+            self.on_stored({r.user_id for r, s in zip(ratings, result.stored, strict=True) if s})
+        answer = {
+            "accepted": result.accepted,
+            "duplicates": result.duplicates,
+            "results": [
+                {"feedback_id": r.feedback_id, "status": "stored" if s else "duplicate"}
+                for r, s in zip(ratings, result.stored, strict=True)
+            ],
+        }
+        return result.accepted > 0, orjson.dumps(answer)

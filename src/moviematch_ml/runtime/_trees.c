@@ -479,7 +479,7 @@ static PyMethodDef Forest_methods[] = {
 };
 
 static PyTypeObject ForestType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "moviematch_ml._trees.Forest",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "moviematch_ml.runtime._trees.Forest",
     .tp_doc = PyDoc_STR("Bit-vector tree evaluation over model.TreeEnsemble's tables (see model.py)."),
     .tp_basicsize = sizeof(Forest),
     .tp_itemsize = 0,
@@ -491,7 +491,7 @@ static PyTypeObject ForestType = {
 };
 
 static struct PyModuleDef trees_module = {
-    PyModuleDef_HEAD_INIT, .m_name = "moviematch_ml._trees",
+    PyModuleDef_HEAD_INIT, .m_name = "moviematch_ml.runtime._trees",
     .m_doc = "Compiled evaluation of model.TreeEnsemble's tables.", .m_size = -1,
 };
 

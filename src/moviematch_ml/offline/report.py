@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from moviematch_ml.training import TrainResult
+from moviematch_ml.offline.training import TrainResult
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -9,8 +9,8 @@ import numpy.typing as npt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from moviematch_ml.data import Dataset
 from moviematch_ml.features import FEATURE_NAMES, FEATURES
+from moviematch_ml.offline.data import Dataset
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

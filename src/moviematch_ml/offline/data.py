@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from moviematch_ml.errors import DataError
-from moviematch_ml.model import RatingScale
+from moviematch_ml.runtime.cards import RatingScale
 
 if TYPE_CHECKING:
-    from moviematch_ml.store import FeedbackStore
+    from moviematch_ml.online.store import FeedbackStore
 
 RATING_COLUMNS: Final[tuple[str, ...]] = ("user_id", "movie_id", "rating", "timestamp")
 MOVIE_COLUMNS: Final[tuple[str, ...]] = (

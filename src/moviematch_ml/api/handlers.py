@@ -70,7 +70,7 @@ def input_error_response(exc: InputError) -> Response:
     """Any refused request: 422 for a broken field rule, else the error's own status and code."""
     if isinstance(exc, FieldError):
         return field_error_response([exc])
-    code = getattr(exc, "code", None) or CODE_BY_STATUS.get(exc.status, "bad_request")
+    code = exc.code or CODE_BY_STATUS.get(exc.status, "bad_request")
     return error_response(exc.status, code, exc.message)
 
 

@@ -1,129 +1,16 @@
-"""Model files and their cards: the safe on-disk format, checksum verification and the six-feature predictor."""
+"""LightGBM's tree models evaluated without LightGBM: the QuickScorer tables, in C or in numpy."""
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import threading
-from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
-from moviematch_ml.features import FEATURE_NAMES
-
-_Forest: type[Any] | None
-try:  # the compiled evaluator (setup.py); optional: without a C compiler at install, numpy does the same work
-    from moviematch_ml._trees import Forest as _NativeForest
-
-    _Forest = _NativeForest
-except ImportError:  # pragma: no cover - depends on how the package was built
-    _Forest = None
-
-CARD_NAME: Final[str] = "model_card.json"
-BUNDLED_MODEL_DIR: Final[Path] = Path(__file__).parent / "bundled"
-
-
-class RatingScale(BaseModel):
-    """The scale the training ratings were on; predictions are mapped from it to the API's 0-10 scale."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min: float
-    max: float = Field(gt=0)
-    step: float | None = None
-
-    @property
-    def to_api(self) -> float:
-        """Multiplier from this scale to the API's 0-10 scale (5 stars -> 10)."""
-        return 10.0 / self.max
-
-
-class FeatureStats(BaseModel):
-    """The training distribution of one feature: what drift detection compares live traffic against."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min: float
-    max: float
-    mean: float
-    quantiles: dict[str, float]
-
-
-class ModelCard(BaseModel):
-    """What a model file is, where it came from and how good it is; the checksum makes it tamper-evident."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    format_version: Literal[1] = 1
-    name: str
-    version: str
-    kind: Literal["six_features", "personalized"] = "six_features"
-    created_at: str
-    model_file: str
-    model_format: Literal["lightgbm-text", "json"]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    features: list[str]
-    rating_scale: RatingScale
-    feature_stats: dict[str, FeatureStats] = Field(default_factory=dict)
-    data: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    extra_files: dict[str, str] = Field(
-        default_factory=dict, description="Other files of the model (name -> sha256), e.g. collaborative factors."
-    )
-
-
-class Predictor(Protocol):
-    """Anything that turns an (n, 6) feature matrix into n ratings on the API's 0-10 scale."""
-
-    version: str
-    source: str
-
-    def predict(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def card_path(path: Path) -> Path:
-    """Accept either a model directory or the card file itself."""
-    return path / CARD_NAME if path.is_dir() else path
-
-
-def read_card(path: Path) -> ModelCard:
-    """Read and validate a model card, without touching the model file."""
-    cpath = card_path(path)
-    if not cpath.is_file():
-        raise ModelNotFoundError(f"no model card at {cpath}")
-    try:
-        return ModelCard.model_validate_json(cpath.read_bytes())
-    except ValidationError as exc:
-        raise ModelFormatError(f"{cpath}: not a valid model card: {exc.errors()[0]['msg']}") from exc
-
-
-def verified_bytes(card_file: Path, name: str, expected_sha256: str) -> bytes:
-    """Read a file named by a card and refuse it unless its sha256 matches what the card says."""
-    path = card_file.parent / name
-    if not path.is_file():
-        raise ModelNotFoundError(f"model card {card_file} names {name}, which does not exist")
-    data = path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256:
-        raise ModelChecksumError(
-            f"{path}: sha256 {actual} does not match {expected_sha256} in the model card; refusing to load it"
-        )
-    return data
-
+from moviematch_ml.errors import ModelFormatError
+from moviematch_ml.runtime.native import Forest
 
 # LightGBM treats |x| <= kZeroThreshold as exactly zero when it reads a dense row (it stores only non-zeros). Its
 # constant is the float 1e-35f widened to a double, 1.0000000180025095e-35, and trained models do split there.
@@ -231,12 +118,12 @@ class TreeEnsemble:
         self._local = threading.local()
         self._native: Any = None
         self._native_tables: npt.NDArray[np.unsignedinteger[Any]] = self._stacked
-        if native and _Forest is not None:
+        if native and Forest is not None:
             # Trees of up to 16 leaves (the six-feature model's 15) get 16-bit masks in C: half the table to
             # read and twice the masks per vector instruction. numpy keeps its own 32-bit tables, which its
             # lowest-set-bit trick needs.
             self._native_tables = self._stacked.astype(np.uint16) if self.width <= 16 else self._stacked
-            self._native = _Forest(
+            self._native = Forest(
                 np.concatenate([*thresholds, np.empty(0)]).astype(np.float64),
                 np.cumsum([0] + [len(t) for t in thresholds], dtype=np.int64),
                 self._native_tables,
@@ -444,43 +331,6 @@ class TreeEnsemble:
         return np.array([self.leaf_values.take(position).sum()])
 
 
-class LightGBMPredictor:
-    """The six-feature gradient-boosted trees, loaded from LightGBM's text format.
-
-    The text (the checksummed artifact) is turned into a ``TreeEnsemble`` at load time, so serving needs neither
-    the LightGBM library nor its import time and memory; models the evaluator does not cover are run by LightGBM.
-    """
-
-    source: str = "model"
-
-    def __init__(self, card: ModelCard, model_text: str) -> None:
-        if card.features != list(FEATURE_NAMES):
-            raise ModelFormatError(f"model expects features {card.features}, this service computes {FEATURE_NAMES}")
-        self.card = card
-        self.version = card.version
-        self._scale = card.rating_scale.to_api
-        self._booster: Any = None
-        self.ensemble: TreeEnsemble | None = None
-        try:
-            self.ensemble = TreeEnsemble.from_lightgbm_text(model_text, len(FEATURE_NAMES))
-        except (UnsupportedModelError, ValueError, KeyError, IndexError, RecursionError):
-            # Anything the evaluator does not understand goes to LightGBM, which also judges if it is a model.
-            self._booster = _booster(model_text, len(FEATURE_NAMES))
-        self.runtime = self.ensemble.runtime if self.ensemble is not None else "lightgbm"
-
-    def predict_raw(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """The trees' output on the training data's rating scale."""
-        if self.ensemble is not None:
-            return self.ensemble.predict_raw(x)
-        return np.asarray(self._booster.predict(x, num_threads=1), dtype=np.float64)
-
-    def predict(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        y = self.predict_raw(x) * self._scale
-        # Two in-place ufuncs rather than np.clip, whose Python-level wrapper costs more than a one-row prediction.
-        out: npt.NDArray[np.float64] = np.minimum(np.maximum(y, 0.0, out=y), 10.0, out=y)
-        return out
-
-
 class EnsembleBooster:
     """A ``TreeEnsemble`` behind the ``lightgbm.Booster`` methods the serving and saving code call.
 
@@ -512,10 +362,10 @@ def fast_booster(model_text: str, n_features: int) -> Any:
     try:
         return EnsembleBooster(TreeEnsemble.from_lightgbm_text(model_text, n_features), n_features, model_text)
     except (UnsupportedModelError, ValueError, KeyError, IndexError, RecursionError):
-        return _booster(model_text, n_features)
+        return lightgbm_booster(model_text, n_features)
 
 
-def _booster(model_text: str, n_features: int) -> Any:
+def lightgbm_booster(model_text: str, n_features: int) -> Any:
     import lightgbm as lgb  # only for models TreeEnsemble does not cover: importing it costs seconds and memory
 
     try:
@@ -525,23 +375,3 @@ def _booster(model_text: str, n_features: int) -> Any:
     if booster.num_feature() != n_features:
         raise ModelFormatError(f"model has {booster.num_feature()} inputs, expected {n_features}")
     return booster
-
-
-def load_predictor(path: Path) -> LightGBMPredictor:
-    """Load the model a card describes, verifying its checksum; raises a ModelError subclass on any problem."""
-    card = read_card(path)
-    cfile = card_path(path)
-    if card.model_format != "lightgbm-text" or card.kind != "six_features":
-        raise ModelFormatError(f"{cfile}: {card.kind} model in {card.model_format} is not a six-feature LightGBM model")
-    text = verified_bytes(cfile, card.model_file, card.sha256)
-    try:
-        return LightGBMPredictor(card, text.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ModelFormatError(f"{cfile.parent / card.model_file}: not UTF-8 text") from exc
-
-
-def write_card(directory: Path, card: ModelCard) -> Path:
-    """Write a card next to its model file (deterministic JSON: sorted keys, fixed indent)."""
-    path = directory / CARD_NAME
-    path.write_text(json.dumps(card.model_dump(mode="json"), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path

@@ -1,8 +1,8 @@
-"""The feedback store: ratings and per-user / per-movie state in SQLite (default) or PostgreSQL, via SQLAlchemy.
+"""The feedback store: the app's ratings and per-movie totals in SQLite (default) or PostgreSQL, via SQLAlchemy.
 
-The database is the one place replicas share: every replica writes ratings and reads state here, so two service
+The database is the one place replicas share: every replica writes ratings and reads them here, so two service
 processes behind Railway's load balancer see the same users. Writes are one transaction each (the ratings and
-the state they change commit together), so a 2xx from /feedback means the rating is on disk.
+the totals they change commit together), so a 2xx from /feedback means the rating is on disk.
 """
 
 from __future__ import annotations
@@ -13,63 +13,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    bindparam,
-    create_engine,
-    event,
-    func,
-    select,
-)
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from moviematch_ml.errors import ConfigError, StoreError
-from moviematch_ml.feedback import Feedback
-
-metadata = MetaData()
-
-feedback_table = Table(
-    "feedback",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("feedback_id", String(64), nullable=False, unique=True),
-    Column("user_id", String(128), nullable=False),
-    Column("movie_id", String(128), nullable=False),
-    Column("rating", Float, nullable=False),
-    Column("rated_at", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
-    Column("prediction_id", String(128), nullable=True),
-    Index("ix_feedback_user_id", "user_id", "id"),
-    Index("ix_feedback_movie_id", "movie_id"),
-)
-
-
-def _totals_table(name: str, key: str) -> Table:
-    """Running totals of the ratings (0-10) of one user or one movie: what the online state starts from."""
-    return Table(
-        name,
-        metadata,
-        Column(key, String(128), primary_key=True),
-        Column("n", Integer, nullable=False),
-        Column("rating_sum", Float, nullable=False),
-        Column("rating_sumsq", Float, nullable=False),
-        Column("updated_at", Float, nullable=False),
-    )
-
-
-user_state_table = _totals_table("user_state", "user_id")
-movie_state_table = _totals_table("movie_state", "movie_id")
+from moviematch_ml.online import migrations
+from moviematch_ml.online.feedback import Feedback
+from moviematch_ml.online.tables import feedback_table, movie_state_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +85,7 @@ def _insert(conn: Connection, table: Table) -> Any:
 
 
 class FeedbackStore:
-    """Durable, idempotent storage of feedback ratings and the running per-user and per-movie totals."""
+    """Durable, idempotent storage of feedback ratings and the running per-movie totals."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -167,10 +119,8 @@ class FeedbackStore:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to run from several replicas at once)."""
-        from moviematch_ml.migrations import upgrade
-
         try:
-            upgrade(self.engine)
+            migrations.upgrade(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(f"could not migrate the feedback store: {exc}") from exc
 
@@ -181,7 +131,7 @@ class FeedbackStore:
         self.engine.dispose()
 
     def add(self, ratings: Sequence[Feedback], *, received_at: float | None = None) -> StoreResult:
-        """Store ratings not seen before (by ``feedback_id``) and update the totals they change, in one transaction."""
+        """Store ratings not seen before (by ``feedback_id``) and the movie totals they change, in one transaction."""
         if not ratings:
             return StoreResult(())
         now = time.time() if received_at is None else received_at
@@ -218,7 +168,6 @@ class FeedbackStore:
                     seen.add(r.feedback_id)
                     stored.append(is_new)
                 fresh = [r for r, s in zip(ratings, stored, strict=True) if s]
-                self._bump(conn, user_state_table, "user_id", ((r.user_id, r.rating) for r in fresh), now)
                 self._bump(conn, movie_state_table, "movie_id", ((r.movie_id, r.rating) for r in fresh), now)
         except SQLAlchemyError as exc:
             raise StoreError(f"could not store feedback: {exc.__class__.__name__}") from exc
@@ -250,31 +199,6 @@ class FeedbackStore:
             },
         )
         conn.execute(stmt, values)  # executemany, in the sorted order (see add())
-
-    def _counts(self, table: Table, key: str, ids: Iterable[str]) -> dict[str, Counts]:
-        wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        col = table.c[key]
-        out: dict[str, Counts] = {}
-        try:
-            with self.engine.connect() as conn:
-                # Chunked IN lists: SQLite caps bound parameters, and a 10,000-movie batch is one round trip per
-                # 900 ids rather than one per movie.
-                for start in range(0, len(wanted), 900):
-                    chunk = wanted[start : start + 900]
-                    q = select(col, table.c.n, table.c.rating_sum, table.c.rating_sumsq).where(col.in_(chunk))
-                    for k, n, s, ss in conn.execute(q):
-                        out[k] = Counts(int(n), float(s), float(ss))
-        except SQLAlchemyError as exc:
-            raise StoreError(f"could not read {table.name}: {exc.__class__.__name__}") from exc
-        return out
-
-    def user_counts(self, user_ids: Iterable[str]) -> dict[str, Counts]:
-        return self._counts(user_state_table, "user_id", user_ids)
-
-    def movie_counts(self, movie_ids: Iterable[str]) -> dict[str, Counts]:
-        return self._counts(movie_state_table, "movie_id", movie_ids)
 
     def last_row_id(self) -> int:
         """The highest feedback row id stored so far (0 when empty): where a change feed starts."""
@@ -351,10 +275,6 @@ class FeedbackStore:
         # Already (str, float, float): rating and rated_at have REAL affinity, so SQLite stores even an integer
         # as a float (converting them again was 2 of the 27 us of a 50-rating read).
         return rows
-
-    def count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
 
     def iter_ratings(self, batch: int = 10_000) -> Iterator[tuple[int, str, str, float, float]]:
         """Every stored rating (row id, user_id, movie_id, rating 0-10, rated_at) in arrival order, for retraining.

@@ -22,7 +22,6 @@ from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
 
-APP: Final[str] = "moviematch_ml.api.app:app_from_env"
 PARENT_CHECK_SECONDS: Final[float] = 1.0
 
 
@@ -71,7 +70,7 @@ class _OwnSocketProcess(multiprocess.Process):
         return self._server
 
 
-def run(*, host: str, port: int, workers: int, app: str = APP, factory: bool = True, **options: Any) -> None:
+def run(*, app: str, host: str, port: int, workers: int, factory: bool = True, **options: Any) -> None:
     """Serve the app from the environment (``app_from_env``) on host:port with ``workers`` processes.
 
     ``app`` and ``factory`` name another ASGI app to serve the same way (the benchmark's ceiling app).

@@ -1,0 +1,1 @@
+"""Offline work (the ``train`` extra): data, training features, baselines, fitting, evaluation and reports."""

@@ -1,0 +1,301 @@
+"""The personaliser: a user's stored ratings folded into the personalised model, kept fresh by the change feed.
+
+Where the state lives: the feedback store is the source of truth and the only thing replicas share. A replica
+keeps each user's view (their ratings folded in) in an in-process cache, forgets a user as soon as it stores a
+rating of theirs, and every ``ttl`` seconds reads the store's change feed (the rows stored since it last looked)
+to forget the users other replicas took ratings from. So a user's next prediction on the replica that took their
+rating reflects it at once, and on any other replica within ``ttl`` seconds (0: read the store on every request).
+The feed costs one query per ``ttl`` per replica, whatever the number of users. What the movies received through
+``/feedback`` moves slowly: it is read in one query and kept for at least MOVIE_TTL_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from moviematch_ml.errors import StoreError
+from moviematch_ml.online.caches import TTLCache
+from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.runtime.personalized import MovieTable, PersonalizedModel, UserView
+
+log = logging.getLogger(__name__)
+
+MOVIE_TTL_SECONDS: Final[float] = 30.0
+# A backstop: a cached user view is read again after this long even if the change feed never named the user.
+USER_MAX_AGE_SECONDS: Final[float] = 300.0
+# The feed is read from the highest row id seen this many polls ago: a rating whose row id was taken before a
+# poll but committed after it (concurrent PostgreSQL transactions) is still seen by the next polls.
+FEED_OVERLAP_POLLS: Final[int] = 5
+# keep_warm builds views in slices this long, the event loop free between them: a request waits at most this much.
+WARM_SLICE_SECONDS: Final[float] = 0.001
+
+Id = str | int
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class _Movies:
+    """A model's movie table with what the store's movies received, and until when it is fresh."""
+
+    model: PersonalizedModel
+    table: MovieTable
+    expires: float
+
+
+class StatePersonalizer:
+    """Answers for users the store knows, with the personalised model it is handed (one model call a request).
+
+    The views it caches were built against one model: handed another (a reload), it drops them.
+    """
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        *,
+        ttl: float = 1.0,
+        max_users: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._clock = clock
+        self._users: TTLCache[str, UserView | None] = TTLCache(
+            max(ttl, USER_MAX_AGE_SECONDS) if ttl > 0 else 0.0, max_users, clock
+        )
+        self._views_of: PersonalizedModel | None = None  # the model the cached views were built against
+        self._model_lock = threading.Lock()
+        self._feed_marks: deque[int] = deque(maxlen=FEED_OVERLAP_POLLS)
+        self._feed_seen: set[int] = set()  # the row ids of the last poll: a row seen before is not news again
+        self._feed_checked = -math.inf
+        self._feed_lock = threading.Lock()
+        # Users the feed named, whose views ``warm`` builds ahead of their next request (oldest first), while
+        # ``warm_ahead`` is set (by keep_warm): a user who rates movies usually asks for recommendations next.
+        # keep_warm also polls the feed then, so requests leave the polls to it: a poll after a burst of ratings
+        # reads every new row, which a request would otherwise wait for.
+        self.warm_ahead = False
+        self._to_warm: dict[str, None] = {}
+        self._warm_lock = threading.Lock()
+        self._movie_ttl = max(ttl, MOVIE_TTL_SECONDS)
+        self._movies: _Movies | None = None
+        self._movies_lock = threading.Lock()
+
+    def _views_for(self, model: PersonalizedModel) -> None:
+        """Drop the views built against another model (and, with ``warm_ahead``, queue their users: they were
+        being asked for)."""
+        if model is self._views_of:
+            return
+        with self._model_lock:
+            if model is self._views_of:
+                return
+            if self.warm_ahead and self._views_of is not None:
+                self._queue(self._users.keys())
+            self._users.clear()
+            self._views_of = model
+
+    def forget(self, user_ids: Iterable[str]) -> None:
+        """Called after this replica stored ratings of these users: their next prediction reads the store again."""
+        self._users.discard(user_ids)
+
+    def sync(self) -> None:
+        """Forget the users the store got ratings for since the last look, at most once per ``ttl`` seconds (and,
+        with ``warm_ahead``, queue them for ``warm``).
+
+        Each poll reads the rows stored after the highest row id seen FEED_OVERLAP_POLLS polls ago, so a row
+        committed late is still seen; a user is forgotten for rows the previous poll did not return, not again
+        for every poll of the overlap.
+
+        Raises StoreError when the store cannot be read; the cached views are then dropped (they may be stale).
+        """
+        if self.ttl <= 0 or self._clock() - self._feed_checked < self.ttl:
+            return
+        with self._feed_lock:  # one poll at a time; the others go on with the cache meanwhile
+            now = self._clock()
+            if now - self._feed_checked < self.ttl:
+                return
+            self._feed_checked = now
+            try:
+                if not self._feed_marks:
+                    # The first look: nothing is cached yet, so only the starting point of the feed is needed; with
+                    # warm_ahead, the users of the latest rows (as many rows as the cache holds users) are queued
+                    # too, so that a worker that starts (a deploy, a restart) does not start cold for them.
+                    last = self.store.last_row_id()
+                    recent = self.store.changed_rows(max(last - self._users.max_entries, 0)) if self.warm_ahead else []
+                    self._feed_marks.append(last)
+                    self._feed_seen = set()
+                    if recent:
+                        self._queue(_by_latest_row(recent))
+                    return
+                rows = self.store.changed_rows(self._feed_marks[0])
+            except StoreError:
+                self._users.clear()
+                self._feed_marks.clear()
+                self.forget_queue()
+                raise
+            seen = self._feed_seen
+            users = _by_latest_row([(row, user) for row, user in rows if row not in seen])
+            self._feed_seen = {row for row, _ in rows}  # every row above the window's start: the older ones leave
+            self._feed_marks.append(max(rows[-1][0] if rows else 0, self._feed_marks[-1]))
+            if users:
+                self._users.discard(users)
+                if self.warm_ahead:
+                    self._queue(users)
+
+    def _queue(self, users: Iterable[str]) -> None:
+        with self._warm_lock:
+            queue = self._to_warm
+            for user in users:
+                queue.pop(user, None)  # to the back: the newest change is the likeliest request
+                queue[user] = None
+            # No more than the cache holds: building views that would evict each other is wasted work.
+            while len(queue) > self._users.max_entries:
+                del queue[next(iter(queue))]
+
+    def forget_queue(self) -> None:
+        """Build nothing ahead of what is queued now."""
+        with self._warm_lock:
+            self._to_warm.clear()
+
+    @property
+    def to_warm(self) -> int:
+        """How many users ``warm`` has yet to build."""
+        return len(self._to_warm)
+
+    def warm(self, model: PersonalizedModel, budget: float) -> int:
+        """Build the views of users the change feed named (``sync`` with ``warm_ahead``), oldest first, for about
+        ``budget`` seconds at most (at least one user); returns how many are left. Their next request then finds
+        its view cached instead of reading and folding in the user's ratings on the request path.
+
+        Reads the store: raises StoreError when it cannot (the user stays queued).
+        """
+        deadline = time.perf_counter() + budget
+        while True:
+            with self._warm_lock:
+                if not self._to_warm:
+                    return 0
+                user = next(iter(self._to_warm))
+                del self._to_warm[user]
+            try:
+                self.user_view(model, user)  # a user already cached (asked for meanwhile) costs one look-up
+            except StoreError:
+                self._queue([user])
+                raise
+            with self._warm_lock:
+                if user in self._to_warm:
+                    # A poll named the user again while their ratings were read: the view just cached may predate
+                    # that rating. Drop it; the queue builds it again.
+                    self._users.discard([user])
+                if time.perf_counter() >= deadline:
+                    return len(self._to_warm)
+
+    def user_view(self, model: PersonalizedModel, user_id: str) -> UserView | None:
+        """The user's view from their stored ratings (cached); None when the model does not answer for them (no
+        ratings, or fewer than its ``min_user_ratings``). Raises StoreError when the store cannot be read."""
+        self._views_for(model)
+        hit, view = self._users.get(user_id)
+        if hit:
+            return view
+        rows = self.store.user_ratings(user_id)
+        if rows:
+            movie_ids, api_ratings, times = zip(*rows, strict=True)
+            keys = model.store_keys(list(movie_ids))
+            to_api = model.scale.to_api
+            view = model.user_view_of_ratings(keys, [r / to_api for r in api_ratings], list(times))
+        else:
+            view = None
+        self._users.put(user_id, view)
+        return view
+
+    def movie_table(self, model: PersonalizedModel) -> MovieTable:
+        """The model's movie table with what the movies received through /feedback, read from the store at most
+        every MOVIE_TTL_SECONDS. Raises StoreError when the store cannot be read."""
+        cached = self._movies
+        if cached is not None and cached.expires >= self._clock() and cached.model is model:
+            return cached.table
+        with self._movies_lock:  # one reader refreshes; the others wait for its result rather than query too
+            cached = self._movies
+            if cached is not None and cached.expires >= self._clock() and cached.model is model:
+                return cached.table
+            # A model trained from the store already counts its ratings: nothing to read then.
+            counts = {} if model.counts_store_ratings else self.store.all_movie_counts()
+            received = {k: (float(c.n), c.rating_sum, c.rating_sumsq) for k, c in counts.items()}
+            table = model.movie_table(received)
+            self._movies = _Movies(model, table, self._clock() + self._movie_ttl)
+            return table
+
+    def predict(
+        self, model: PersonalizedModel, user_id: Id, movie_ids: Sequence[Id | None], x: FloatArray
+    ) -> tuple[FloatArray, BoolArray] | None:
+        """The user's ratings (0-10) of the movies of ``x`` and the mask of those the model answered; None when the
+        user has no view, or the store cannot be read (logged: the six-feature model answers instead)."""
+        try:
+            if not self.warm_ahead:  # else keep_warm polls
+                self.sync()
+            view = self.user_view(model, str(user_id))
+            if view is None:
+                return None
+            table = self.movie_table(model)
+        except StoreError as exc:
+            log.warning("user state unavailable", extra={"reason": str(exc)})
+            return None
+        pred, mask = model.predict(view, x, movie_ids, table)
+        return (pred, mask) if mask.any() else None
+
+
+def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
+    """The users of (row id, user) rows in row order, each placed by their latest row (oldest first)."""
+    users: dict[str, None] = {}
+    for _, user in rows:
+        users.pop(user, None)
+        users[user] = None
+    return users
+
+
+async def keep_warm(
+    personalizer: StatePersonalizer, model: Callable[[], PersonalizedModel | None], share: float
+) -> None:
+    """A worker's background task (the app's lifespan runs it): every ``personalizer.ttl`` seconds, poll the change
+    feed and build the views of the users it names (with the model ``model()`` returns at the time), before their
+    next request asks for them.
+
+    A user who rates movies usually asks for recommendations next, on whichever worker their request lands: without
+    this, that request pays the read of their ratings and the fold-in instead of a cache look-up. The views are
+    built in slices of WARM_SLICE_SECONDS with the event loop free between them, and for at most ``share`` of each
+    period, so requests keep priority. The task takes the polls off the request path (``warm_ahead``). Runs until
+    cancelled; a store that cannot be read is logged and tried again at the next period.
+    """
+    personalizer.warm_ahead = True
+    period = personalizer.ttl
+    try:
+        while True:
+            spent = 0.0
+            try:
+                current = model()
+                if current is not None:  # without a personalised model there is no state to keep, no feed to read
+                    personalizer.sync()
+                    while personalizer.to_warm and spent < share * period:
+                        started = time.perf_counter()
+                        personalizer.warm(current, WARM_SLICE_SECONDS)
+                        spent += time.perf_counter() - started
+                        await asyncio.sleep(0)
+                else:
+                    personalizer.forget_queue()
+            except StoreError as exc:
+                log.warning("user states not built ahead", extra={"reason": str(exc)})
+            except Exception:  # a bug here must not end the task: requests still build views on their own
+                log.exception("user states not built ahead")
+            await asyncio.sleep(period)
+    finally:  # as without this task: requests poll again, and nothing is built ahead
+        personalizer.warm_ahead = False
+        personalizer.forget_queue()

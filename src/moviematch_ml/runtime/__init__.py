@@ -1,0 +1,1 @@
+"""Inference only: model files and cards, the tree evaluator, both models' predictors. No pandas, no training."""

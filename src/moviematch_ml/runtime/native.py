@@ -1,0 +1,225 @@
+"""The one boundary to the C extensions: each compiled kernel, and the Python twin that does its work without it.
+
+Both extensions are optional (setup.py): without a C compiler the package installs, and every kernel below is
+its Python twin instead, slower and with the same results. Tests run each kernel against its twin.
+
+=========================  ======================================  =========================================
+kernel                     what it does                            Python twin
+=========================  ======================================  =========================================
+``Forest``                 evaluates a tree ensemble               ``trees.TreeEnsemble`` with ``native=False``
+``rows``                   the JSON of a batch answer's rows        ``rows_py``
+``matrix``                 decoded movies -> feature matrix        ``matrix_py``
+``positions``              ids -> positions in an id index         ``positions_py``
+``user_rows``              one user's personalised input rows      ``inputs.model_inputs``
+``view_data``              a user's view from their ratings:       ``view_data_py``
+                           the fold-in, mean, spread, recency
+=========================  ======================================  =========================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import repeat
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+codec: Any
+Forest: Any
+try:
+    from moviematch_ml.runtime import _codec as codec
+except ImportError:  # pragma: no cover - depends on how the package was built
+    codec = None
+try:
+    from moviematch_ml.runtime._trees import Forest
+except ImportError:  # pragma: no cover - depends on how the package was built
+    Forest = None
+
+BUILT: Final[dict[str, bool]] = {"_codec": codec is not None, "_trees": Forest is not None}
+
+FloatArray = npt.NDArray[np.float64]
+
+
+# --- rows: the JSON of a batch answer's rows ------------------------------------------------------------------------
+
+
+def rows_py(
+    ids: list[Any],
+    ratings: list[float],
+    order: list[int] | None,
+    source: bytes,
+    sources: list[bytes] | None,
+    prefix: bytes,
+) -> bytes:
+    """``rows``: the rows ``{"movie_id","predicted_rating","source","prediction_id": "<prefix>-<i>"}`` in ``order``
+    (None: request order), comma-separated; ``source``/``sources`` are JSON texts."""
+    pre = prefix.decode("ascii")
+    picked = range(len(ids)) if order is None else order
+    return b",".join(
+        orjson.dumps(
+            {
+                "movie_id": ids[i],
+                "predicted_rating": ratings[i],
+                "source": orjson.loads(source if sources is None else sources[i]),
+                "prediction_id": f"{pre}-{i}",
+            }
+        )
+        for i in picked
+    )
+
+
+def rows(
+    ids: list[Any],
+    ratings: list[float],
+    order: list[int] | None,
+    source: bytes,
+    sources: list[bytes] | None,
+    prefix: bytes,
+) -> bytes:
+    """``rows_py``, in C where it can (int ids, ratings without an exponent)."""
+    if codec is not None:
+        out: bytes | None = codec.rows(ids, ratings, order, source, sources, prefix)
+        if out is not None:
+            return out
+    return rows_py(ids, ratings, order, source, sources, prefix)
+
+
+# --- matrix: decoded movies -> feature matrix -----------------------------------------------------------------------
+
+
+def matrix_py(movies: list[Any], names: tuple[str, ...], out: FloatArray) -> bool:
+    """``matrix``: ``getattr(movie, name)`` of every movie and name, row by row, into ``out`` ((n, len(names)))."""
+    n = len(movies)
+    flat = (getattr(movie, name) for movie in movies for name in names)
+    out[:] = np.fromiter(flat, dtype=np.float64, count=n * len(names)).reshape(n, len(names))
+    return True
+
+
+def matrix(movies: list[Any], names: tuple[str, ...], out: FloatArray) -> bool:
+    """``matrix_py``, in C when built (it declines, False, on a value that is not an int, bool or float)."""
+    if codec is not None and codec.matrix(movies, names, out):
+        return True
+    return matrix_py(movies, names, out)
+
+
+# --- positions: ids -> positions in an id index ---------------------------------------------------------------------
+
+
+def positions_py(
+    keys: Sequence[Any],
+    index: dict[Any, int],
+    default: int,
+    out: npt.NDArray[np.int64],
+    dense: npt.NDArray[np.int32] | None = None,
+    complete: bool = False,
+) -> int:
+    """``positions``: ``out[k] = index.get(keys[k], default)``; returns how many keys are not ints. (``dense`` and
+    ``complete`` only make the C kernel faster: they hold what ``index`` holds.)"""
+    n = len(keys)
+    out[:] = np.fromiter(map(index.get, keys, repeat(default, n)), dtype=np.int64, count=n)
+    return sum(type(k) is not int for k in keys)
+
+
+def positions(
+    keys: Sequence[Any],
+    index: dict[Any, int],
+    default: int,
+    out: npt.NDArray[np.int64],
+    dense: npt.NDArray[np.int32] | None = None,
+    complete: bool = False,
+) -> int:
+    """``positions_py``, in C when built and ``keys`` is a list."""
+    if codec is not None and type(keys) is list and type(index) is dict:
+        missing: int = codec.positions(keys, index, default, out, dense, complete)
+        return missing
+    return positions_py(keys, index, default, out)
+
+
+# --- view_data: a user's view from their ratings ----------------------------------------------------------------------
+
+
+def view_data_py(
+    factors: FloatArray,
+    k: int,
+    item_bias: FloatArray,
+    mu: float,
+    cols: list[int],
+    ratings: list[float],
+    times: list[float],
+    reg_factors: float,
+    reg_bias: float,
+    damping: float,
+    recent: int,
+) -> tuple[bytes, int]:
+    """``view_data``: from a user's ratings (one per movie, arrival order; ``cols`` each movie's row of ``factors``,
+    -1 for a movie the model does not know), the array of a ``UserView`` and how many recent ratings it holds:
+
+        count, mean, spread, w = [bias, p_1..p_k], NaN, NaN, the recent times, their residuals
+
+    w is the fold-in: the ridge solution of (sum_i x_i x_i^T + D) w = sum_i x_i e_i over the m known movies,
+    x_i = [1, q_i], e_i = r_i - mu - b_i, D = diag(reg_bias * m + damping, reg_factors * m, ...): the ALS user step
+    against the fixed movie side (zeros when no movie is known). The recent ratings are the ``recent`` latest by
+    time, ascending, arrival order among equal times; residual r - mu - b (r - mu for an unknown movie). The two
+    NaN are the places of the recent residuals' means, which ``UserView`` fills.
+    """
+    n = len(ratings)
+    resid = [v - mu - float(item_bias[c]) if c >= 0 else v - mu for v, c in zip(ratings, cols, strict=True)]
+    known = [j for j, c in enumerate(cols) if c >= 0]
+    m = len(known)
+    d = k + 1
+    w: FloatArray
+    if m:
+        x = np.empty((m, d + 1))
+        x[:, 0] = 1.0
+        x[:, 1:d] = factors.take([cols[j] for j in known], 0)
+        x[:, d] = [resid[j] for j in known]
+        g = x.T @ x  # [[gram, rhs], [rhs^T, .]]: both sums of the system in one product
+        g.ravel()[: d * (d + 2) : d + 2] += reg_factors * m  # the diagonal of the gram part (g is C-ordered)
+        g[0, 0] = m + (reg_bias * m + damping)
+        w = np.asarray(np.linalg.solve(g[:d, :d], g[:d, d]), dtype=np.float64)
+    else:
+        w = np.zeros(d)
+    mean = sum(ratings) / n
+    spread = math.sqrt(max(sum(v * v for v in ratings) / n - mean * mean, 0.0))
+    # sorted() is stable: among equal timestamps the later arrival is the later one.
+    latest = sorted(range(n), key=times.__getitem__)[-recent:]
+    data = np.array(
+        [
+            float(n),
+            mean,
+            spread,
+            *w.tolist(),
+            math.nan,
+            math.nan,
+            *(times[j] for j in latest),
+            *(resid[j] for j in latest),
+        ]
+    )
+    return data.tobytes(), len(latest)
+
+
+def view_data(
+    factors: FloatArray,
+    k: int,
+    item_bias: FloatArray,
+    mu: float,
+    cols: list[int],
+    ratings: list[float],
+    times: list[float],
+    reg_factors: float,
+    reg_bias: float,
+    damping: float,
+    recent: int,
+) -> tuple[bytes, int]:
+    """``view_data_py``, in C when built (built and solved by Cholesky; numpy's solve for a system the Cholesky
+    finds not positive definite, which reports it)."""
+    if codec is not None:
+        packed: tuple[bytes, int] | None = codec.view_data(
+            factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent
+        )
+        if packed is not None:
+            return packed
+    return view_data_py(factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent)
