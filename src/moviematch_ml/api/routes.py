@@ -86,9 +86,25 @@ def build_router(
 
     @router.get("/", summary="Service name, version and model summary", response_model=schemas.RootResponse)
     async def root() -> Response:
-        return _json({"service": SERVICE_NAME, "version": __version__, "model": models.summary(), "docs": "/docs"})
+        current = models.current
+        return _json(
+            {
+                "service": SERVICE_NAME,
+                "version": __version__,
+                "model": models.summary(),
+                "models": {
+                    "six_features": current.six_report.summary(details=True),
+                    "personalized": current.personalized_report.summary(details=True),
+                },
+                "docs": "/docs",
+            }
+        )
 
-    @router.get("/health", summary="Model status: ok, or degraded and why", response_model=schemas.HealthResponse)
+    @router.get(
+        "/health",
+        summary="Each model's status; ok, or degraded and why",
+        response_model=schemas.HealthResponse,
+    )
     async def health() -> Response:
         current = models.current
         return _json(
@@ -98,6 +114,7 @@ def build_router(
                 "source": current.six.source,
                 "reason": current.reason,
                 "uptime_seconds": round(time.monotonic() - started_at, 3),
+                "models": current.reports(),
             }
         )
 

@@ -21,7 +21,11 @@ _FORBID: Final = ConfigDict(extra="forbid")
 _FEATURE_FIELDS: Final[dict[str, Any]] = {f.name: (f.annotation(), ...) for f in FEATURES}
 _USER_ID: Final[tuple[Any, Any]] = (
     Identifier | None,
-    Field(None, description=f"The user the prediction is for (not a model input today). Rule: {ID_RULE}."),
+    Field(
+        None,
+        description="The user the prediction is for: a user with ratings through /feedback gets the personalised "
+        f"model's answer. Rule: {ID_RULE}.",
+    ),
 )
 
 PredictRequest: type[BaseModel] = create_model(
@@ -30,7 +34,12 @@ PredictRequest: type[BaseModel] = create_model(
     __doc__="The six features of one user-movie pair. Unknown fields are refused (422 'unknown field').",
     **_FEATURE_FIELDS,
     user_id=_USER_ID,
-    movie_id=(Identifier | None, Field(None, description=f"The movie, echoed in logs. Rule: {ID_RULE}.")),
+    movie_id=(
+        Identifier | None,
+        Field(
+            None, description=f"The movie, in the app's ids: the personalised model's movie inputs. Rule: {ID_RULE}."
+        ),
+    ),
 )
 
 BatchMovie: type[BaseModel] = create_model(
@@ -103,12 +112,33 @@ class ErrorResponse(BaseModel):
     detail: list[FieldProblem] | None = None
 
 
+class ModelState(BaseModel):
+    """One model's state."""
+
+    status: Literal["ok", "fallback", "absent", "refused", "starting"] = Field(
+        description="ok: loaded and answering; fallback: the six-feature model did not load and the fallback rule "
+        "answers; absent: there is no personalised model; refused: present but not loaded (see reason); starting."
+    )
+    version: str | None
+    reason: str | None = Field(description="Why it is not ok (null when ok or absent).")
+    name: str | None = Field(None, description="GET / only: the model card's name.")
+    created_at: str | None = Field(None, description="GET / only: when the model was trained.")
+
+
+class ModelStates(BaseModel):
+    six_features: ModelState
+    personalized: ModelState
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded"]
-    model_version: str
+    status: Literal["ok", "degraded"] = Field(
+        description="ok when the six-feature model answers and no personalised model was refused."
+    )
+    model_version: str = Field(description="The six-feature model's version (fallback-1 for the fallback rule).")
     source: Literal["model", "fallback"]
     reason: str | None = Field(description="Why the service is degraded (null when ok).")
     uptime_seconds: float
+    models: ModelStates
 
 
 class StatusResponse(BaseModel):
@@ -118,7 +148,8 @@ class StatusResponse(BaseModel):
 class RootResponse(BaseModel):
     service: str
     version: str
-    model: dict[str, Any]
+    model: dict[str, Any] = Field(description="The six-feature model (or fallback rule) in detail.")
+    models: ModelStates
     docs: str
 
 
