@@ -31,7 +31,7 @@ from run import batch_body, features
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.logs import configure_logging
-from moviematch_ml.model import BUNDLED_MODEL_DIR
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import Settings
 
 

@@ -1,9 +1,9 @@
 """The HTTP stack's ceiling, for comparison: a raw ASGI app that reads the request body and answers a fixed JSON.
 
 No framework, no parsing, no model: what the HTTP server and the load generator cost by themselves on this
-machine. ``bench/run.py`` serves it exactly as our service is served (``moviematch_ml.serve.run``: uvicorn with
-httptools and uvloop, a listening socket per worker) and drives its ``/predict`` next to ours, so the table says
-how close our service comes to the ceiling (the issue puts the target at about half of it).
+machine. ``bench/run.py`` serves it exactly as our service is served (``moviematch_ml.online.supervisor.run``:
+uvicorn with httptools and uvloop, a listening socket per worker) and drives its ``/predict`` next to ours, so the
+table says how close our service comes to the ceiling (the issue puts the target at about half of it).
 
     python bench/ceiling_app.py PORT WORKERS
 """
@@ -37,9 +37,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 if __name__ == "__main__":
-    from moviematch_ml import serve
+    from moviematch_ml.online import supervisor
 
-    serve.run(
+    supervisor.run(
         host="127.0.0.1",
         port=int(sys.argv[1]),
         workers=int(sys.argv[2]),

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_model import make
 from run import batch_body, features
 
-from moviematch_ml.serving import ModelHolder, PredictionService
-from moviematch_ml.settings import Settings
+from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.service import PredictionService
 
 
 def timed(fn: Callable[[bytes], bytes], bodies: list[bytes], seconds: float) -> tuple[float, int]:
@@ -49,10 +49,10 @@ def main() -> None:
     ap.add_argument("--only", choices=("predict", "batch1000", "batch10000"))
     args = ap.parse_args()
     model_dir = args.model or make(Path(tempfile.mkdtemp(prefix="mmmodel-")))
-    holder = ModelHolder(Settings(model_path=model_dir))
-    holder.load()
-    service = PredictionService(holder, max_batch_size=10_000)
-    print(f"model {holder.active.version} ({type(holder.active).__name__})")
+    models = ModelSet(model_dir)
+    six = models.load().six
+    service = PredictionService(models, max_batch_size=10_000)
+    print(f"model {six.version} ({type(six).__name__})")
     rng = random.Random(7)
     cases = {
         "predict": (service.predict_one, [orjson.dumps(features(rng)) for _ in range(2000)], 1),

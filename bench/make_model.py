@@ -8,6 +8,7 @@ Writes OUT_DIR/model.txt and OUT_DIR/model_card.json (with the right sha256); po
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import lightgbm as lgb
@@ -15,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import ModelCard, RatingScale, sha256_file, write_card
+from moviematch_ml.runtime.cards import ModelCard, RatingScale, write_card
 
 
 def synthetic_rows(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
@@ -56,7 +57,7 @@ def make(out: Path, trees: int = 200, leaves: int = 31, n: int = 20_000) -> Path
         created_at="2026-01-01T00:00:00+00:00",
         model_file="model.txt",
         model_format="lightgbm-text",
-        sha256=sha256_file(out / "model.txt"),
+        sha256=hashlib.sha256((out / "model.txt").read_bytes()).hexdigest(),
         features=list(FEATURE_NAMES),
         rating_scale=RatingScale(min=0.5, max=5.0, step=0.5),
         metrics={"note": "synthetic benchmark stand-in"},

@@ -7,7 +7,7 @@ fold 1's training part of ``moviematch-ml evaluate --protocol kfold`` (movielens
 features), of which a seeded 20% is held out (``validation_split``); the test fold is never read. The code that
 made that table is not in the repository, so its absolute figures need not match these; compare configs with the
 paired column. Each config (trees:learning rate) is trained on the other 80% as evaluation trains it
-(``PersonalizedModel.fit_frame``) and scored on the held-out rows (``predict_pairs``): RMSE on the rows it
+(``stacking.fit_frame``) and scored on the held-out rows (``predict_pairs``): RMSE on the rows it
 personalises, overall with the six-feature model (fitted on the same 80%) answering the others as
 ``PersonalizedCandidate`` does, and the overall RMSE minus the first config's on the same rows with its standard
 error over users. It is then saved, loaded back with ``PersonalizedModel.load`` (the serving path: the trees run in
@@ -32,13 +32,18 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from moviematch_ml.cf import lookup
-from moviematch_ml.data import load_movielens_small
-from moviematch_ml.evaluation import kfold_split, rmse, split_frames
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import BUNDLED_MODEL_DIR, EnsembleBooster, RatingScale, load_predictor
-from moviematch_ml.personalized import PersonalizedConfig, PersonalizedModel
-from moviematch_ml.training import SixFeatureCandidate, TrainConfig
+from moviematch_ml.offline.boosting import TrainConfig
+from moviematch_ml.offline.candidates import SixFeatureCandidate
+from moviematch_ml.offline.data import load_movielens_small
+from moviematch_ml.offline.evaluation import kfold_split, split_frames
+from moviematch_ml.offline.metrics import rmse
+from moviematch_ml.offline.stacking import fit_frame, predict_pairs, state_inputs
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, RatingScale
+from moviematch_ml.runtime.factors import lookup
+from moviematch_ml.runtime.personalized import PersonalizedConfig, PersonalizedModel
+from moviematch_ml.runtime.predictor import load_six_features
+from moviematch_ml.runtime.trees import EnsembleBooster
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -106,7 +111,7 @@ def model_inputs(model: PersonalizedModel, valid: pd.DataFrame, mask: npt.NDArra
     i = lookup(model.mf.item_index, rows["movie_id"].to_numpy())
     t = rows["timestamp"].to_numpy(dtype=np.float64)
     x6 = rows.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
-    return np.hstack([x6, model.state.features(u, i, t)])
+    return state_inputs(model.state, x6, u, i, t)
 
 
 def paired_delta(truth: FloatArray, base: FloatArray, pred: FloatArray, users: npt.ArrayLike) -> tuple[float, float]:
@@ -163,9 +168,10 @@ def main() -> None:
             leaves = args.leaves if config_leaves is None else config_leaves
             config = PersonalizedConfig(n_estimators=trees, learning_rate=lr, num_leaves=leaves)
             t1 = time.perf_counter()
-            model = PersonalizedModel.fit_frame(fit, scale, config)
+            model = fit_frame(fit, scale, config)
             train_seconds = time.perf_counter() - t1
-            pred, mask = model.predict_pairs(
+            pred, mask = predict_pairs(
+                model,
                 blind["user_id"].to_numpy(),
                 blind["movie_id"].to_numpy(),
                 blind["timestamp"].to_numpy(dtype=np.float64),
@@ -208,7 +214,7 @@ def main() -> None:
         raise SystemExit("no config given")
 
     # Timed last and round-robin, so load from other jobs on the shared machine falls on every config alike.
-    six = load_predictor(BUNDLED_MODEL_DIR)
+    six = load_six_features(BUNDLED_MODEL_DIR)
     x6 = np.ascontiguousarray(batch[:, : len(FEATURE_NAMES)])
     timed.append((partial(six.predict_raw, x6), partial(six.predict_raw, x6[:1])))
     per_batch: list[list[float]] = [[] for _ in timed]

@@ -190,8 +190,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def prestore(database_url: str, users: list[int], rng: random.Random) -> None:
     """Three ratings for each of ``users``, written to the service's database before it starts (as a previous run
     of the service would have stored them)."""
-    from moviematch_ml.feedback import Feedback
-    from moviematch_ml.store import FeedbackStore
+    from moviematch_ml.online.feedback import Feedback
+    from moviematch_ml.online.store import FeedbackStore
 
     store = FeedbackStore.from_url(database_url)
     ratings = [

@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_model import make, synthetic_rows
 
-from moviematch_ml.model import BUNDLED_MODEL_DIR, TreeEnsemble, read_card
-from moviematch_ml.personalized import MODEL_FEATURES, MODEL_FILE, RECENT_FEATURES
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, read_card
+from moviematch_ml.runtime.inputs import MODEL_FEATURES, RECENT_FEATURES
+from moviematch_ml.runtime.personalized import MODEL_FILE
+from moviematch_ml.runtime.trees import TreeEnsemble
 
 Fn = Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 

@@ -4,11 +4,11 @@ bytes a cached user takes.
     python bench/state_lookup.py [--users 2000] [--ratings-per-user 50] [--lookups 2000] [--cached-users 20000]
 
 Fills a fresh SQLite store with feedback, loads the bundled personalised model, then times
-``StatePersonalizer.user_view`` (a miss reads the user's ratings and folds them in; a hit is the in-process cache),
-the miss's two parts (the read, ``FeedbackStore.user_ratings``; the view built from the rows) and ``movie_extra``
-for a 1,000-movie batch (one bulk query), printing p50 / p99 / max in milliseconds. Last, the memory of
+``UserViews.user_view`` (a miss reads the user's ratings and folds them in; a hit is the in-process cache),
+the miss's two parts (the read, ``FeedbackStore.user_ratings``; the view built from the rows) and the movie table
+with the store's totals (one bulk query), printing p50 / p99 / max in milliseconds. Last, the memory of
 ``--cached-users`` views of users with ``--ratings-per-user`` ratings each (tracemalloc): per view, and per entry
-of the personalizer's cache (the view, its user id and the cache's bookkeeping).
+of the users' views cache (the view, its user id and the cache's bookkeeping).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from moviematch_ml.feedback import Feedback
-from moviematch_ml.model import BUNDLED_MODEL_DIR
-from moviematch_ml.personalized import PersonalizedModel, UserView, user_state
-from moviematch_ml.state import StatePersonalizer, TTLCache, load_personalized
-from moviematch_ml.store import FeedbackStore
+from moviematch_ml.online.caches import TTLCache
+from moviematch_ml.online.feedback import Feedback
+from moviematch_ml.online.models import load_personalized
+from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.online.user_views import UserViews
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
+from moviematch_ml.runtime.personalized import PersonalizedModel, UserView
 
 
 def _pct(samples: list[float]) -> str:
@@ -63,10 +65,8 @@ def main() -> None:
         f"in {time.perf_counter() - t0:.1f} s"
     )
 
-    cold = StatePersonalizer(store, ttl=0)  # every lookup reads the database
-    cold.set_model(model)
-    warm = StatePersonalizer(store, ttl=3600)
-    warm.set_model(model)
+    cold = UserViews(store, ttl=0)  # every lookup reads the database
+    warm = UserViews(store, ttl=3600)
     users = [f"user{rng.randrange(args.users)}" for _ in range(args.lookups)]
     for u in users:  # fill the cache, so the "hit" line times hits only
         warm.user_view(model, u)
@@ -80,50 +80,47 @@ def main() -> None:
     _miss_parts(cold, model, users)
     # What building views ahead costs a worker (keep_warm): one poll of the change feed naming every user, then warm
     # until the queue is empty. The views every worker builds for each user who rates, instead of on their request.
-    ahead = StatePersonalizer(store, ttl=1e-9, max_users=args.users)
-    ahead.set_model(model)
+    ahead = UserViews(store, ttl=1e-9, max_users=args.users)
     ahead.warm_ahead = True
-    ahead._feed_marks.append(0)  # a feed that starts before the first rating: every user is news
+    # The first poll queues the users of the latest rows (as many as the cache holds: here, every user).
     t = time.perf_counter()
     ahead.sync()
     polled = time.perf_counter() - t
     queued = ahead.to_warm
     t = time.perf_counter()
-    ahead.warm(3600.0)
+    ahead.warm(model, 3600.0)
     built = time.perf_counter() - t
     print(
         f"warm ahead, {queued:,} users: the poll {polled * 1000:.1f} ms, their views {built * 1000:.1f} ms "
         f"({built / max(queued, 1) * 1e6:.1f} us each)"
     )
-    batch = [rng.choice(movies) for _ in range(1000)]
-    for name, refresh in (("refresh (one query)", True), ("cached", False)):
+    for name, fresh in (("refresh (one query)", True), ("cached", False)):
         samples = []
         for _ in range(200):
-            if refresh:
-                warm._movies = None  # what happens every MOVIE_TTL_SECONDS: all movies' totals read again
+            # A fresh personaliser reads every movie's totals, as one does every MOVIE_TTL_SECONDS.
+            p = UserViews(store, ttl=3600) if fresh else warm
             t = time.perf_counter()
-            warm.movie_extra(model, batch)
+            p.movie_table(model)
             samples.append(time.perf_counter() - t)
-        print(f"movie totals x1000, {name:<22} {_pct(samples)}")
+        print(f"movie table, {name:<29} {_pct(samples)}")
     if args.cached_users:
         _view_bytes(model, movies, args.cached_users, args.ratings_per_user)
 
 
-def _miss_parts(p: StatePersonalizer, model: PersonalizedModel, users: list[str]) -> None:
+def _miss_parts(p: UserViews, model: PersonalizedModel, users: list[str]) -> None:
     """A miss, taken apart: the store read, then the view from the rows it returned."""
     read, build = [], []
+    to_api = model.scale.to_api
     for u in users:
         t = time.perf_counter()
         rows = p.store.user_ratings(u)
         read.append(time.perf_counter() - t)
-        p._users.clear()
-        p.store.user_ratings = lambda _u, rows=rows: rows  # type: ignore[method-assign]  # the same rows, no read
         t = time.perf_counter()
-        p.user_view(model, u)
+        ids, ratings, times = zip(*rows, strict=True)
+        model.user_view_of_ratings(model.store_keys(list(ids)), [r / to_api for r in ratings], list(times))
         build.append(time.perf_counter() - t)
-        del p.store.user_ratings
     print(f"  of which the read          {_pct(read)}")
-    print(f"  of which the view (+ cache) {_pct(build)}")
+    print(f"  of which the view          {_pct(build)}")
 
 
 def _view_bytes(model: PersonalizedModel, movies: list[str], n_users: int, per_user: int) -> None:
@@ -138,7 +135,7 @@ def _view_bytes(model: PersonalizedModel, movies: list[str], n_users: int, per_u
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    views = [model.user_view(user_state(model.mf, ids, ratings, times)) for ids, ratings in inputs]
+    views = [model.user_view_of_ratings(ids, ratings, times) for ids, ratings in inputs]
     gc.collect()
     built = tracemalloc.get_traced_memory()[0]
     for k, view in enumerate(views):

@@ -12,6 +12,7 @@ import pytest
 
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.runtime.cards import ModelCard, RatingScale, write_card
+from moviematch_ml.runtime.personalized import PersonalizedModel
 
 TINY_MODEL_VERSION = "tiny-1"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -131,7 +132,7 @@ def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     """The tiny six-feature model plus a tiny personalised model in ``personalized/`` (read-only, session-wide)."""
     import shutil
 
-    from moviematch_ml.offline.personalization import fit_personalized
+    from moviematch_ml.offline.stacking import fit_personalized
     from moviematch_ml.runtime.factors import MFConfig
     from moviematch_ml.runtime.personalized import PersonalizedConfig
 
@@ -153,3 +154,21 @@ def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     )
     model.save(directory / "personalized", version="tiny-personalized-1", created_at="2026-01-01T00:00:00Z")
     return directory
+
+
+@pytest.fixture(scope="session")
+def synthetic_data() -> dict[str, np.ndarray]:
+    """``reference.synthetic_ratings()``: ratings in which the user and the movie matter (read-only)."""
+    from reference import synthetic_ratings
+
+    return synthetic_ratings()
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(synthetic_data: dict[str, np.ndarray]) -> PersonalizedModel:
+    """A personalised model trained on ``synthetic_data`` with ``reference.SYNTHETIC_CONFIG`` (read-only)."""
+    from moviematch_ml.offline.stacking import fit_personalized
+    from reference import SCALE, SYNTHETIC_CONFIG
+
+    d = synthetic_data
+    return fit_personalized(d["u"], d["i"], d["r"], d["t"], d["x6"], SYNTHETIC_CONFIG, SCALE)

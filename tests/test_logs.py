@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -194,13 +194,15 @@ def test_a_full_buffer_is_written_without_waiting(stream: io.StringIO) -> None:
     assert _messages(stream) == [f"line {i}" for i in range(10)]
 
 
-def _wait_until(condition: object, timeout: float = 2.0) -> bool:
+def _wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Whether ``condition()`` came true within ``timeout`` seconds (polled, not a fixed wait)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
+    while True:
+        if condition():
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.002)
-    return False
 
 
 def test_a_waiting_line_is_written_after_the_interval(stream: io.StringIO) -> None:

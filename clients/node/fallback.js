@@ -4,7 +4,7 @@
 //   taste  = FAVOURITE_BONUS * is_favorite_genre + SHARED_GENRE_BONUS * min(n_shared_genres, MAX_SHARED_GENRES)
 //   rating = clip(base + taste, 0, 10)
 //
-// The source of truth is src/moviematch_ml/fallback.py in the service; test/fallback.test.js starts the real
+// The source of truth is src/moviematch_ml/runtime/fallback.py in the service; test/fallback.test.js starts the real
 // service in fallback mode and checks that both give the same numbers, so the two cannot drift apart silently.
 
 import { randomUUID } from 'node:crypto';

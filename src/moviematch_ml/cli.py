@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
-    from moviematch_ml.online import server
+    from moviematch_ml.online import supervisor
     from moviematch_ml.settings import ENV_ONLY, Settings
 
     try:
@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # uvicorn installs its own handler while serving and restores this one afterwards.
     signal.signal(signal.SIGTERM, _graceful_exit)
-    server.run(
+    supervisor.run(
         app="moviematch_ml.api.app:app_from_env",
         host=args.host if args.host is not None else settings.host,
         port=args.port if args.port is not None else settings.port,

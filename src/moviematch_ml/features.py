@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, StringConstraints
+from pydantic import BeforeValidator, Field, Strict, StringConstraints
 
 from moviematch_ml.errors import FieldError
 
@@ -92,6 +92,14 @@ class Feature:
             return False
         return self.kind != "count" or bool((np.floor(values) == values).all())
 
+    def check_json_type(self, value: object) -> object:
+        """``value`` unchanged when its type is one of ``json_types``, else ValueError: the type half of the rule, for
+        pydantic (``annotation``), whose lax mode would take ``"2"`` for 2 and ``true`` for 1, and whose strict mode
+        would refuse ``2.0`` for a count, which the rule accepts. Not shown in the JSON schema."""
+        if type(value) not in self.json_types:
+            raise ValueError(self.rule)
+        return value
+
     def msgspec_type(self) -> Any:
         """The type msgspec's typed decoder checks: the same rule, but stricter on integral floats (a count sent
         as ``2.0`` or a flag as ``1.0`` is refused there, and then accepted by ``parse`` on the slow path)."""
@@ -102,19 +110,22 @@ class Feature:
         return Annotated[float, msgspec.Meta(ge=self.minimum, le=self.maximum)]
 
     def annotation(self) -> Any:
-        """The pydantic type of the OpenAPI schema (with the description and example)."""
+        """The pydantic type of the OpenAPI schema (with the description and example); it accepts what ``parse``
+        accepts, JSON types included (``check_json_type``)."""
         description = f"{self.description} Rule: {self.rule}. From TMDB: `{self.tmdb}`."
+        json_type = BeforeValidator(self.check_json_type)
         if self.kind == "flag":
-            return Annotated[Literal[0, 1] | bool, Field(description=description, examples=[int(self.example)])]
+            flag = Field(description=description, examples=[int(self.example)])
+            return Annotated[Literal[0, 1] | bool, flag, json_type]
         if self.kind == "count":
             bounds = Field(
                 ge=int(self.minimum), le=int(self.maximum), description=description, examples=[int(self.example)]
             )
-            return Annotated[int, bounds]
+            return Annotated[int, bounds, json_type]
         bounds = Field(
             ge=self.minimum, le=self.maximum, allow_inf_nan=False, description=description, examples=[self.example]
         )
-        return Annotated[float, bounds]
+        return Annotated[float, bounds, json_type]
 
 
 def _fmt(x: float) -> str:
@@ -219,7 +230,8 @@ def id_msgspec_type() -> Any:
 
 
 # The identifier rule for pydantic (OpenAPI). "Printable" (Python's str.isprintable) has no exact JSON-schema
-# pattern; the descriptions state it.
-IdInt = Annotated[int, Field(ge=0, le=MAX_INT_ID)]
+# pattern; the descriptions state it. Strict integers: pydantic's lax mode would take 1.0 or true for 1, which
+# parse_id refuses.
+IdInt = Annotated[int, Strict(), Field(ge=0, le=MAX_INT_ID)]
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 Identifier = IdInt | IdStr

@@ -167,8 +167,8 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
     def _run(self) -> None:
         """The flusher thread: writes what waits every ``flush_interval`` seconds, until the handler is closed."""
         # A fixed beat rather than a wake-up from emit() when a batch starts: notified under the lock, the thread
-        # fought the logging thread for that lock and the GIL, in about half of the runs of bench/asgi_direct.py
-        # at one context switch per request and +14 us of CPU per request. Idle, it costs a few wake-ups a second.
+        # fought the logging thread for that lock and the GIL: a context switch and CPU on every request.
+        # Idle, it costs a few wake-ups a second.
         with self._wakeup:
             while not self._closed:
                 self._wakeup.wait(self.flush_interval)
@@ -183,8 +183,8 @@ class DirectLog:
 
     With the service's logging configuration, a record's only destination is one ``BufferedStreamHandler`` with a
     ``JsonFormatter``; then the line is built here, the same text the formatter would write (tested), without
-    the ``LogRecord``, the caller lookup and the handler chain: 3-5 us instead of 25-35 us per line on the
-    benchmark machine, a quarter of a ``/predict`` request's CPU. In any other configuration (a filter, another
+    the ``LogRecord``, the caller lookup and the handler chain, which cost a quarter of a ``/predict`` request's
+    CPU (docs/performance-history.md, section 8). In any other configuration (a filter, another
     handler, pytest's ``caplog``...) it is a plain ``logger.info``.
     """
 

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     fastapi_telemetry: bool = Field(
         False,
         description="FastAPI's native OpenTelemetry instrumentation. Off: with no OpenTelemetry provider set up "
-        "it records nothing yet costs ~10 us per request (docs/performance.md); turn on with a provider.",
+        "it records nothing yet costs microseconds per request (docs/performance.md); turn on with a provider.",
     )
     prediction_cache_size: int = Field(
         10_000,

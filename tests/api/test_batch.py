@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moviematch_ml.api.app import create_app
-from moviematch_ml.fallback import fallback_rating
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES, ID_RULE
+from moviematch_ml.runtime.fallback import fallback_rating
 from moviematch_ml.settings import Settings
 
 
@@ -20,7 +20,7 @@ def movie(movie_id: Any, **overrides: Any) -> dict[str, Any]:
     return {"movie_id": movie_id, **EXAMPLE, **overrides}
 
 
-# Fallback ratings by hand (vote_count 0 makes base the prior 6.5; see fallback.py):
+# Fallback ratings by hand (vote_count 0 makes base the prior 6.5; see runtime/fallback.py):
 #   a: 6.5 + 0.3 * 0 + 0.1 * 0 = 6.5    b: 6.5 + 0.3 + 0.1 * 3 = 7.1    c: 6.5 + 0.1 * 1 = 6.6    d: same as c
 MOVIES = [
     movie("a", vote_count=0, is_favorite_genre=0, n_shared_genres=0),

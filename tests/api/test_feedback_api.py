@@ -9,18 +9,24 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moviematch_ml.api.app import create_app
+from moviematch_ml.online.store import FeedbackStore, make_engine
 from moviematch_ml.settings import Settings
-from moviematch_ml.store import FeedbackStore
 
 
 @pytest.fixture
-def fb_client(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
+def fb_store(db_url: str) -> FeedbackStore:
+    """The app's store (migrated by its lifespan, closed at shutdown), for the tests to read what was written."""
+    return FeedbackStore(make_engine(db_url))
+
+
+@pytest.fixture
+def fb_client(tmp_path: Path, db_url: str, fb_store: FeedbackStore) -> Iterator[TestClient]:
     settings = Settings(model_path=tmp_path / "none", database_url=db_url)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, store=fb_store)) as c:
         yield c
 
 
-def test_one_rating_is_stored_then_a_retry_is_a_duplicate(fb_client: TestClient) -> None:
+def test_one_rating_is_stored_then_a_retry_is_a_duplicate(fb_client: TestClient, fb_store: FeedbackStore) -> None:
     body = {"user_id": 42, "movie_id": 7, "rating": 8, "timestamp": 1_700_000_000}
     first = fb_client.post("/feedback", json=body)
     assert first.status_code == 201
@@ -30,8 +36,7 @@ def test_one_rating_is_stored_then_a_retry_is_a_duplicate(fb_client: TestClient)
     retry = fb_client.post("/feedback", json=body)
     assert retry.status_code == 200
     assert retry.json()["results"] == [{"feedback_id": answer["results"][0]["feedback_id"], "status": "duplicate"}]
-    store: FeedbackStore = fb_client.app.state.store  # type: ignore[attr-defined]
-    assert store.user_counts(["42"])["42"].n == 1
+    assert fb_store.user_ratings("42") == [("7", 8.0, 1_700_000_000.0)]  # stored once, on the 0-10 scale
 
 
 def test_batch_with_idempotency_key(fb_client: TestClient) -> None:

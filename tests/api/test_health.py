@@ -1,4 +1,4 @@
-"""GET /, /health, the probes, and the fallback path when the model is missing, corrupt or refused."""
+"""GET /, /health, the probes, each model's state, and the fallback when the model is missing, corrupt or refused."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ from fastapi.testclient import TestClient
 from moviematch_ml import __version__
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
-from moviematch_ml.serving import ModelHolder
+from moviematch_ml.online.models import ModelSet
+from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 from moviematch_ml.settings import Settings
+
+ABSENT = {"status": "absent", "version": None, "reason": None}
+TINY_OK = {"status": "ok", "version": "tiny-1", "reason": None}
 
 
 def test_root(client: TestClient) -> None:
@@ -29,10 +33,17 @@ def test_root(client: TestClient) -> None:
     assert body["model"]["version"] == "fallback-1"
     assert body["model"]["source"] == "fallback"
     assert body["model"]["status"] == "degraded"
+    reason = body["model"]["reason"]
+    assert reason.startswith("model not loaded, answering with the fallback rule: ModelNotFoundError")
+    assert body["models"] == {
+        "six_features": {"status": "fallback", "version": "fallback-1", "reason": reason},
+        "personalized": ABSENT,
+    }
 
 
 def test_root_with_a_model(model_client: TestClient) -> None:
-    model = model_client.get("/").json()["model"]
+    body = model_client.get("/").json()
+    model = body["model"]
     assert model["version"] == "tiny-1"
     assert model["source"] == "model"
     assert model["status"] == "ok"
@@ -40,6 +51,10 @@ def test_root_with_a_model(model_client: TestClient) -> None:
     assert model["name"] == "tiny"
     assert model["rating_scale"] == {"min": 0.5, "max": 5.0, "step": 0.5}
     assert model["features"] == list(EXAMPLE)
+    assert body["models"] == {
+        "six_features": {**TINY_OK, "name": "tiny", "created_at": "2026-01-01T00:00:00+00:00"},
+        "personalized": ABSENT,  # none next to it: normal, the six-feature model answers everyone
+    }
 
 
 def test_health_ok_with_a_model(model_client: TestClient) -> None:
@@ -49,6 +64,52 @@ def test_health_ok_with_a_model(model_client: TestClient) -> None:
     assert body["model_version"] == "tiny-1"
     assert body["reason"] is None
     assert 0 <= body["uptime_seconds"] < 600
+    assert body["models"] == {"six_features": TINY_OK, "personalized": ABSENT}
+
+
+def test_health_and_root_with_both_models(tiny_personalized_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(model_path=tiny_personalized_dir, database_url=f"sqlite:///{tmp_path / 'h.sqlite3'}")
+    with TestClient(create_app(settings)) as c:
+        health = c.get("/health").json()
+        root = c.get("/").json()
+    personalized = {"status": "ok", "version": "tiny-personalized-1", "reason": None}
+    assert (health["status"], health["reason"]) == ("ok", None)
+    assert health["models"] == {"six_features": TINY_OK, "personalized": personalized}
+    assert root["models"]["personalized"] == {
+        **personalized,
+        "name": "moviematch-personalized",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    assert root["model"]["version"] == "tiny-1"  # "model" stays the six-feature model
+
+
+def test_a_refused_personalised_model_makes_the_service_degraded(
+    tiny_personalized_dir: Path, tmp_path: Path, logs: Any
+) -> None:
+    model_dir = Path(shutil.copytree(tiny_personalized_dir, tmp_path / "model"))
+    with (model_dir / PERSONALIZED_DIR / "state.npz").open("ab") as f:
+        f.write(b"\0")  # the file no longer has the checksum its card lists
+    settings = Settings(model_path=model_dir, database_url=f"sqlite:///{tmp_path / 'h.sqlite3'}")
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/health/ready").status_code == 200  # the six-feature model answers everyone: ready
+        health = c.get("/health").json()
+        root = c.get("/").json()
+        c.post("/feedback", json={"user_id": 5, "movie_id": 1, "rating": 10})
+        prediction = c.post("/predict", json={**EXAMPLE, "user_id": 5, "movie_id": 2}).json()
+    reason = health["reason"]
+    assert reason.startswith("personalised model not loaded: ModelChecksumError: ")
+    assert "state.npz" in reason
+    assert health["status"] == "degraded"
+    assert (health["source"], health["model_version"]) == ("model", "tiny-1")
+    assert health["models"] == {
+        "six_features": TINY_OK,
+        "personalized": {"status": "refused", "version": None, "reason": reason},
+    }
+    assert (root["model"]["status"], root["model"]["reason"]) == ("degraded", reason)
+    assert root["models"]["personalized"] == {"status": "refused", "version": None, "reason": reason}
+    assert (prediction["source"], prediction["model_version"]) == ("model", "tiny-1")
+    [failure] = [r for r in logs.records() if r["message"] == "personalised model not loaded"]
+    assert (failure["level"], failure["reason"]) == ("error", reason)
 
 
 def test_live(client: TestClient) -> None:
@@ -63,13 +124,18 @@ def test_ready_is_503_before_startup_and_200_after(fallback_settings: Settings) 
     assert r.status_code == 503
     assert r.json()["error"] == "not_ready"
     assert c.get("/health/live").status_code == 200
-    assert c.get("/health").json()["reason"].startswith("starting")
+    health = c.get("/health").json()
+    assert health["reason"].startswith("starting")
+    assert {name: m["status"] for name, m in health["models"].items()} == {
+        "six_features": "starting",
+        "personalized": "starting",
+    }
     with c:
         r = c.get("/health/ready")
         assert (r.status_code, r.json()) == (200, {"status": "ready"})
 
 
-def _degraded(settings: Settings, logs: Any) -> tuple[dict[str, object], dict[str, object]]:
+def _degraded(settings: Settings, logs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     with TestClient(create_app(settings)) as c:
         assert c.get("/health/ready").status_code == 200  # the fallback can answer: ready, though degraded
         health = c.get("/health").json()
@@ -81,10 +147,15 @@ def _degraded(settings: Settings, logs: Any) -> tuple[dict[str, object], dict[st
     return health, prediction
 
 
-def _assert_fallback(health: dict[str, object], prediction: dict[str, object]) -> None:
+def _assert_fallback(health: dict[str, Any], prediction: dict[str, Any]) -> None:
     assert health["status"] == "degraded"
     assert health["source"] == "fallback"
     assert health["model_version"] == "fallback-1"
+    assert health["models"]["six_features"] == {
+        "status": "fallback",
+        "version": "fallback-1",
+        "reason": health["reason"],
+    }
     assert prediction["source"] == "fallback"
     assert prediction["predicted_rating"] == 7.909  # the rule by hand: see test_predict.py
 
@@ -145,7 +216,7 @@ def test_card_file_path_is_accepted(tiny_model_dir: Path) -> None:
         assert c.get("/health").json()["status"] == "ok"
 
 
-class _NaNPredictor:
+class NaNPredictor:
     version = "broken-1"
     source = "model"
 
@@ -153,38 +224,40 @@ class _NaNPredictor:
         return np.full(x.shape[0], np.nan)
 
 
-class _BrokenModelHolder(ModelHolder):
-    def load(self) -> None:
-        self.swap(_NaNPredictor())
-
-
-def test_a_model_whose_canned_prediction_fails_is_replaced_by_the_fallback(fallback_settings: Settings) -> None:
-    holder = _BrokenModelHolder(fallback_settings)
-    with TestClient(create_app(fallback_settings, holder=holder)) as c:
+def test_a_model_whose_canned_prediction_fails_is_replaced_by_the_fallback(tmp_path: Path, logs: Any) -> None:
+    settings = Settings(model_path=tmp_path / "model")
+    models = ModelSet(tmp_path / "model", load_six=lambda path: NaNPredictor())
+    with TestClient(create_app(settings, models=models)) as c:
         assert c.get("/health/ready").status_code == 200
         health = c.get("/health").json()
         assert health["status"] == "degraded"
         assert health["reason"] == "model loaded but its canned prediction failed"
+        assert health["models"]["six_features"]["status"] == "fallback"
         assert c.post("/predict", json=EXAMPLE).json()["source"] == "fallback"
+    [failure] = [r for r in logs.records() if r["message"] == "model load failed"]
+    assert failure["reason"] == health["reason"]
 
 
 def test_swap_changes_the_answering_model(tiny_model_dir: Path, fallback_settings: Settings) -> None:
-    from moviematch_ml.model import load_predictor
-
-    with TestClient(create_app(fallback_settings)) as c:
-        holder: ModelHolder = c.app.state.holder  # type: ignore[attr-defined]
+    assert fallback_settings.model_path is not None
+    models = ModelSet(fallback_settings.model_path)
+    with TestClient(create_app(fallback_settings, models=models)) as c:
         assert c.post("/predict", json=EXAMPLE).json()["source"] == "fallback"
-        holder.swap(load_predictor(tiny_model_dir))
+        models.swap(ModelSet(tiny_model_dir).load())
         body = c.post("/predict", json=EXAMPLE).json()
         assert (body["source"], body["model_version"]) == ("model", "tiny-1")
-        assert c.get("/health").json()["status"] == "ok"
+        health = c.get("/health").json()
+        assert health["status"] == "ok"
+        assert health["models"]["six_features"] == TINY_OK
 
 
 def test_a_broken_environment_also_falls_back(fallback_settings: Settings, logs: Any) -> None:
     def loader(path: Path) -> Any:
         raise OSError("libgomp.so.1: cannot open shared object file")
 
-    with TestClient(create_app(fallback_settings, holder=ModelHolder(fallback_settings, loader=loader))) as c:
+    assert fallback_settings.model_path is not None
+    models = ModelSet(fallback_settings.model_path, load_six=loader)
+    with TestClient(create_app(fallback_settings, models=models)) as c:
         assert c.get("/health/ready").status_code == 200
         health = c.get("/health").json()
     assert health["status"] == "degraded"

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from moviematch_ml.api.app import create_app
 from moviematch_ml.api.schemas import BatchRequest, PredictRequest
 from moviematch_ml.features import EXAMPLE, FEATURES
-from moviematch_ml.serving import ModelHolder
+from moviematch_ml.online.models import ModelReport, Models, ModelSet
 from moviematch_ml.settings import Settings
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -86,7 +86,7 @@ def test_chunked_body_over_the_limit_is_413(small_limit_client: TestClient) -> N
     assert r.json()["error"] == "body_too_large"
 
 
-class _ExplodingPredictor:
+class ExplodingPredictor:
     version = "boom-1"
     source = "model"
 
@@ -94,10 +94,10 @@ class _ExplodingPredictor:
         raise RuntimeError("secret internal detail /srv/models")
 
 
-def test_unexpected_error_is_500_without_internals(fallback_settings: Settings, logs: Any) -> None:
-    holder = ModelHolder(fallback_settings)
-    holder.swap(_ExplodingPredictor())
-    c = TestClient(create_app(fallback_settings, holder=holder))  # no lifespan: keep the exploding model
+def test_unexpected_error_is_500_without_internals(tmp_path: Path, logs: Any) -> None:
+    models = ModelSet(tmp_path / "none")
+    models.swap(Models(ExplodingPredictor(), None, ModelReport("ok", "boom-1"), ModelReport("absent", None)))
+    c = TestClient(create_app(Settings(model_path=tmp_path / "none"), models=models))  # no lifespan: keep it
     r = c.post("/predict", json=EXAMPLE, headers={"x-request-id": "req-500"})
     assert r.status_code == 500
     assert r.json()["error"] == "internal_error"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
-from moviematch_ml.feedback import Feedback
+from moviematch_ml.online.feedback import Feedback
+from moviematch_ml.online.store import FeedbackStore, make_engine
 from moviematch_ml.settings import Settings
-from moviematch_ml.store import FeedbackStore
 
 
 @pytest.fixture
@@ -25,6 +26,16 @@ def pclient(tiny_personalized_dir: Path, tmp_path: Path) -> Iterator[TestClient]
     )
     with TestClient(create_app(settings)) as c:
         yield c
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_third_prediction_reflects_the_first_two_ratings(pclient: TestClient) -> None:
@@ -58,7 +69,34 @@ def test_batch_mixes_sources_and_keeps_order(pclient: TestClient) -> None:
 
 
 def test_root_reports_the_personalised_model(pclient: TestClient) -> None:
-    assert pclient.app.state.personalizer.version == "tiny-personalized-1"  # type: ignore[attr-defined]
+    personalized = pclient.get("/").json()["models"]["personalized"]
+    assert (personalized["status"], personalized["version"]) == ("ok", "tiny-personalized-1")
+    assert pclient.get("/health").json()["models"]["personalized"]["version"] == "tiny-personalized-1"
+
+
+class WatchedStore(FeedbackStore):
+    """The feedback store, noting whose ratings were read (a user's view being built) and the change feed's polls."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(make_engine(url))
+        self.read_for: list[str] = []
+        self.polls = 0
+        self.lock = threading.Lock()
+
+    def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
+        with self.lock:
+            self.read_for.append(user_id)
+        return super().user_ratings(user_id)
+
+    def last_row_id(self) -> int:
+        with self.lock:
+            self.polls += 1
+        return super().last_row_id()
+
+    def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
+        with self.lock:
+            self.polls += 1
+        return super().changed_rows(after_id)
 
 
 @pytest.mark.parametrize("share", [0.5, 0.0], ids=["warm-ahead", "off"])
@@ -72,16 +110,20 @@ def test_each_worker_builds_the_state_of_users_who_just_rated(
     settings = Settings(
         model_path=tiny_personalized_dir, database_url=url, state_ttl_seconds=0.02, state_warm_share=share
     )
-    with TestClient(create_app(settings)) as c:
-        personalizer = c.app.state.personalizer  # type: ignore[attr-defined]
-        assert personalizer.warm_ahead is (share > 0)
-        time.sleep(0.1)  # the task's first poll: where the feed starts
+    store = WatchedStore(url)
+    app = create_app(settings, store=store)
+    personalizer = app.state.user_views
+    with TestClient(app) as c:
+        if share > 0:
+            assert wait_until(lambda: personalizer.warm_ahead, timeout=5.0)  # the background task runs
+            assert wait_until(lambda: store.polls > 0, timeout=5.0)  # its first poll: where the feed starts
+        else:
+            assert personalizer.warm_ahead is False
         FeedbackStore.from_url(url).add([Feedback("other-1", "9", "1", 8.0, 1_000.0, None)])
-        deadline = time.monotonic() + (3.0 if share > 0 else 0.5)
-        while time.monotonic() < deadline and not personalizer._users.get("9")[0]:
-            c.get("/health")  # the event loop runs the task while the client waits
-            time.sleep(0.02)
-        assert personalizer._users.get("9")[0] is (share > 0)
-        task = c.app.state.warming  # type: ignore[attr-defined]
-        assert (task is None) is (share == 0)
-    assert task is None or task.done()  # the lifespan stopped it at shutdown
+        built_ahead = wait_until(lambda: "9" in store.read_for, timeout=5.0 if share > 0 else 0.3)
+        assert built_ahead is (share > 0)
+        # The next request for the user finds the view built ahead, or builds it now.
+        answer = c.post("/predict", json={**EXAMPLE, "user_id": 9, "movie_id": 5}).json()
+        assert answer["source"] == "personalized"
+        assert store.read_for.count("9") == 1
+    assert personalizer.warm_ahead is False  # the lifespan stopped the task at shutdown (or there was none)

@@ -1,18 +1,21 @@
-"""POST /predict: answers from the fallback rule and from a real model, ids, and the response shape."""
+"""POST /predict: answers from the fallback rule and from a real model, ids, the response shape, and how the body's
+validation reaches the client (the rules themselves: tests/test_features.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from moviematch_ml.fallback import fallback_rating
-from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
-from moviematch_ml.model import read_card
+from moviematch_ml.features import EXAMPLE, FEATURE_NAMES, FEATURES, ID_RULE, Feature
+from moviematch_ml.runtime.cards import read_card
+from moviematch_ml.runtime.fallback import fallback_rating
 
 
 def test_example_from_the_design_document_uses_the_fallback_rule(client: TestClient) -> None:
@@ -77,3 +80,94 @@ def test_valid_user_and_movie_ids_are_accepted(client: TestClient, user_id: obje
 def test_prediction_ids_are_unique(client: TestClient) -> None:
     ids = {client.post("/predict", json=EXAMPLE).json()["prediction_id"] for _ in range(20)}
     assert len(ids) == 20
+
+
+# --- validation over HTTP: 422 names the field, the rule and the value --------------------------------------------
+
+
+def assert_field_error(r: Any, field: str, rule: str, value: Any) -> None:
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "validation_error"
+    assert body["detail"] == [{"field": field, "rule": rule, "value": value}]
+    assert body["message"].startswith(f"{field}: {rule} (got ")
+
+
+BROKEN: dict[str, list[Any]] = {
+    "n_shared_genres": [2.5, 31, True, "2"],
+    "vote_average": [10.5, -0.5, True, None],
+    "vote_count": [-1, 2.5, 1_000_000_001, [1]],
+    "is_favorite_genre": [2, 0.5, "true", {"v": 1}],
+    "years_since_release": [150.5, False, ""],
+    "popularity": [-0.5, 1_000_000.5, "7"],
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES, ids=[f.name for f in FEATURES])
+def test_a_broken_rule_is_a_422_naming_it(client: TestClient, feature: Feature) -> None:
+    for bad in BROKEN[feature.name]:
+        r = client.post("/predict", json={**EXAMPLE, feature.name: bad})
+        assert_field_error(r, feature.name, feature.rule, bad)
+
+
+@pytest.mark.parametrize("field", ["user_id", "movie_id"])
+@pytest.mark.parametrize("bad", [-1, 2**63, "", "a" * 129, "tab\there", "nul\x00", 1.5, 3.0, True, None, [1], {}])
+def test_a_broken_identifier_is_a_422_naming_it(client: TestClient, field: str, bad: Any) -> None:
+    assert_field_error(client.post("/predict", json={**EXAMPLE, field: bad}), field, ID_RULE, bad)
+
+
+@pytest.mark.parametrize("feature", FEATURES, ids=[f.name for f in FEATURES])
+def test_bounds_integral_floats_and_flag_booleans_are_answered(client: TestClient, feature: Feature) -> None:
+    ok: list[Any] = [feature.minimum, float(feature.maximum)]
+    if feature.kind == "flag":
+        ok += [True, False]
+    for value in ok:
+        assert client.post("/predict", json={**EXAMPLE, feature.name: value}).status_code == 200, value
+
+
+def test_vote_count_contract_example(client: TestClient) -> None:
+    r = client.post("/predict", json={**EXAMPLE, "vote_count": -1})
+    assert_field_error(r, "vote_count", "must be an integer between 0 and 1000000000", -1)
+    assert r.json()["message"] == "vote_count: must be an integer between 0 and 1000000000 (got -1)"
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+def test_missing_feature(client: TestClient, name: str) -> None:
+    body = {k: v for k, v in EXAMPLE.items() if k != name}
+    assert_field_error(client.post("/predict", json=body), name, "is required", None)
+
+
+def test_flag_value_changes_the_answer(client: TestClient) -> None:
+    yes = client.post("/predict", json={**EXAMPLE, "is_favorite_genre": True}).json()["predicted_rating"]
+    no = client.post("/predict", json={**EXAMPLE, "is_favorite_genre": False}).json()["predicted_rating"]
+    assert round(yes - no, 3) == 0.3  # FAVOURITE_BONUS
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"])
+def test_non_finite_numbers_are_not_json(client: TestClient, name: str, literal: bytes) -> None:
+    # JSON has no NaN or infinity; orjson refuses the literals and numbers that overflow a double.
+    body = orjson.dumps({**EXAMPLE, name: 0}).replace(f'"{name}":0'.encode(), f'"{name}":'.encode() + literal)
+    assert literal in body
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_json"
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"a": 1,}', b"\xff\xfe"])
+def test_invalid_json(client: TestClient, body: bytes) -> None:
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_json"
+    assert r.json()["message"].startswith("request body is not valid JSON")
+
+
+@pytest.mark.parametrize("bad", [[EXAMPLE], "text", 3, None])
+def test_body_must_be_an_object(client: TestClient, bad: Any) -> None:
+    r = client.post("/predict", content=orjson.dumps(bad), headers={"content-type": "application/json"})
+    assert_field_error(r, "body", "must be a JSON object", bad)
+
+
+@pytest.mark.parametrize("unknown", ["voteAverage", "rank", "n_shared_genre", "extra"])
+def test_unknown_fields_are_refused(client: TestClient, unknown: str) -> None:
+    assert_field_error(client.post("/predict", json={**EXAMPLE, unknown: 1}), unknown, "unknown field", 1)

@@ -10,17 +10,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from moviematch_ml.api.app import create_app
-from moviematch_ml.cache import RedisCache
 from moviematch_ml.features import EXAMPLE
-from moviematch_ml.serving import decode_answer, encode_answer
+from moviematch_ml.online.caches import RedisCache
 from moviematch_ml.settings import Settings
 
 pytestmark = pytest.mark.redis
-
-
-def test_answers_survive_the_json_codec() -> None:
-    one = (7.912, "model", True, "v1")
-    assert decode_answer(encode_answer(one)) == one
 
 
 def test_redis_backend_needs_a_url() -> None:
@@ -38,8 +32,9 @@ def test_two_apps_share_answers_through_redis(tiny_model_dir: Path, tmp_path: Pa
     # A body no earlier run has sent, so the first answer is a miss on any Redis.
     body = {**EXAMPLE, "popularity": 1.0 + uuid.uuid4().int % 10_000 / 100}
     batch = {"movies": [{"movie_id": 1, **body}, {"movie_id": 2, **EXAMPLE}], "rank": True}
-    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
-        cache_a, cache_b = a.app.state.service.cache, b.app.state.service.cache  # type: ignore[attr-defined]
+    app_a, app_b = create_app(settings), create_app(settings)
+    with TestClient(app_a) as a, TestClient(app_b) as b:
+        cache_a, cache_b = app_a.state.service.cache, app_b.state.service.cache
         assert isinstance(cache_a, RedisCache)
         assert isinstance(cache_b, RedisCache)
         first = a.post("/predict", json=body).json()

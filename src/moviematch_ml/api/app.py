@@ -25,9 +25,9 @@ from moviematch_ml.online.caches import AnswerCache
 from moviematch_ml.online.contract import decode_answer, encode_answer
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.personalizer import StatePersonalizer, keep_warm
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, make_engine
+from moviematch_ml.online.user_views import UserViews, keep_warm
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import ENV_ONLY, Settings
 
@@ -44,17 +44,15 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
-    personalizer = StatePersonalizer(
-        feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users
-    )
+    user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
     service = PredictionService(
         model_set,
         max_batch_size=settings.max_batch_size,
         cache_size=settings.prediction_cache_size,
         cache=_shared_cache(settings),
-        personalizer=personalizer,
+        user_views=user_views,
     )
-    feedback = FeedbackService(feedback_store, personalizer.forget)
+    feedback = FeedbackService(feedback_store, user_views.forget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,12 +62,12 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
         except StoreError as exc:
             log.error("feedback store unavailable", extra={"reason": str(exc)})
         # What start-up built (modules, the models, their tables) lives as long as the process: out of the cyclic
-        # garbage collector's sight, its full collections no longer walk it (docs/performance.md).
+        # garbage collector's sight, its full collections no longer walk it (docs/performance-history.md).
         gc.freeze()
         warming = None
         if settings.state_warm_share > 0 and settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
             warming = asyncio.create_task(
-                keep_warm(personalizer, lambda: model_set.current.personalized, settings.state_warm_share)
+                keep_warm(user_views, lambda: model_set.current.personalized, settings.state_warm_share)
             )
         current = model_set.current
         log.info(
@@ -102,7 +100,7 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     app.state.models = model_set
     app.state.service = service
     app.state.store = feedback_store
-    app.state.personalizer = personalizer
+    app.state.user_views = user_views
     app.include_router(build_router(model_set, service, feedback, time.monotonic()))
     handlers.install(app)
 

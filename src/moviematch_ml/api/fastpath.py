@@ -13,9 +13,9 @@ from moviematch_ml.api.handlers import input_error_response
 from moviematch_ml.errors import InputError, UnsupportedMediaTypeError
 from moviematch_ml.online.service import PredictionService
 
-# Bodies above this size are answered in a worker thread. Higher than the FastAPI route's threshold: below it a
-# batch (up to ~7,000 movies) blocks the loop for at most ~15 ms, and the thread hop (plus the GIL ping-pong it
-# brings) cut /predict-batch 1000 throughput from 352 to 224 req/s in our measurement (docs/performance.md).
+# Bodies above this size are answered in a worker thread. Higher than the FastAPI route's threshold: a batch
+# below it blocks the loop for a few milliseconds at most, while the thread hop (plus the GIL ping-pong it brings)
+# costs a 1,000-movie batch a third of its throughput (docs/performance-history.md, section 6).
 THREADPOOL_BYTES: Final[int] = 1024 * 1024
 _JSON: Final[bytes] = b"application/json"
 _CONTENT_TYPE: Final[bytes] = b"content-type"
@@ -64,7 +64,7 @@ async def read_body(receive: Receive) -> bytes | None:
 class FastPathMiddleware:
     """Answers the two prediction routes without FastAPI's routing, dependency and response machinery.
 
-    FastAPI routing alone costs more per request than the whole prediction (measured in docs/performance.md), so
+    FastAPI routing alone costs more per request than the whole prediction (docs/performance-history.md), so
     the hot routes are served here: bytes in, ``PredictionService``, bytes out. Errors are raised as the same
     ``InputError`` subclasses and turned into responses by the same ``input_error_response`` as the FastAPI route,
     so both paths answer byte-identical errors. Every other request (docs, health, feedback, OpenAPI, other

@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.offline.featurize import FeatureConfig
+from moviematch_ml.offline.point_in_time import FeatureConfig
 from moviematch_ml.runtime.cards import FeatureStats
 
 FloatArray = npt.NDArray[np.float64]

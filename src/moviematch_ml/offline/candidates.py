@@ -17,7 +17,7 @@ import pandas as pd
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.baselines import BaselineConfig, Bias, GlobalMean, MovieMean, fallback_on_scale
 from moviematch_ml.offline.boosting import TrainConfig, fit_booster
-from moviematch_ml.offline.personalization import fit_frame, predict_pairs
+from moviematch_ml.offline.stacking import fit_frame, predict_pairs
 from moviematch_ml.runtime.cards import RatingScale
 from moviematch_ml.runtime.personalized import PersonalizedConfig
 

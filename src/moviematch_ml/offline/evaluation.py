@@ -15,8 +15,8 @@ from moviematch_ml.errors import MovieMatchError
 from moviematch_ml.offline.boosting import TrainConfig
 from moviematch_ml.offline.candidates import CANDIDATES, Candidate
 from moviematch_ml.offline.data import RATING_COLUMNS, Dataset
-from moviematch_ml.offline.featurize import compute_features
 from moviematch_ml.offline.metrics import mae, ndcg_at_k, rmse
+from moviematch_ml.offline.point_in_time import compute_features
 from moviematch_ml.runtime.cards import RatingScale
 
 FloatArray = npt.NDArray[np.float64]

@@ -21,7 +21,7 @@ from moviematch_ml.offline.candidates import CANDIDATES, Candidate, Personalized
 from moviematch_ml.offline.data import Dataset
 from moviematch_ml.offline.evaluation import TEMPORAL_TRAIN_FRACTION, FoldResult
 from moviematch_ml.offline.metrics import mae, rmse
-from moviematch_ml.offline.personalization import fit_frame
+from moviematch_ml.offline.stacking import fit_frame
 from moviematch_ml.runtime.cards import CARD_NAME, PERSONALIZED_DIR, ModelCard, write_card
 from moviematch_ml.runtime.factors import JSON_NAME, NPZ_NAME, MFConfig
 from moviematch_ml.runtime.personalized import MODEL_FILE as PERSONALIZED_FILE

@@ -3,7 +3,7 @@
 ``LRUCache`` keeps answers in each process; ``RedisCache`` (``PREDICTION_CACHE_BACKEND=redis``) shares them
 between replicas. Both are keyed on (model version, source, request body): a swapped model never answers from
 its predecessor's entries. Only answers that depend on the body alone are stored (never personalised ones, which
-change with feedback). ``TTLCache`` holds the personaliser's per-user views.
+change with feedback). ``TTLCache`` holds the users' views.
 """
 
 from __future__ import annotations

@@ -188,8 +188,9 @@ def matrix_from_mappings(objs: list[object], id_key: str) -> tuple[FloatArray, l
         return None
 
 
-def _rows_one_by_one(movies: list[object]) -> tuple[FloatArray, list[Id]]:
-    """The per-field loop: raises the exact error of the first broken rule (the vectorised check only says "no")."""
+def rows_one_by_one(movies: list[object]) -> tuple[FloatArray, list[Id]]:
+    """The per-field loop over a batch's movies: the feature matrix and the ids, or the exact error of the first
+    broken rule (``matrix_from_mappings`` accepts exactly what this accepts, but only says "no")."""
     n = len(movies)
     x = np.empty((n, N_FEATURES), dtype=np.float64)
     ids: list[Id] = [0] * n
@@ -267,7 +268,7 @@ class BatchDecoder:
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise FieldError("top_k", TOP_K_RULE, top_k)
         checked = matrix_from_mappings(movies, "movie_id")
-        x, ids = checked if checked is not None else _rows_one_by_one(movies)
+        x, ids = checked if checked is not None else rows_one_by_one(movies)
         return BatchRequest(x, ids, user_id, rank, top_k)
 
 

@@ -131,7 +131,7 @@ def parse_feedback(body: object, idempotency_key: str | None, now: float) -> lis
 
 class FeedbackService:
     """``POST /feedback`` without HTTP: validates the body, stores its new ratings in one transaction, and tells
-    ``on_stored`` which users got new ratings (the personaliser forgets their views)."""
+    ``on_stored`` which users got new ratings (their views are dropped)."""
 
     def __init__(self, store: FeedbackStore, on_stored: Callable[[Iterable[str]], None] | None = None) -> None:
         self.store = store

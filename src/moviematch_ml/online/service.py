@@ -22,13 +22,13 @@ from moviematch_ml.online.contract import (
     render_one,
 )
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.personalizer import StatePersonalizer
+from moviematch_ml.online.user_views import UserViews
 
 A = TypeVar("A", OneAnswer, BatchAnswer)
 
 
 class PredictionService:
-    """Answers /predict and /predict-batch from the model set, the personaliser (users the store knows) and the
+    """Answers /predict and /predict-batch from the model set, the users' views (users the store knows) and the
     answer cache."""
 
     def __init__(
@@ -36,12 +36,12 @@ class PredictionService:
         models: ModelSet,
         *,
         max_batch_size: int,
-        personalizer: StatePersonalizer | None = None,
+        user_views: UserViews | None = None,
         cache_size: int = 0,
         cache: AnswerCache | None = None,
     ) -> None:
         self.models = models
-        self.personalizer = personalizer
+        self.user_views = user_views
         self.decode_batch = BatchDecoder(max_batch_size)
         # An explicit cache (say, the shared Redis one) wins; else an in-process LRU of cache_size entries.
         self.cache: AnswerCache | None = cache if cache is not None else LRUCache(cache_size) if cache_size else None
@@ -74,16 +74,16 @@ class PredictionService:
     def _predict_one(self, body: bytes) -> OneAnswer:
         request = decode_one(body)
         models = self.models.current
-        personalizer = self.personalizer
+        users = self.user_views
         personal = models.personalized
-        if request.user_id is not None and personalizer is not None and personal is not None:
-            answer = personalizer.predict(personal, request.user_id, [request.movie_id], request.x)
+        if request.user_id is not None and users is not None and personal is not None:
+            answer = users.predict(personal, request.user_id, [request.movie_id], request.x)
             if answer is not None:
                 # The six-feature model is not needed at all. A personalised answer changes with the user's
                 # feedback: it is never cached.
                 return OneAnswer(round(float(answer[0][0]), 3), "personalized", False, personal.version)
         y = float(models.six.predict(request.x)[0])
-        cacheable = request.user_id is None or personalizer is None
+        cacheable = request.user_id is None or users is None
         return OneAnswer(round(y, 3), models.six.source, cacheable, models.six.version)
 
     def _predict_batch(self, body: bytes) -> BatchAnswer:
@@ -94,11 +94,11 @@ class PredictionService:
         source = six.source
         sources: list[str] | None = None
         personalized_version: str | None = None
-        personalizer = self.personalizer
+        users = self.user_views
         personal = models.personalized
         answer = None
-        if user_id is not None and personalizer is not None and personal is not None:
-            answer = personalizer.predict(personal, user_id, ids, x)
+        if user_id is not None and users is not None and personal is not None:
+            answer = users.predict(personal, user_id, ids, x)
         if answer is None or personal is None:
             y = six.predict(x)
         else:
@@ -122,5 +122,5 @@ class PredictionService:
                 order = order[: request.top_k]
         else:
             order = list(range(len(ids)))
-        cacheable = user_id is None or personalizer is None
+        cacheable = user_id is None or users is None
         return BatchAnswer(ids, rounded, source, sources, order, ranked, six.version, cacheable, personalized_version)

@@ -1,6 +1,7 @@
-/* The per-movie loops of /predict-batch, in C: the feature matrix from the decoded movies, the JSON of the
- * answer's rows, and the movies' positions in a model's id index. In Python each costs about a microsecond per movie (a tuple or a dict per row); here a tenth of
- * that. serving.py keeps the Python versions and uses them whenever these decline (return None).
+/* The per-movie loops of /predict-batch and the personalised model, in C: the feature matrix from the decoded
+ * movies, the JSON of the answer's rows, the movies' positions in a model's id index, one user's input rows and
+ * a user's view (the fold-in). In Python each loop builds a tuple or a dict per row. runtime/native.py is the only
+ * importer: it keeps each kernel's Python twin and uses it whenever a kernel declines (returns None or False).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -259,8 +260,8 @@ static PyObject *positions(PyObject *self, PyObject *args) {
     const int32_t *dn = (const int32_t *)dense.buf;
     /* Two passes when there is a dense array: the first reads the keys and asks for their entries of it (a batch's
      * ids land all over an array that the trees have pushed out of the cache since the last request: one miss
-     * each), the second reads those entries, by then on their way; in one pass each miss was waited for in
-     * turn (25 us for 1,000 movies against 4 us with the array cached). */
+     * each), the second reads those entries, by then on their way; in one pass each miss is waited for in
+     * turn. */
     unsigned char *from_dense = n_dense ? PyMem_Malloc((size_t)n + 1) : NULL;
     if (n_dense && from_dense == NULL) {
         PyErr_NoMemory();
@@ -332,8 +333,8 @@ done:
  * float64: count, mean, spread, bias) at ``movie_col``; a movie the model knows (rows[i] < n_known) gets
  * cf_dot = factors[rows[i]] . user_factors (factors (n_known, d) float64, summed in order) and cf_score =
  * (base + bias) + cf_dot, where base is the global mean plus the user's bias; any other movie gets NaN for both
- * (its table bias is NaN). In numpy this was a gather, a matmul and a dozen column writes, each a pass over the
- * batch; here it is one. */
+ * (its table bias is NaN). The twin is inputs.model_inputs (tests/runtime/test_native.py compares them): in
+ * numpy, a gather, a matmul and a dozen column writes, each a pass over the batch; here it is one. */
 static PyObject *user_rows(PyObject *self, PyObject *args) {
     Py_buffer rows, x6, table, factors, uf, tmpl, out;
     Py_ssize_t n_known, movie_col, score_col, dot_col;
@@ -392,9 +393,10 @@ done:
 
 /* The fold-in: w = [bias, p_1..p_k] solving (sum_i x_i x_i^T + D) w = sum_i x_i e_i over the m rated movies the
  * model knows, x_i = [1, q_i] (q_i = row cols[i] of q, (n_movies, k)), D = diag(reg_bias * m + damping,
- * reg_factors * m, ...): the system of personalized.fold_in_state, built and solved by Cholesky (the matrix is
- * symmetric positive definite whenever the ridge terms are positive; np.linalg.solve took 7-17 us of a cache
- * miss for this 17 x 17 system, this about a microsecond). ``work`` holds (k + 1)^2 + (k + 1) doubles, zeroed. Returns 1, or 0 when the matrix is not positive definite. */
+ * reg_factors * m, ...): the ALS user step (native.view_data_py is the Python twin), built and solved by Cholesky
+ * (the matrix is symmetric positive definite whenever the ridge terms are positive; a general solver's call costs
+ * several times this whole small system). ``work`` holds (k + 1)^2 + (k + 1) doubles, zeroed. Returns 1, or 0
+ * when the matrix is not positive definite. */
 static int solve_ridge(const double *q, Py_ssize_t k, const Py_ssize_t *cols, const double *e, Py_ssize_t m,
                        double reg_f, double reg_b, double damping, double *w, double *work) {
     const Py_ssize_t d = k + 1;
@@ -446,12 +448,12 @@ static int solve_ridge(const double *q, Py_ssize_t k, const Py_ssize_t *cols, co
  *
  * Everything a personalised model's UserView holds, from a user's ratings (data scale; one per movie, in arrival
  * order): ``cols`` their movies' rows in ``factors`` / ``item_bias`` (-1: a movie the model does not know),
- * ``times`` their timestamps. The bytes are UserView's array: count, mean, spread (personalized._scalar_mean_std),
- * w (solve_ridge over the known movies; zeros if none), two NaN places for the tail's residual means (the caller
- * fills them, with math.fsum), then the times and residuals r - mu - bias (r - mu for an unknown movie) of the
- * ``recent`` latest ratings by time, ascending, arrival order among equal times (a stable sort's last ones).
- * personalized.PersonalizedModel.user_view_of_ratings does the same in Python; this is a cache miss's work in
- * one call. None when the matrix is not positive definite (the caller then takes the Python way). */
+ * ``times`` their timestamps. The bytes are UserView's array: count, mean, spread (population standard
+ * deviation), w (solve_ridge over the known movies; zeros if none), two NaN places for the tail's residual means
+ * (the caller fills them, with math.fsum), then the times and residuals r - mu - bias (r - mu for an unknown movie)
+ * of the ``recent`` latest ratings by time, ascending, arrival order among equal times (a stable sort's last
+ * ones). native.view_data_py is the Python twin; this is a cache miss's work in one call. None when the matrix
+ * is not positive definite (native.py then takes the Python way). */
 static PyObject *view_data(PyObject *self, PyObject *args) {
     Py_buffer fac, bias;
     Py_ssize_t k, recent;

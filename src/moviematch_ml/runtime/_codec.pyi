@@ -1,43 +1,11 @@
-"""Types of the C extension built from _codec.c (see serving.py)."""
+"""Types of the C extension built from _codec.c. Its callers go through runtime/native.py, where each kernel's
+arguments are those of its Python twin (rows_py, matrix_py, positions_py, view_data_py; user_rows: see
+personalized.PersonalizedModel.predict and its twin inputs.model_inputs)."""
 
 from typing import Any
 
-def rows(
-    ids: list[Any],
-    ratings: list[float],
-    order: list[int] | None,
-    source: bytes,
-    sources: list[bytes] | None,
-    prefix: bytes,
-) -> bytes | None: ...
-def matrix(movies: list[Any], names: tuple[str, ...], out: Any) -> bool: ...
-def positions(
-    keys: list[Any], index: dict[Any, int], default: int, out: Any, dense: Any = None, complete: bool = False
-) -> int: ...
-def user_rows(
-    rows: Any,
-    x6: Any,
-    table: Any,
-    factors: Any,
-    user_factors: Any,
-    template: Any,
-    out: Any,
-    n_known: int,
-    movie_col: int,
-    score_col: int,
-    dot_col: int,
-    base: float,
-) -> None: ...
-def view_data(
-    factors: Any,
-    k: int,
-    item_bias: Any,
-    mu: float,
-    cols: list[int],
-    ratings: list[float],
-    times: list[float],
-    reg_factors: float,
-    reg_bias: float,
-    damping: float,
-    recent: int,
-) -> tuple[bytes, int] | None: ...
+def rows(*args: Any) -> bytes | None: ...
+def matrix(*args: Any) -> bool: ...
+def positions(*args: Any) -> int: ...
+def user_rows(*args: Any) -> None: ...
+def view_data(*args: Any) -> tuple[bytes, int] | None: ...

@@ -1,10 +1,10 @@
-/* The compiled twin of model.TreeEnsemble's evaluation: the same bit-vector tables, walked row by row in C.
+/* The compiled twin of trees.TreeEnsemble's numpy evaluation: the same bit-vector tables, walked row by row in C.
  *
  * TreeEnsemble builds, per feature, the sorted split thresholds and the table of per-tree "false masks" for every
  * prefix of them (plus a NaN row). Evaluating one row is then: per feature, a binary search for the number of
  * thresholds below the value and an AND of that table row into the row's masks; per tree, the lowest set bit is
  * the exit leaf. numpy does this a feature at a time over a chunk of rows, with a Python call per step; here the
- * same steps run without those calls (a one-row prediction drops from about 10 us to well under 1 us) and the
+ * same steps run without those calls (a one-row prediction costs a small fraction of numpy's) and the
  * leaf values are added in tree order, as LightGBM adds them.
  *
  * The object keeps buffer views of TreeEnsemble's numpy arrays (no copy: the personalised model's tables are
@@ -480,7 +480,7 @@ static PyMethodDef Forest_methods[] = {
 
 static PyTypeObject ForestType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "moviematch_ml.runtime._trees.Forest",
-    .tp_doc = PyDoc_STR("Bit-vector tree evaluation over model.TreeEnsemble's tables (see model.py)."),
+    .tp_doc = PyDoc_STR("Bit-vector tree evaluation over trees.TreeEnsemble's tables (see runtime/trees.py)."),
     .tp_basicsize = sizeof(Forest),
     .tp_itemsize = 0,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -492,7 +492,7 @@ static PyTypeObject ForestType = {
 
 static struct PyModuleDef trees_module = {
     PyModuleDef_HEAD_INIT, .m_name = "moviematch_ml.runtime._trees",
-    .m_doc = "Compiled evaluation of model.TreeEnsemble's tables.", .m_size = -1,
+    .m_doc = "Compiled evaluation of trees.TreeEnsemble's tables.", .m_size = -1,
 };
 
 PyMODINIT_FUNC PyInit__trees(void) {

@@ -1,4 +1,4 @@
-"""Types of the C extension built from _trees.c (see model.TreeEnsemble)."""
+"""Types of the C extension built from _trees.c (see trees.TreeEnsemble; imported by native.py only)."""
 
 from typing import Any
 

@@ -19,9 +19,9 @@ kernel                     what it does                            Python twin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,25 @@ except ImportError:  # pragma: no cover - depends on how the package was built
 BUILT: Final[dict[str, bool]] = {"_codec": codec is not None, "_trees": Forest is not None}
 
 FloatArray = npt.NDArray[np.float64]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _kernel_first(name: str, twin: Callable[P, R], accepts: Callable[P, bool] | None = None) -> Callable[P, R]:
+    """``twin``, done by the C kernel of the same arguments when the extension is built and ``accepts`` them (the
+    argument types the kernel parses); a kernel that declines (returns None or False: an input it does not cover)
+    leaves the work to the twin. ``codec`` is read at every call, so a test can set it to None to run the twins."""
+
+    def dispatch(*args: P.args, **kwargs: P.kwargs) -> R:
+        if codec is not None and (accepts is None or accepts(*args, **kwargs)):
+            out = getattr(codec, name)(*args, **kwargs)
+            if out is not None and out is not False:
+                return cast(R, out)
+        return twin(*args, **kwargs)
+
+    dispatch.__name__ = name
+    dispatch.__doc__ = f"``{twin.__name__}``, in C when the extension is built."
+    return dispatch
 
 
 # --- rows: the JSON of a batch answer's rows ------------------------------------------------------------------------
@@ -71,22 +90,6 @@ def rows_py(
     )
 
 
-def rows(
-    ids: list[Any],
-    ratings: list[float],
-    order: list[int] | None,
-    source: bytes,
-    sources: list[bytes] | None,
-    prefix: bytes,
-) -> bytes:
-    """``rows_py``, in C where it can (int ids, ratings without an exponent)."""
-    if codec is not None:
-        out: bytes | None = codec.rows(ids, ratings, order, source, sources, prefix)
-        if out is not None:
-            return out
-    return rows_py(ids, ratings, order, source, sources, prefix)
-
-
 # --- matrix: decoded movies -> feature matrix -----------------------------------------------------------------------
 
 
@@ -96,13 +99,6 @@ def matrix_py(movies: list[Any], names: tuple[str, ...], out: FloatArray) -> boo
     flat = (getattr(movie, name) for movie in movies for name in names)
     out[:] = np.fromiter(flat, dtype=np.float64, count=n * len(names)).reshape(n, len(names))
     return True
-
-
-def matrix(movies: list[Any], names: tuple[str, ...], out: FloatArray) -> bool:
-    """``matrix_py``, in C when built (it declines, False, on a value that is not an int, bool or float)."""
-    if codec is not None and codec.matrix(movies, names, out):
-        return True
-    return matrix_py(movies, names, out)
 
 
 # --- positions: ids -> positions in an id index ---------------------------------------------------------------------
@@ -121,21 +117,6 @@ def positions_py(
     n = len(keys)
     out[:] = np.fromiter(map(index.get, keys, repeat(default, n)), dtype=np.int64, count=n)
     return sum(type(k) is not int for k in keys)
-
-
-def positions(
-    keys: Sequence[Any],
-    index: dict[Any, int],
-    default: int,
-    out: npt.NDArray[np.int64],
-    dense: npt.NDArray[np.int32] | None = None,
-    complete: bool = False,
-) -> int:
-    """``positions_py``, in C when built and ``keys`` is a list."""
-    if codec is not None and type(keys) is list and type(index) is dict:
-        missing: int = codec.positions(keys, index, default, out, dense, complete)
-        return missing
-    return positions_py(keys, index, default, out)
 
 
 # --- view_data: a user's view from their ratings ----------------------------------------------------------------------
@@ -201,25 +182,9 @@ def view_data_py(
     return data.tobytes(), len(latest)
 
 
-def view_data(
-    factors: FloatArray,
-    k: int,
-    item_bias: FloatArray,
-    mu: float,
-    cols: list[int],
-    ratings: list[float],
-    times: list[float],
-    reg_factors: float,
-    reg_bias: float,
-    damping: float,
-    recent: int,
-) -> tuple[bytes, int]:
-    """``view_data_py``, in C when built (built and solved by Cholesky; numpy's solve for a system the Cholesky
-    finds not positive definite, which reports it)."""
-    if codec is not None:
-        packed: tuple[bytes, int] | None = codec.view_data(
-            factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent
-        )
-        if packed is not None:
-            return packed
-    return view_data_py(factors, k, item_bias, mu, cols, ratings, times, reg_factors, reg_bias, damping, recent)
+rows = _kernel_first("rows", rows_py)
+matrix = _kernel_first("matrix", matrix_py)
+view_data = _kernel_first("view_data", view_data_py)
+positions = _kernel_first(
+    "positions", positions_py, lambda keys, index, *_, **__: type(keys) is list and type(index) is dict
+)

@@ -2,7 +2,7 @@
 
 The model reads the six features, what is known of the user (from their ratings through ``/feedback``, folded in
 against the factorisation's movie side), of the movie and the recency of the user's ratings: the 20 inputs of
-``inputs.MODEL_FEATURES``. Training is in ``offline/personalization.py``; this module only predicts, loads and saves.
+``inputs.MODEL_FEATURES``. Training is in ``offline/stacking.py``; this module only predicts, loads and saves.
 """
 
 from __future__ import annotations
@@ -134,9 +134,8 @@ class UserView:
     """The user side of the personalised model's inputs, computed once per user state rather than per request:
     the fold-in solve, mean and spread of their ratings, and their latest ratings for the recency features.
 
-    Immutable. Everything is kept in one ``array("d")``: a replica caches tens of thousands of views, and a view
-    of 3 ratings took 825 bytes as a dataclass of six Python floats, a numpy array (a view on the solve's result,
-    which it kept alive) and two arrays, against 409 as one array (``bench/state_lookup.py``, docs/performance.md).
+    Immutable. Everything is kept in one ``array("d")``: a replica caches tens of thousands of views, and one array
+    takes half the memory of Python floats and numpy arrays (``bench/state_lookup.py`` measures it).
     """
 
     __slots__ = ("_data", "_n", "_t0")
@@ -214,7 +213,7 @@ class UserView:
 
     def factors_array(self) -> FloatArray:
         """The user's factors as a numpy view on the view's array (for the kernels; do not write to it)."""
-        # Positional arguments: np.frombuffer's keyword parsing cost more than the rest of it (0.46 against 0.17 us).
+        # Positional arguments: np.frombuffer's keyword parsing costs more than the rest of the call.
         k = self._t0 - 2 - _V_FACTORS
         out: FloatArray = np.frombuffer(self._data, _FLOAT64, k, 8 * _V_FACTORS)
         return out
@@ -506,7 +505,13 @@ class PersonalizedModel:
             user = template[COLUMN["user_count"] : COLUMN["user_bias"] + 1]
             recent = template[COLUMN["user_recent_resid"] :]
             y = np.asarray(booster.predict(model_inputs(x6, user, movie, dot, mu, recent), num_threads=1))
-        pred = self.to_api(self._clip(np.asarray(y, dtype=np.float64)), in_place=True)
+        if m == 1:
+            # One movie (a /predict): Python floats, where each numpy call would cost more than its arithmetic.
+            scale = self.scale
+            one = min(max(float(y[0]), scale.min), scale.max) * scale.to_api
+            pred = np.array([min(max(one, 0.0), 10.0)])
+        else:
+            pred = self.to_api(self._clip(np.asarray(y, dtype=np.float64)), in_place=True)
         if self.config.personalize == "known_user":
             return pred, np.ones(m, dtype=bool)
         return pred, rows < table.n_known

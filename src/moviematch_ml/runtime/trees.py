@@ -87,9 +87,9 @@ class TreeEnsemble:
     the prefixes, with the masks of the splits a NaN makes false.
     Built from the LightGBM text at load time; results equal LightGBM's to float rounding of the sum (tested).
 
-    When the package was built with its C extension (``moviematch_ml._trees``), the same tables are walked row
-    by row in C instead (``runtime == "native"``): no numpy call per step, so 1 row costs well under a
-    microsecond and 1,000 rows several times less than in numpy. ``native=False`` keeps numpy (tests compare both).
+    When the package was built with its C extension (``runtime/_trees.c``, through ``native.Forest``), the same
+    tables are walked row by row in C instead (``runtime == "native"``): no numpy call per step, so one row and a
+    batch both cost a fraction of numpy's. ``native=False`` keeps numpy (tests compare both).
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class TreeEnsemble:
     ) -> None:
         self.thresholds = thresholds
         # All features' tables one under the other (the one-row path gathers from it in one call); each feature's
-        # table is a view into it, so the masks are held once (11 MB for the personalised model, not 22).
+        # table is a view into it, so the masks are held once, not twice.
         self._stacked = np.concatenate(tables, axis=0)
         self._table_starts = np.cumsum([0] + [len(t) for t in tables[:-1]]).tolist()
         self.tables = [self._stacked[s : s + len(t)] for s, t in zip(self._table_starts, tables, strict=True)]
@@ -132,6 +132,19 @@ class TreeEnsemble:
                 n_trees,
             )
         self.runtime = "native" if self._native is not None else "numpy"
+
+    @property
+    def forest(self) -> Any:
+        """The compiled evaluator (``native.Forest``) that runs these tables, or None when numpy does."""
+        return self._native
+
+    @property
+    def forest_tables(self) -> npt.NDArray[np.unsignedinteger[Any]]:
+        """Every feature's mask table, one under the other, as the compiled evaluator reads them (16-bit masks
+        for trees of up to 16 leaves, else the numpy tables); a read-only view."""
+        view = self._native_tables.view()
+        view.flags.writeable = False
+        return view
 
     @classmethod
     def from_lightgbm_text(cls, text: str, n_features: int, *, native: bool = True) -> TreeEnsemble:
@@ -318,7 +331,7 @@ class TreeEnsemble:
         ]
         masks = np.bitwise_and.reduce(self._stacked.take(rows, axis=0), axis=0)
         # The batch path's lowest-set-bit and leaf gather, on one row and in place: these few numpy calls are most
-        # of a one-row prediction (fresh temporaries for each step cost 4.7 of 10.9 us at 300 trees).
+        # of a one-row prediction, and fresh temporaries for each step would cost nearly as much again.
         np.bitwise_and(masks, np.negative(masks), out=masks)  # m & -m: the exit leaf's bit
         if masks.dtype == np.uint32:
             position = masks.astype(np.float32).view(np.int32)
@@ -335,7 +348,7 @@ class EnsembleBooster:
     """A ``TreeEnsemble`` behind the ``lightgbm.Booster`` methods the serving and saving code call.
 
     For other LightGBM text models: ``fast_booster(text, n)`` is a drop-in for ``lightgbm.Booster(model_str=text)``
-    at prediction time, 2-5x faster and without importing LightGBM (the personalised model uses it).
+    at prediction time, several times faster and without importing LightGBM (the personalised model uses it).
     """
 
     def __init__(self, ensemble: TreeEnsemble, n_features: int, text: str) -> None:

@@ -6,16 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moviematch_ml.baselines import (
-    BaselineConfig,
-    Bias,
-    FallbackCandidate,
-    GlobalMean,
-    MovieMean,
-    fallback_on_scale,
-)
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import RatingScale
+from moviematch_ml.offline.baselines import BaselineConfig, Bias, GlobalMean, MovieMean, fallback_on_scale
+from moviematch_ml.runtime.cards import RatingScale
 
 TRAIN = pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [10, 20, 10], "rating": [5.0, 3.0, 3.0]})
 TEST = pd.DataFrame({"user_id": [1, 2, 9], "movie_id": [10, 20, 99]})
@@ -64,5 +57,5 @@ def test_fallback_on_the_data_scale() -> None:
     # base = (100*8 + 100*6.5) / 200 = 7.25; taste = 0.3 + 0.2 -> 7.75 on 0-10 -> 3.875 stars of 5.
     stars = RatingScale(min=0.5, max=5.0, step=0.5)
     assert fallback_on_scale(rows, stars).tolist() == pytest.approx([3.875])
-    assert FallbackCandidate().fit_predict(TRAIN, rows, RatingScale(min=1, max=10)).tolist() == pytest.approx([7.75])
+    assert fallback_on_scale(rows, RatingScale(min=1, max=10)).tolist() == pytest.approx([7.75])
     assert np.all(np.isfinite(fallback_on_scale(rows, stars)))

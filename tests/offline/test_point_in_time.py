@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moviematch_ml.data import Dataset
-from moviematch_ml.features import FEATURE_NAMES, FEATURES, parse_value
-from moviematch_ml.model import RatingScale
-from moviematch_ml.trainfeatures import FeatureConfig, compute_features
+from moviematch_ml.features import FEATURE_NAMES, FEATURES
+from moviematch_ml.offline.data import Dataset
+from moviematch_ml.offline.point_in_time import FeatureConfig, compute_features
+from moviematch_ml.runtime.cards import RatingScale
 
 T0 = 978_307_200  # 2001-01-01 00:00:00 UTC
 STARS = RatingScale(min=1.0, max=5.0, step=1.0)
@@ -174,7 +174,7 @@ def test_every_value_passes_the_serving_rules() -> None:
     for f in FEATURES:
         for v in feats[f.name].tolist():
             value: float | int = int(v) if f.kind != "number" else v
-            assert parse_value(f, value, f.name) == v
+            assert f.parse(value, f.name) == v
 
 
 def test_hundred_thousand_rows_shape() -> None:

@@ -2,11 +2,10 @@
 
 uvicorn's workers share one listening socket, and whichever worker wakes first accepts every connection waiting
 on it. A client that opens a few keep-alive connections at once (a load balancer's pool, a benchmark's 8
-connections) can so land them all on one worker while the others idle: measured with ``bench/run.py``, 8 of 8
-connections on one of 2 workers in about half of the runs, at half the throughput (358 against 616-666 batches
-per second). Here every worker binds its own socket to the same port with SO_REUSEPORT, and the kernel spreads
-new connections over the workers' sockets. Everything else (health checks of the workers, restarts, graceful
-SIGTERM) is uvicorn's own supervisor, unchanged.
+connections) can so land them all on one worker while the others idle, at half the throughput
+(docs/performance-history.md). Here every worker binds its own socket to the same port with SO_REUSEPORT, and the
+kernel spreads new connections over the workers' sockets. Everything else (health checks of the workers,
+restarts, graceful SIGTERM) is uvicorn's own supervisor, unchanged.
 """
 
 from __future__ import annotations

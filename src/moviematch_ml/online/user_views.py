@@ -1,4 +1,4 @@
-"""The personaliser: a user's stored ratings folded into the personalised model, kept fresh by the change feed.
+"""Users' views: each user's stored ratings folded into the personalised model, kept fresh by the change feed.
 
 Where the state lives: the feedback store is the source of truth and the only thing replicas share. A replica
 keeps each user's view (their ratings folded in) in an in-process cache, forgets a user as soon as it stores a
@@ -54,8 +54,9 @@ class _Movies:
     expires: float
 
 
-class StatePersonalizer:
-    """Answers for users the store knows, with the personalised model it is handed (one model call a request).
+class UserViews:
+    """The views of the users the store knows, and their answers from the personalised model it is handed (one
+    model call a request).
 
     The views it caches were built against one model: handed another (a reload), it drops them.
     """
@@ -179,6 +180,7 @@ class StatePersonalizer:
 
         Reads the store: raises StoreError when it cannot (the user stays queued).
         """
+        self._views_for(model)  # a reload queues the users whose views it drops
         deadline = time.perf_counter() + budget
         while True:
             with self._warm_lock:
@@ -262,10 +264,8 @@ def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
     return users
 
 
-async def keep_warm(
-    personalizer: StatePersonalizer, model: Callable[[], PersonalizedModel | None], share: float
-) -> None:
-    """A worker's background task (the app's lifespan runs it): every ``personalizer.ttl`` seconds, poll the change
+async def keep_warm(views: UserViews, model: Callable[[], PersonalizedModel | None], share: float) -> None:
+    """A worker's background task (the app's lifespan runs it): every ``views.ttl`` seconds, poll the change
     feed and build the views of the users it names (with the model ``model()`` returns at the time), before their
     next request asks for them.
 
@@ -275,27 +275,27 @@ async def keep_warm(
     period, so requests keep priority. The task takes the polls off the request path (``warm_ahead``). Runs until
     cancelled; a store that cannot be read is logged and tried again at the next period.
     """
-    personalizer.warm_ahead = True
-    period = personalizer.ttl
+    views.warm_ahead = True
+    period = views.ttl
     try:
         while True:
             spent = 0.0
             try:
                 current = model()
                 if current is not None:  # without a personalised model there is no state to keep, no feed to read
-                    personalizer.sync()
-                    while personalizer.to_warm and spent < share * period:
+                    views.sync()
+                    while views.to_warm and spent < share * period:
                         started = time.perf_counter()
-                        personalizer.warm(current, WARM_SLICE_SECONDS)
+                        views.warm(current, WARM_SLICE_SECONDS)
                         spent += time.perf_counter() - started
                         await asyncio.sleep(0)
                 else:
-                    personalizer.forget_queue()
+                    views.forget_queue()
             except StoreError as exc:
                 log.warning("user states not built ahead", extra={"reason": str(exc)})
             except Exception:  # a bug here must not end the task: requests still build views on their own
                 log.exception("user states not built ahead")
             await asyncio.sleep(period)
     finally:  # as without this task: requests poll again, and nothing is built ahead
-        personalizer.warm_ahead = False
-        personalizer.forget_queue()
+        views.warm_ahead = False
+        views.forget_queue()

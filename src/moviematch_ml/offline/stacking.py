@@ -16,16 +16,10 @@ import pandas as pd
 
 from moviematch_ml.features import FEATURE_NAMES, N_FEATURES
 from moviematch_ml.offline.als import fit_mf
+from moviematch_ml.runtime import inputs
 from moviematch_ml.runtime.cards import RatingScale
 from moviematch_ml.runtime.factors import MFConfig, lookup
-from moviematch_ml.runtime.inputs import (
-    MODEL_FEATURES,
-    RECENT_FEATURES,
-    RECENT_RATINGS,
-    RECENT_SHORT,
-    SECONDS_PER_DAY,
-    model_inputs,
-)
+from moviematch_ml.runtime.inputs import MODEL_FEATURES, model_inputs
 from moviematch_ml.runtime.personalized import PersonalizedConfig, PersonalizedModel, RatingState, mean_std
 
 FloatArray = npt.NDArray[np.float64]
@@ -70,21 +64,21 @@ def recent_features(times: FloatArray, resid: FloatArray, start: IntArray, end: 
     computes the same for one user at serving time.
     """
     cum = np.concatenate([[0.0], np.cumsum(resid)])
-    out = np.full((len(end), len(RECENT_FEATURES)), np.nan)
+    out = np.full((len(end), len(inputs.RECENT_FEATURES)), np.nan)
     has = end > start
-    for col, width in ((0, RECENT_RATINGS), (1, RECENT_SHORT)):
+    for col, width in ((0, inputs.RECENT_RATINGS), (1, inputs.RECENT_SHORT)):
         lo = np.maximum(start, end - width)
         out[has, col] = (cum[end] - cum[lo])[has] / (end - lo)[has]
     if len(times):
         last = times[np.clip(end - 1, 0, len(times) - 1)]
-        out[has, 2] = (t - last)[has] / SECONDS_PER_DAY
+        out[has, 2] = (t - last)[has] / inputs.SECONDS_PER_DAY
         # Ratings of the last RECENT_RATINGS within a day of t: the window keeps it computable from online state.
-        lo = np.maximum(start, end - RECENT_RATINGS)
+        lo = np.maximum(start, end - inputs.RECENT_RATINGS)
         count = np.zeros(len(end))
-        for back in range(1, RECENT_RATINGS + 1):
+        for back in range(1, inputs.RECENT_RATINGS + 1):
             row = end - back
             ok = row >= lo
-            count += ok & (times[np.clip(row, 0, len(times) - 1)] >= t - SECONDS_PER_DAY)
+            count += ok & (times[np.clip(row, 0, len(times) - 1)] >= t - inputs.SECONDS_PER_DAY)
         out[:, 3] = count
     else:
         out[:, 3] = 0.0

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moviematch_ml.data import (
+from moviematch_ml.errors import DataError, StoreError
+from moviematch_ml.offline.data import (
     FEEDBACK_SCALE,
     Dataset,
     detect_scale,
@@ -20,9 +21,8 @@ from moviematch_ml.data import (
     parse_scale,
     title_keys,
 )
-from moviematch_ml.errors import DataError, StoreError
-from moviematch_ml.feedback import Feedback
-from moviematch_ml.store import FeedbackStore
+from moviematch_ml.online.feedback import Feedback
+from moviematch_ml.online.store import FeedbackStore
 
 RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n2,1,5.0,964982224\n"
 MOVIES = (

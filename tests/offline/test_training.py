@@ -1,7 +1,8 @@
-"""Training: determinism, the model card, the report and the train/evaluate commands (tiny and real data)."""
+"""Training: determinism, the model cards and the train/evaluate commands (tiny and real data)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,18 +12,11 @@ import pytest
 from pydantic import ValidationError
 
 from moviematch_ml import cli
-from moviematch_ml.data import MIN_FEEDBACK_RATINGS, Dataset
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.feedback import Feedback
-from moviematch_ml.model import BUNDLED_MODEL_DIR, CARD_NAME, RatingScale, load_predictor, read_card, sha256_file
-from moviematch_ml.personalized import MODEL_FEATURES, PersonalizedModel
-from moviematch_ml.report import decile_rmse, write_report
-from moviematch_ml.store import FeedbackStore
-from moviematch_ml.training import (
-    PERSONALIZED_DIR,
-    LightGBMParams,
-    TrainConfig,
-    feature_stats,
+from moviematch_ml.offline.boosting import LightGBMParams, TrainConfig, feature_stats
+from moviematch_ml.offline.data import MIN_FEEDBACK_RATINGS, Dataset
+from moviematch_ml.offline.stacking import predict_pairs
+from moviematch_ml.offline.training import (
     min_training_ratings,
     personalized_config,
     personalized_version,
@@ -31,35 +25,17 @@ from moviematch_ml.training import (
     train_six_feature_model,
     write_model,
 )
+from moviematch_ml.online.feedback import Feedback
+from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, CARD_NAME, PERSONALIZED_DIR, RatingScale, read_card
+from moviematch_ml.runtime.inputs import MODEL_FEATURES
+from moviematch_ml.runtime.personalized import PersonalizedModel
+from moviematch_ml.runtime.predictor import load_six_features
+from reference import synthetic_dataset
 
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
-
-def _dataset(n: int = 3000, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    n_movies, n_users = 60, 40
-    quality = rng.normal(0, 0.8, n_movies)
-    taste = rng.normal(0, 0.5, n_users)
-    movies = pd.DataFrame(
-        {
-            "movie_id": np.arange(n_movies),
-            "title": [f"m{i}" for i in range(n_movies)],
-            "year": rng.integers(1960, 2010, n_movies).astype(float),
-            "genres": [tuple(rng.choice(GENRES, rng.integers(1, 4), replace=False)) for _ in range(n_movies)],
-            "vote_average": np.clip(6.5 + 1.5 * quality, 0, 10),
-            "vote_count": rng.integers(10, 10_000, n_movies).astype(float),
-            "popularity": np.nan,
-            "release_year": np.nan,
-        }
-    )
-    movies["release_year"] = movies["year"]
-    u = rng.integers(0, n_users, n)
-    m = rng.integers(0, n_movies, n)
-    rating = np.clip(np.round((3.5 + quality[m] + taste[u] + rng.normal(0, 0.7, n)) * 2) / 2, 0.5, 5.0)
-    ratings = pd.DataFrame(
-        {"user_id": u, "movie_id": m, "rating": rating, "timestamp": 1_100_000_000 + np.sort(rng.integers(0, 10**8, n))}
-    )
-    return Dataset("synthetic", ratings, movies, RatingScale(min=0.5, max=5.0, step=0.5))
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_config_refuses_unknown_fields() -> None:
@@ -69,7 +45,7 @@ def test_config_refuses_unknown_fields() -> None:
 
 
 def test_same_data_and_seed_give_the_same_model_file_byte_for_byte(tmp_path: Path) -> None:
-    ds = _dataset()
+    ds = synthetic_dataset()
     a = train_six_feature_model(ds, TrainConfig(seed=3))
     b = train_six_feature_model(ds, TrainConfig(seed=3))
     assert a.model_text == b.model_text
@@ -81,11 +57,11 @@ def test_same_data_and_seed_give_the_same_model_file_byte_for_byte(tmp_path: Pat
 
 
 def test_card_describes_the_model(tmp_path: Path) -> None:
-    ds = _dataset()
+    ds = synthetic_dataset()
     result = train_six_feature_model(ds, TrainConfig(seed=1), created_at="2026-01-01T00:00:00Z")
     card = result.card
     card_file = write_model(tmp_path, result)
-    assert card.sha256 == sha256_file(tmp_path / "model.txt")
+    assert card.sha256 == _sha256(tmp_path / "model.txt")
     assert card.features == list(FEATURE_NAMES)
     assert card.rating_scale == ds.scale
     assert card.data["fingerprint_sha256"] == ds.fingerprint()
@@ -94,7 +70,7 @@ def test_card_describes_the_model(tmp_path: Path) -> None:
     assert set(card.feature_stats) == set(FEATURE_NAMES)
     assert card.training["num_trees"] >= 1
     # The service loads it: the same numbers as the booster, mapped from stars to 0-10.
-    predictor = load_predictor(card_file)
+    predictor = load_six_features(card_file)
     x = pd.DataFrame(
         [
             {
@@ -124,26 +100,6 @@ def test_feature_stats_by_hand() -> None:
     assert stats.quantiles == {"p01": 1.0, "p05": 5.0, "p25": 25.0, "p50": 50.0, "p75": 75.0, "p95": 95.0, "p99": 99.0}
 
 
-def test_decile_rmse_by_hand() -> None:
-    pred = np.arange(20, dtype=float)
-    truth = pred + np.where(pred < 10, 1.0, 0.0)
-    dec = decile_rmse(pred, truth)
-    assert len(dec) == 10
-    assert dec[0] == (0.5, 1.0, 2)
-    assert dec[9] == (18.5, 0.0, 2)
-
-
-def test_report_writes_markdown_and_pngs(tmp_path: Path) -> None:
-    result = train_six_feature_model(_dataset(), TrainConfig(seed=1))
-    md = write_report(tmp_path, result)
-    text = md.read_text(encoding="utf-8")
-    assert "| six_features |" in text
-    assert "| bias |" in text
-    for png in ("feature_importance", "predicted_vs_actual", "error_by_decile", "rmse_cold_warm"):
-        assert (tmp_path / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"({png}.png)" in text
-
-
 def _csvs(tmp_path: Path, ds: Dataset) -> tuple[Path, Path]:
     r, m = tmp_path / "ratings.csv", tmp_path / "movies.csv"
     ds.ratings.rename(columns={"user_id": "userId", "movie_id": "movieId"}).to_csv(r, index=False)
@@ -159,11 +115,11 @@ def _csvs(tmp_path: Path, ds: Dataset) -> tuple[Path, Path]:
 
 
 def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r, m = _csvs(tmp_path, _dataset())
+    r, m = _csvs(tmp_path, synthetic_dataset())
     out = tmp_path / "out"
     assert cli.main(["train", "--ratings", str(r), "--movies", str(m), "--out", str(out), "--seed", "5"]) == 0
     assert {"model.txt", "model_card.json", "report.md", "feature_importance.png"} <= {p.name for p in out.iterdir()}
-    assert load_predictor(out).version.startswith("six-")
+    assert load_six_features(out).version.startswith("six-")
     # Both models by default; the report has a section for the personalised one; the run is timed.
     assert PersonalizedModel.load(out / PERSONALIZED_DIR).version.startswith("personalized-")
     assert "## Personalised model: personalized-" in (out / "report.md").read_text(encoding="utf-8")
@@ -189,7 +145,7 @@ def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_cli_bad_data_exits_1_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r, m = _csvs(tmp_path, _dataset(50))
+    r, m = _csvs(tmp_path, synthetic_dataset(50))
     lines = r.read_text(encoding="utf-8").splitlines()
     lines[5] = "1,2,four,3"
     r.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -204,12 +160,12 @@ def test_cli_bad_data_exits_1_with_file_and_line(tmp_path: Path, capsys: pytest.
 
 
 def test_train_models_writes_both_models_and_they_load(tmp_path: Path) -> None:
-    ds = _dataset(1500)
+    ds = synthetic_dataset(1500)
     cfg, pcfg = TrainConfig(seed=2), personalized_config(2)
     result = train_models(ds, cfg, pcfg, created_at="2026-01-01T00:00:00Z")
     assert result.personalized is not None
     write_model(tmp_path, result)
-    six = load_predictor(tmp_path)
+    six = load_six_features(tmp_path)
     assert six.card.kind == "six_features"
     pm = PersonalizedModel.load(tmp_path / PERSONALIZED_DIR)
     card = pm.card
@@ -225,7 +181,7 @@ def test_train_models_writes_both_models_and_they_load(tmp_path: Path) -> None:
     folder = tmp_path / PERSONALIZED_DIR
     assert {card.model_file, *card.extra_files} == {p.name for p in folder.iterdir()} - {CARD_NAME}
     for name, sha in card.extra_files.items():
-        assert sha256_file(folder / name) == sha
+        assert _sha256(folder / name) == sha
     assert card.training["config"]["seed"] == 2
     assert card.training["config"]["mf"]["seed"] == 2
     # Hold-out figures against the six-feature and bias models, from the same temporal split as the six's card.
@@ -241,16 +197,16 @@ def test_train_models_writes_both_models_and_they_load(tmp_path: Path) -> None:
     users, movies = ds.ratings["user_id"].to_numpy()[:20], ds.ratings["movie_id"].to_numpy()[:20]
     t = np.full(20, float(ds.ratings["timestamp"].max()) + 1.0)
     x6 = np.tile([2.0, 7.0, 100.0, 1.0, 10.0, 5.0], (20, 1))
-    want, mask = result.personalized.model.predict_pairs(users, movies, t, x6)
-    got, mask2 = pm.predict_pairs(users, movies, t, x6)
+    want, mask = predict_pairs(result.personalized.model, users, movies, t, x6)
+    got, mask2 = predict_pairs(pm, users, movies, t, x6)
     assert mask.all()
     assert mask2.all()
-    # Loaded, the trees run in model.TreeEnsemble; trained, in LightGBM: equal to float rounding of the sum.
+    # Loaded, the trees run in runtime.trees.TreeEnsemble; trained, in LightGBM: equal to float rounding of the sum.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
 def test_personalized_files_are_the_same_byte_for_byte_for_the_same_data_and_seed(tmp_path: Path) -> None:
-    ds = _dataset(1200)
+    ds = synthetic_dataset(1200)
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
         write_model(tmp_path / name, train_models(ds, TrainConfig(seed=seed), personalized_config(seed)))
     a, b, c = (tmp_path / n / PERSONALIZED_DIR for n in "abc")
@@ -301,7 +257,7 @@ def _feedback_store(tmp_path: Path, ds: Dataset, extra: list[Feedback] | None = 
 
 
 def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ds = _dataset(800)
+    ds = synthetic_dataset(800)
     _, movies = _csvs(tmp_path, ds)
     stray = [Feedback(f"x{i}", "user-1", "9999", 5.0, 2_000_000_000.0 + i, None) for i in range(5)]
     url = _feedback_store(tmp_path, ds, stray)
@@ -314,7 +270,7 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert n_twice > 0
     n = 800 - n_twice
     assert f"read 805 feedback ratings (up to row 805); training on {n} (5 of movies not in" in captured.err
-    six = load_predictor(out)
+    six = load_six_features(out)
     card = six.card
     assert card.rating_scale == RatingScale(min=0.0, max=10.0)
     d = card.data
@@ -332,7 +288,7 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     # Predictions come back on the 0-10 scale the ratings were stored in.
     x = np.array([[2, 8.0, 5000, 1, 3, 40.0]])
     assert 0.0 <= six.predict(x)[0] <= 10.0
-    pred, mask = pm.predict_pairs(["user-3"], [int(ds.ratings["movie_id"].iloc[0])], [2e9], x)
+    pred, mask = predict_pairs(pm, ["user-3"], [int(ds.ratings["movie_id"].iloc[0])], [2e9], x)
     assert mask.all()
     assert 0.0 <= pred[0] <= 10.0
     # evaluate reads the same data.
@@ -345,7 +301,7 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_cli_train_from_feedback_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ds = _dataset(300)
+    ds = synthetic_dataset(300)
     _, movies = _csvs(tmp_path, ds)
     base = ["train", "--from-feedback", "--movies", str(movies), "--out", str(tmp_path / "out")]
     url = _feedback_store(tmp_path, ds)
@@ -354,7 +310,7 @@ def test_cli_train_from_feedback_errors(tmp_path: Path, capsys: pytest.CaptureFi
         "moviematch-ml train: feedback store: 300 ratings stored; training needs at least 556 ratings"
     )
     (tmp_path / "many").mkdir()
-    big = _dataset(700)
+    big = synthetic_dataset(700)
     wrong = [Feedback(f"w{i}", "user-2", f"m{i}", 6.0, 2e9 + i, None) for i in range(100)]
     url2 = _feedback_store(tmp_path / "many", big, wrong)  # 100 of 800 (12.5%) not in movies.csv
     assert cli.main([*base, "--database-url", url2]) == 1
@@ -393,7 +349,7 @@ def test_real_data_six_features_beat_the_baselines(protocol: str, capsys: pytest
 
 
 def test_bundled_model_loads_and_is_small() -> None:
-    predictor = load_predictor(BUNDLED_MODEL_DIR)
+    predictor = load_six_features(BUNDLED_MODEL_DIR)
     card = predictor.card
     assert card.data["dataset"] == "movielens-small"
     assert card.rating_scale.max == 5.0
@@ -410,7 +366,7 @@ def test_bundled_model_loads_and_is_small() -> None:
 def test_bundled_personalized_model_loads_and_is_small() -> None:
     folder = BUNDLED_MODEL_DIR / PERSONALIZED_DIR
     pm = PersonalizedModel.load(folder)
-    card, six = pm.card, load_predictor(BUNDLED_MODEL_DIR).card
+    card, six = pm.card, load_six_features(BUNDLED_MODEL_DIR).card
     assert card is not None
     assert card.kind == "personalized"
     # Trained from the same data as the six-feature model next to it, in the same run.
@@ -427,9 +383,9 @@ def test_bundled_personalized_model_loads_and_is_small() -> None:
 
 @pytest.mark.slow
 def test_bundled_model_was_trained_on_the_built_in_data() -> None:
-    from moviematch_ml.data import load_movielens_small
+    from moviematch_ml.offline.data import load_movielens_small
 
-    card = load_predictor(BUNDLED_MODEL_DIR).card
+    card = load_six_features(BUNDLED_MODEL_DIR).card
     ds = load_movielens_small()
     assert card.data["fingerprint_sha256"] == ds.fingerprint()
     assert card.version == f"six-{card.data['fingerprint_sha256'][:10]}-{TrainConfig().digest()[:8]}"

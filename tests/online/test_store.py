@@ -1,4 +1,4 @@
-"""The feedback store against real SQLite files and the real PostgreSQL server."""
+"""The feedback store against real SQLite files and the real PostgreSQL server, and its migrations."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine.default import CACHE_HIT
 
 from moviematch_ml.errors import ConfigError, StoreError
-from moviematch_ml.feedback import Feedback, parse_feedback
-from moviematch_ml.store import FeedbackStore, engine_url
+from moviematch_ml.online import migrations
+from moviematch_ml.online.feedback import Feedback, parse_feedback
+from moviematch_ml.online.store import FeedbackStore, engine_url, make_engine
+from moviematch_ml.online.tables import metadata
 
 
 @pytest.fixture
@@ -29,21 +31,24 @@ def _fb(fid: str, user: str, movie: str, rating: float, t: float = 100.0) -> Fee
     return Feedback(fid, user, movie, rating, t, None)
 
 
+def _count(store: FeedbackStore) -> int:
+    return sum(1 for _ in store.iter_ratings())
+
+
 def test_ratings_are_stored_once_and_totals_follow(store: FeedbackStore) -> None:
     first = store.add([_fb("a", "u1", "m1", 8.0), _fb("b", "u1", "m2", 6.0), _fb("c", "u2", "m1", 4.0)])
     assert first.stored == (True, True, True)
     again = store.add([_fb("a", "u1", "m1", 8.0), _fb("d", "u2", "m2", 10.0)])
     assert again.stored == (False, True)
     assert (again.accepted, again.duplicates) == (1, 1)
-    assert store.count() == 4
-    users = store.user_counts(["u1", "u2", "nobody"])
-    assert set(users) == {"u1", "u2"}
-    assert (users["u1"].n, users["u1"].rating_sum, users["u1"].rating_sumsq) == (2, 14.0, 100.0)
-    assert users["u2"].mean == 7.0  # (4 + 10) / 2
-    movies = store.movie_counts(["m1", "m2"])
-    assert (movies["m1"].n, movies["m1"].mean) == (2, 6.0)
-    assert store.all_movie_counts() == movies  # every rated movie, and only those
+    assert _count(store) == 4
+    movies = store.all_movie_counts()
+    assert set(movies) == {"m1", "m2"}  # every rated movie, and only those
+    assert (movies["m1"].n, movies["m1"].rating_sum, movies["m1"].rating_sumsq) == (2, 12.0, 80.0)
+    assert (movies["m1"].mean, movies["m2"].mean) == (6.0, 8.0)  # (8 + 4) / 2, (6 + 10) / 2
     assert store.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 100.0)]
+    assert store.user_ratings("u2") == [("m1", 4.0, 100.0), ("m2", 10.0, 100.0)]
+    assert store.user_ratings("nobody") == []
 
 
 def test_change_feed_gives_the_new_rows_and_their_users(store: FeedbackStore) -> None:
@@ -61,21 +66,22 @@ def test_change_feed_gives_the_new_rows_and_their_users(store: FeedbackStore) ->
 def test_a_key_repeated_inside_one_request_counts_once(store: FeedbackStore) -> None:
     result = store.add([_fb("same", "u", "m", 5.0), _fb("same", "u", "m", 5.0)])
     assert result.stored == (True, False)
-    assert store.user_counts(["u"])["u"].n == 1
+    assert store.user_ratings("u") == [("m", 5.0, 100.0)]
+    assert store.all_movie_counts()["m"].n == 1
 
 
 def test_retried_keyed_request_stores_nothing_new(store: FeedbackStore) -> None:
     body = {"ratings": [{"user_id": 3, "movie_id": 9, "rating": 7}, {"user_id": 3, "movie_id": 10, "rating": 2}]}
     assert store.add(parse_feedback(body, "req-42", 1.0)).accepted == 2
     assert store.add(parse_feedback(body, "req-42", 2.0)).accepted == 0
-    assert store.user_counts(["3"])["3"].n == 2
+    assert store.user_ratings("3") == [("9", 7.0, 1.0), ("10", 2.0, 1.0)]
 
 
-def test_bulk_lookup_beyond_one_in_list_chunk(store: FeedbackStore) -> None:
+def test_every_movie_s_totals_in_one_read(store: FeedbackStore) -> None:
     store.add([_fb(f"f{i}", "u", f"m{i}", float(i % 11)) for i in range(2000)])
-    got = store.movie_counts([f"m{i}" for i in range(2100)])
+    got = store.all_movie_counts()
     assert len(got) == 2000
-    assert got["m1999"].rating_sum == float(1999 % 11)
+    assert (got["m1999"].n, got["m1999"].rating_sum) == (1, float(1999 % 11))
 
 
 def test_iter_ratings_returns_everything_in_arrival_order(store: FeedbackStore) -> None:
@@ -83,10 +89,11 @@ def test_iter_ratings_returns_everything_in_arrival_order(store: FeedbackStore) 
     rows = list(store.iter_ratings(batch=7))
     assert [r[4] for r in rows] == [float(i) for i in range(25)]
     assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert rows[4][1:] == ("u1", "m4", 5.0, 4.0)
 
 
 def test_concurrent_writers_lose_no_increment(db_url: str) -> None:
-    # Two stores (as two replicas would have) add ratings for the same user at the same time.
+    # Two stores (as two replicas would have) add ratings of the same movies at the same time.
     a, b = FeedbackStore.from_url(db_url), FeedbackStore.from_url(db_url)
 
     def write(s: FeedbackStore, tag: str) -> None:
@@ -98,8 +105,9 @@ def test_concurrent_writers_lose_no_increment(db_url: str) -> None:
         t.start()
     for t in threads:
         t.join()
-    counts = a.user_counts(["shared"])["shared"]
-    assert (counts.n, counts.rating_sum) == (40, 40.0)
+    totals = a.all_movie_counts()
+    assert {m: (c.n, c.rating_sum) for m, c in totals.items()} == {f"m{i}": (2, 2.0) for i in range(20)}
+    assert len(a.user_ratings("shared")) == 40
     a.close()
     b.close()
 
@@ -107,7 +115,8 @@ def test_concurrent_writers_lose_no_increment(db_url: str) -> None:
 def test_migrations_are_idempotent(db_url: str) -> None:
     FeedbackStore.from_url(db_url).close()
     s = FeedbackStore.from_url(db_url)  # second upgrade to head is a no-op
-    assert s.count() == 0
+    assert s.last_row_id() == 0
+    assert migrations.current_revision(s.engine) == migrations.HEAD_REVISION
     s.close()
 
 
@@ -115,18 +124,57 @@ def test_head_revision_is_alembics_head() -> None:
     # A new migration must move HEAD_REVISION too, or a store at the old head would skip it.
     from alembic.script import ScriptDirectory
 
-    from moviematch_ml.migrations import HEAD_REVISION, alembic_config
+    assert ScriptDirectory.from_config(migrations.alembic_config()).get_current_head() == migrations.HEAD_REVISION
 
-    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+def _schema_differences(engine: Engine) -> list[Any]:
+    """What Alembic's autogenerate would change to make the database's schema that of ``tables.py``."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        diff: list[Any] = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        return diff
+
+
+def test_the_migrations_create_exactly_the_schema_of_tables(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrations.upgrade(engine)
+        assert _schema_differences(engine) == []
+        assert set(inspect(engine).get_table_names()) == {"alembic_version", "feedback", "movie_state"}
+    finally:
+        engine.dispose()
+
+
+def test_0002_drops_user_state_from_a_store_at_0001(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        assert migrations.current_revision(engine) == "0001"
+        assert "user_state" in inspect(engine).get_table_names()
+        # At 0001 the schema is not the one the code writes to: the comparison sees the table to drop.
+        assert [d[0] for d in _schema_differences(engine)] == ["remove_table"]
+        with engine.begin() as conn:  # a row written by the old code, in a table that goes
+            conn.exec_driver_sql(
+                "INSERT INTO user_state (user_id, n, rating_sum, rating_sumsq, updated_at) VALUES ('u', 1, 5, 25, 1)"
+            )
+        s = FeedbackStore(engine)
+        s.migrate()
+        assert migrations.current_revision(engine) == "0002" == migrations.HEAD_REVISION
+        assert "user_state" not in inspect(engine).get_table_names()
+        assert _schema_differences(engine) == []
+        s.add([_fb("a", "u", "m", 5.0)])
+        assert s.user_ratings("u") == [("m", 5.0, 100.0)]
+    finally:
+        engine.dispose()
 
 
 def test_a_store_at_head_opens_without_alembic(db_url: str) -> None:
     # Each worker checks the schema at start: a store already at head is one read, no Alembic import (11 MB).
-    from moviematch_ml.migrations import HEAD_REVISION, current_revision
-
     probe = (
-        "import sys; from moviematch_ml.store import FeedbackStore; "
-        f"s = FeedbackStore.from_url({db_url!r}); s.count(); print('alembic' in sys.modules)"
+        "import sys; from moviematch_ml.online.store import FeedbackStore; "
+        f"s = FeedbackStore.from_url({db_url!r}); s.last_row_id(); print('alembic' in sys.modules)"
     )
 
     def alembic_imported() -> bool:
@@ -135,7 +183,7 @@ def test_a_store_at_head_opens_without_alembic(db_url: str) -> None:
 
     assert alembic_imported()  # a new database: Alembic creates the schema
     s = FeedbackStore.from_url(db_url)
-    assert current_revision(s.engine) == HEAD_REVISION
+    assert migrations.current_revision(s.engine) == migrations.HEAD_REVISION
     s.close()
     assert not alembic_imported()  # at head: nothing to do
 
@@ -154,6 +202,8 @@ def test_a_failed_read_is_a_store_error_and_the_pool_recovers(store: FeedbackSto
         conn.exec_driver_sql("ALTER TABLE feedback RENAME TO feedback_away")
     with pytest.raises(StoreError, match="could not read feedback"):
         store.user_ratings("u1")
+    with pytest.raises(StoreError, match="could not read feedback"):
+        store.changed_rows(0)
     with store.engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE feedback_away RENAME TO feedback")
     assert store.user_ratings("u1") == [("m1", 8.0, 100.0)]  # the same store answers again
@@ -175,9 +225,9 @@ def test_batches_of_any_size_share_their_compiled_statements(store: FeedbackStor
             store.add([_fb(f"{size}-{k}", f"u{k}", f"m{k % 7}", 5.0) for k in range(size)])
     finally:
         event.remove(store.engine, "after_cursor_execute", record)
-    assert len(hits) >= 3 * 38  # the ratings, the users' and the movies' totals, for every batch
+    assert len(hits) >= 2 * 38  # the ratings and the movies' totals, for every batch
     assert all(hits)
-    assert store.count() == 2 + sum(range(2, 40))
+    assert _count(store) == 2 + sum(range(2, 40))
 
 
 def test_a_reused_sqlite_reader_sees_every_later_commit(tmp_path: Path) -> None:
@@ -186,12 +236,12 @@ def test_a_reused_sqlite_reader_sees_every_later_commit(tmp_path: Path) -> None:
     try:
         s.add([_fb("a", "u1", "m1", 8.0)])
         assert s.user_ratings("u1") == [("m1", 8.0, 100.0)]
-        assert len(s._readers) == 1  # the read's connection is kept for the next one
-        reader = s._readers[0]
+        assert len(s.idle_readers) == 1  # the read's connection is kept for the next one
+        reader = s.idle_readers[0]
         other.add([_fb("b", "u1", "m2", 6.0, 200.0)])
         # The same connection, holding no snapshot of the first read: the other writer's commit is seen.
         assert s.user_ratings("u1") == [("m1", 8.0, 100.0), ("m2", 6.0, 200.0)]
-        assert s._readers == [reader]
+        assert s.idle_readers == (reader,)
         # Even a rating stored as an integer comes back a float (the columns' REAL affinity).
         with s.engine.begin() as conn:
             conn.exec_driver_sql(
@@ -206,7 +256,7 @@ def test_a_reused_sqlite_reader_sees_every_later_commit(tmp_path: Path) -> None:
     finally:
         s.close()
         other.close()
-    assert s._readers == []  # closed with the store
+    assert len(s.idle_readers) == 0  # closed with the store
 
 
 def test_concurrent_sqlite_readers_each_get_their_own_connection(tmp_path: Path) -> None:
@@ -229,8 +279,9 @@ def test_concurrent_sqlite_readers_each_get_their_own_connection(tmp_path: Path)
     for t in threads:
         t.join()
     assert errors == []
-    assert 1 <= len(s._readers) <= 4  # at most one per concurrent reader, each back in the list
-    assert len({id(c) for c in s._readers}) == len(s._readers)
+    readers = s.idle_readers
+    assert 1 <= len(readers) <= 4  # at most one per concurrent reader, each back in the list
+    assert len({id(c) for c in readers}) == len(readers)
     s.close()
 
 
@@ -241,5 +292,5 @@ def test_only_a_sqlite_file_gets_readers_of_its_own(db_url: str) -> None:
         s = FeedbackStore.from_url(url)
         s.add([_fb("a", "u1", "m1", 8.0)])
         assert s.user_ratings("u1") == [("m1", 8.0, 100.0)]
-        assert len(s._readers) == (1 if url.startswith("sqlite:///") else 0)
+        assert len(s.idle_readers) == (1 if url.startswith("sqlite:///") else 0)
         s.close()

@@ -1,4 +1,4 @@
-"""Evaluation: metrics on hand-computed cases, the protocols' splits, loud failures and pluggable candidates."""
+"""Evaluation: the protocols' splits, loud failures, pluggable candidates and frozen features."""
 
 from __future__ import annotations
 
@@ -9,56 +9,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moviematch_ml.baselines import GlobalMeanCandidate
-from moviematch_ml.data import Dataset
-from moviematch_ml.evaluation import (
-    CANDIDATES,
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.offline.boosting import TrainConfig
+from moviematch_ml.offline.candidates import GlobalMeanCandidate
+from moviematch_ml.offline.data import Dataset
+from moviematch_ml.offline.evaluation import (
     EvaluationError,
     FeatureMode,
     Protocol_,
     check_predictions,
     evaluate,
     kfold_split,
-    mae,
-    ndcg_at_k,
-    rmse,
     split_frames,
     temporal_split,
 )
-from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import RatingScale
-from moviematch_ml.trainfeatures import FeatureConfig, compute_features
-from moviematch_ml.training import TrainConfig
+from moviematch_ml.offline.metrics import rmse
+from moviematch_ml.offline.point_in_time import FeatureConfig, compute_features
+from moviematch_ml.runtime.cards import RatingScale
 
 FloatArray = np.ndarray
-
-
-def test_rmse_and_mae() -> None:
-    y = np.array([1.0, 2.0, 3.0, 4.0])
-    p = np.array([2.0, 2.0, 1.0, 4.0])
-    assert rmse(y, p) == pytest.approx(math.sqrt((1 + 0 + 4 + 0) / 4))
-    assert mae(y, p) == pytest.approx((1 + 0 + 2 + 0) / 4)
-
-
-def test_ndcg_by_hand() -> None:
-    users = ["a"] * 5 + ["b"] * 4 + ["c"] * 5
-    truth = np.array([5, 4, 3, 2, 1, 5, 1, 1, 1, 3, 2, 5, 4, 1], dtype=float)
-    pred = np.array([1, 2, 3, 4, 5, 0, 9, 9, 9, 3, 2, 5, 4, 1], dtype=float)
-    # User a is ranked exactly backwards; b has 4 ratings (< 5, skipped); c is ranked perfectly (NDCG 1).
-    dcg_a = 1 / math.log2(2) + 2 / math.log2(3) + 3 / math.log2(4) + 4 / math.log2(5) + 5 / math.log2(6)
-    idcg_a = 5 / math.log2(2) + 4 / math.log2(3) + 3 / math.log2(4) + 2 / math.log2(5) + 1 / math.log2(6)
-    assert ndcg_at_k(users, truth, pred) == pytest.approx((dcg_a / idcg_a + 1.0) / 2)
-
-
-def test_ndcg_cuts_at_k_and_ties_keep_row_order() -> None:
-    truth = np.array([1.0] * 10 + [5.0, 5.0])
-    pred = np.array([2.0] * 10 + [1.0, 1.0])
-    dcg = sum(1 / math.log2(i + 1) for i in range(1, 11))
-    idcg = 5 + 5 / math.log2(3) + sum(1 / math.log2(i + 1) for i in range(3, 11))
-    assert ndcg_at_k(["u"] * 12, truth, pred, k=10) == pytest.approx(dcg / idcg)
-    # Equal predictions: rows keep their order, so the two 5s at the end fall outside the top 10 too.
-    assert ndcg_at_k(["u"] * 12, truth, np.zeros(12), k=10) == pytest.approx(dcg / idcg)
-    assert math.isnan(ndcg_at_k(["u"] * 4, truth[:4], pred[:4]))
 
 
 def test_temporal_split_is_the_first_80_percent() -> None:
@@ -169,10 +138,6 @@ def test_evaluate_refuses_nan_unless_allowed() -> None:
         evaluate(_dataset(), "temporal", candidates=[_Broken()])
     out = evaluate(_dataset(), "temporal", candidates=[_Broken()], allow_missing=True)
     assert out["models"]["broken"]["missing"] == 1
-
-
-def test_the_required_models_are_registered() -> None:
-    assert {"global_mean", "movie_mean", "bias", "fallback", "six_features"} <= set(CANDIDATES)
 
 
 # --- frozen features: the test rows' features come from the training ratings only -------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.model import BUNDLED_MODEL_DIR, CARD_NAME, read_card
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, CARD_NAME, read_card
 from realserver import request, start, stop
 
 pytestmark = pytest.mark.slow
@@ -21,10 +21,10 @@ def _rmse(pred: list[float], truth: list[float]) -> float:
 
 
 def test_replayed_feedback_brings_predictions_closer_to_held_out_ratings(tmp_path: Path) -> None:
-    from moviematch_ml.data import load_movielens_small
-    from moviematch_ml.evaluation import feature_frame
-    from moviematch_ml.personalized import PersonalizedModel
-    from moviematch_ml.training import TrainConfig
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.data import load_movielens_small
+    from moviematch_ml.offline.evaluation import feature_frame
+    from moviematch_ml.offline.stacking import fit_frame
 
     dataset = load_movielens_small()
     frame = feature_frame(dataset, TrainConfig())
@@ -38,7 +38,7 @@ def test_replayed_feedback_brings_predictions_closer_to_held_out_ratings(tmp_pat
     card = read_card(BUNDLED_MODEL_DIR)
     for name in (CARD_NAME, card.model_file):
         shutil.copy(BUNDLED_MODEL_DIR / name, model_dir / name)
-    model = PersonalizedModel.fit_frame(frame[~frame["user_id"].isin(users)], dataset.scale)
+    model = fit_frame(frame[~frame["user_id"].isin(users)], dataset.scale)
     model.save(model_dir / "personalized", version="replay-test")
 
     server = start(

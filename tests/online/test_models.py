@@ -1,0 +1,251 @@
+"""ModelSet: both models of a directory loaded, each checked with a canned prediction, swapped in together, and
+reported one by one (what /health says)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from moviematch_ml.errors import ModelChecksumError
+from moviematch_ml.features import example_matrix
+from moviematch_ml.online.models import NOT_LOADED, ModelReport, Models, ModelSet, load_personalized
+from moviematch_ml.runtime.fallback import FallbackPredictor
+from moviematch_ml.runtime.personalized import PersonalizedModel
+from moviematch_ml.runtime.predictor import load_six_features
+
+FloatArray = npt.NDArray[np.float64]
+FALLBACK_EXAMPLE = 7.909  # the fallback rule's answer to EXAMPLE, as GET /predict answers it
+
+
+def _ok(version: str) -> dict[str, object]:
+    return {"status": "ok", "version": version, "reason": None}
+
+
+ABSENT: dict[str, object] = {"status": "absent", "version": None, "reason": None}
+
+
+def test_nothing_answers_but_the_rule_before_load(tiny_personalized_dir: Path) -> None:
+    models = ModelSet(tiny_personalized_dir)
+    assert not models.ready
+    current = models.current
+    assert (current.six.source, current.personalized, current.status, current.reason) == (
+        "fallback",
+        None,
+        "degraded",
+        NOT_LOADED,
+    )
+    assert current.reports() == {
+        "six_features": {"status": "starting", "version": FallbackPredictor.version, "reason": NOT_LOADED},
+        "personalized": {"status": "starting", "version": None, "reason": NOT_LOADED},
+    }
+
+
+def test_both_models_of_a_directory_are_loaded(tiny_personalized_dir: Path) -> None:
+    models = ModelSet(tiny_personalized_dir)
+    loaded = models.load()
+    assert models.ready
+    assert models.current is loaded
+    assert (loaded.six.source, loaded.six.version, loaded.status, loaded.reason) == ("model", "tiny-1", "ok", None)
+    assert loaded.personalized is not None
+    assert loaded.personalized.version == "tiny-personalized-1"
+    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+    # The six-feature model answers as the predictor of its directory does.
+    x = example_matrix()
+    np.testing.assert_array_equal(loaded.six.predict(x), load_six_features(tiny_personalized_dir).predict(x))
+    summary = models.summary()
+    assert (summary["version"], summary["source"], summary["status"], summary["name"]) == (
+        "tiny-1",
+        "model",
+        "ok",
+        "tiny",
+    )
+    assert summary["rating_scale"] == {"min": 0.5, "max": 5.0, "step": 0.5}
+    assert summary["created_at"] == "2026-01-01T00:00:00+00:00"
+    # A path to the model card finds the same two models.
+    by_card = ModelSet(tiny_personalized_dir / "model_card.json").load()
+    assert by_card.reports() == loaded.reports()
+
+
+def test_no_personalised_directory_is_absent_and_ok(tiny_model_dir: Path) -> None:
+    assert load_personalized(tiny_model_dir) is None
+    loaded = ModelSet(tiny_model_dir).load()
+    assert (loaded.personalized, loaded.status, loaded.reason) == (None, "ok", None)
+    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": ABSENT}
+
+
+def test_a_missing_model_directory_leaves_the_fallback_with_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="moviematch_ml")
+    models = ModelSet(tmp_path / "missing")
+    loaded = models.load()
+    assert models.ready  # loaded: degraded, not starting
+    assert (loaded.six.source, loaded.status, loaded.personalized) == ("fallback", "degraded", None)
+    reason = loaded.six_report.reason
+    assert reason is not None
+    assert reason.startswith("model not loaded, answering with the fallback rule: ModelNotFoundError: ")
+    assert loaded.reason == reason
+    assert loaded.reports() == {
+        "six_features": {"status": "fallback", "version": FallbackPredictor.version, "reason": reason},
+        "personalized": ABSENT,
+    }
+    assert float(loaded.six.predict(example_matrix())[0]) == pytest.approx(FALLBACK_EXAMPLE, abs=5e-4)
+    summary = models.summary()
+    assert (summary["source"], summary["status"], summary["reason"]) == ("fallback", "degraded", reason)
+    assert "name" not in summary  # no card to describe
+    failed = [r for r in caplog.records if r.getMessage() == "model load failed"]
+    assert [r.levelno for r in failed] == [logging.ERROR]
+
+
+def _copy(directory: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "models"
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def test_a_corrupt_personalised_model_is_refused_and_the_six_feature_model_answers(
+    tiny_personalized_dir: Path, tmp_path: Path
+) -> None:
+    directory = _copy(tiny_personalized_dir, tmp_path)
+    state = directory / "personalized" / "state.npz"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped: its sha256 is no longer the card's
+    state.write_bytes(bytes(data))
+    with pytest.raises(ModelChecksumError, match=r"state\.npz"):
+        load_personalized(directory)
+    loaded = ModelSet(directory).load()
+    assert loaded.personalized is None
+    reason = loaded.personalized_report.reason
+    assert reason is not None
+    assert reason.startswith("personalised model not loaded: ModelChecksumError: ")
+    assert "state.npz" in reason
+    assert (loaded.status, loaded.reason) == ("degraded", reason)
+    assert loaded.reports() == {
+        "six_features": _ok("tiny-1"),
+        "personalized": {"status": "refused", "version": None, "reason": reason},
+    }
+    assert (loaded.six.source, loaded.six.version) == ("model", "tiny-1")  # still answers
+    x = example_matrix()
+    np.testing.assert_array_equal(loaded.six.predict(x), load_six_features(tiny_personalized_dir).predict(x))
+
+
+class NaNBooster:
+    """Trees that answer NaN for every row (as a model broken in a way its checksum cannot see would)."""
+
+    def predict(self, x: FloatArray, num_threads: int = 1) -> FloatArray:
+        return np.full(x.shape[0], np.nan)
+
+
+class RaisingBooster:
+    def predict(self, x: FloatArray, num_threads: int = 1) -> FloatArray:
+        raise RuntimeError("the trees are broken")
+
+
+@pytest.mark.parametrize("booster", [NaNBooster(), RaisingBooster()], ids=["nan", "raises"])
+def test_a_personalised_model_whose_canned_prediction_fails_is_refused(
+    tiny_personalized_dir: Path, booster: object
+) -> None:
+    good = PersonalizedModel.load(tiny_personalized_dir / "personalized")
+
+    def broken(path: Path) -> PersonalizedModel:
+        model = PersonalizedModel(good.config, good.state, booster, good.scale)
+        model.card = good.card
+        return model
+
+    loaded = ModelSet(tiny_personalized_dir, load_personal=broken).load()
+    reason = "personalised model loaded but its canned prediction failed"
+    assert loaded.personalized is None
+    assert loaded.personalized_report == ModelReport("refused", "tiny-personalized-1", reason)
+    assert (loaded.status, loaded.reason) == ("degraded", reason)
+    assert loaded.reports()["six_features"] == _ok("tiny-1")
+
+
+class Answers:
+    """A six-feature predictor answering ``rating`` (or raising when it is None)."""
+
+    source = "model"
+    version = "odd-1"
+
+    def __init__(self, rating: float | None) -> None:
+        self.rating = rating
+
+    def predict(self, x: FloatArray) -> FloatArray:
+        if self.rating is None:
+            raise RuntimeError("cannot answer")
+        return np.full(x.shape[0], self.rating)
+
+
+@pytest.mark.parametrize("rating", [np.nan, 11.0, -1.0, None])
+def test_a_six_feature_model_whose_canned_prediction_fails_leaves_the_fallback(
+    tiny_model_dir: Path, rating: float | None
+) -> None:
+    loaded = ModelSet(tiny_model_dir, load_six=lambda path: Answers(rating)).load()
+    reason = "model loaded but its canned prediction failed"
+    assert loaded.six_report == ModelReport("fallback", FallbackPredictor.version, reason)
+    assert (loaded.six.source, loaded.status, loaded.reason) == ("fallback", "degraded", reason)
+    fine = ModelSet(tiny_model_dir, load_six=lambda path: Answers(7.0)).load()
+    assert (fine.six.version, fine.status, fine.six_report.card) == ("odd-1", "ok", None)  # no card: none reported
+
+
+def test_a_loader_that_fails_unexpectedly_leaves_the_fallback(tiny_model_dir: Path) -> None:
+    def no_library(path: Path) -> Answers:
+        raise OSError("libgomp.so.1: cannot open shared object file")
+
+    loaded = ModelSet(tiny_model_dir, load_six=no_library).load()
+    assert loaded.six.source == "fallback"
+    assert loaded.reason == (
+        "model not loaded, answering with the fallback rule: OSError: libgomp.so.1: cannot open shared object file"
+    )
+
+
+def test_swap_replaces_both_models_at_once(tiny_personalized_dir: Path) -> None:
+    models = ModelSet(tiny_personalized_dir)
+    first = models.load()
+    held = models.current  # what a request in flight read
+    loaded_at = models.loaded_at
+    assert loaded_at is not None
+    rule = FallbackPredictor()
+    second = Models(rule, None, ModelReport("fallback", rule.version, "replaced"), ModelReport("absent", None, None))
+    models.swap(second)
+    assert models.current is second
+    assert (models.current.six, models.current.personalized) == (rule, None)
+    assert models.current.reports() == {
+        "six_features": {"status": "fallback", "version": rule.version, "reason": "replaced"},
+        "personalized": ABSENT,
+    }
+    assert models.summary()["source"] == "fallback"
+    assert models.loaded_at is not None
+    assert models.loaded_at >= loaded_at
+    # The snapshot read before the swap still holds the pair it was read with.
+    assert held is first
+    assert held.personalized is not None
+    assert (held.six.version, held.personalized.version) == ("tiny-1", "tiny-personalized-1")
+    # Loading again (a reload) swaps in fresh models of the directory, both of them.
+    again = models.load()
+    assert models.current is again
+    assert again.personalized is not None
+    assert again.personalized is not first.personalized
+    assert again.reports() == first.reports()
+
+
+def test_model_set_states(tiny_model_dir: Path) -> None:
+    m = ModelSet(tiny_model_dir)
+    assert (m.current.status, m.ready, m.current.six.source) == ("degraded", False, "fallback")
+    assert str(m.current.reason).startswith("starting")
+    loaded = m.load()  # loads, checks each model with a canned prediction, swaps them in
+    assert m.current is loaded
+    assert (m.current.status, m.current.reason, m.current.six.version) == ("ok", None, "tiny-1")
+    assert m.ready is True
+    assert m.current.reports() == {
+        "six_features": {"status": "ok", "version": "tiny-1", "reason": None},
+        "personalized": {"status": "absent", "version": None, "reason": None},
+    }
+    again = ModelSet(tiny_model_dir).load()
+    m.swap(again)
+    assert m.current is again
+    assert m.summary()["name"] == "tiny"
