@@ -14,6 +14,7 @@ from moviematch_ml.runtime.inputs import (
     ROW_COLUMNS,
     ROW_INPUTS,
     STATE_FEATURES,
+    model_input_row,
     model_inputs,
     user_template,
 )
@@ -59,3 +60,18 @@ def test_user_template_holds_the_users_columns_and_recency() -> None:
     assert row.shape == (20,)
     assert row[COLUMN["user_count"] : COLUMN["user_bias"] + 1].tolist() == [4.0, 3.5, 0.5, 0.25]
     assert row[COLUMN[RECENT_FEATURES[0]] :].tolist() == [0.1, 0.2, 1.5, 2.0]
+
+
+def test_the_one_row_builder_is_model_inputs_on_floats() -> None:
+    # The single-prediction path builds its row on Python floats: bit for bit model_inputs' row, known movie or not.
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        x6, user, movie, recent = rng.normal(size=6), rng.normal(size=4), rng.normal(size=4), rng.normal(size=4)
+        known = bool(rng.integers(0, 2))
+        if not known:
+            movie[3] = math.nan
+        dot = float(rng.normal()) if known else math.nan
+        mu = float(rng.normal())
+        full = model_inputs(x6[None, :], user, movie[None, :], np.array([dot]), mu, recent)[0]
+        row = model_input_row(x6.tolist(), user.tolist(), movie.tolist(), dot, mu, recent.tolist())
+        assert np.array_equal(np.array(row), full, equal_nan=True)

@@ -61,7 +61,9 @@ def loads(body: bytes) -> object:
 # --- /predict -------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like the other value objects of a request: a frozen dataclass's __init__ costs more than the
+# validation of a field.
+@dataclass(slots=True)
 class OneRequest:
     """A validated /predict body."""
 
@@ -106,7 +108,7 @@ def decode_one(body: bytes) -> OneRequest:
 # --- /predict-batch -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchRequest:
     """A validated /predict-batch body."""
 
@@ -275,7 +277,7 @@ class BatchDecoder:
 # --- answers --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OneAnswer:
     """A /predict answer without its prediction id (fresh for every response, cached or not)."""
 
@@ -285,7 +287,7 @@ class OneAnswer:
     version: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchAnswer:
     """A /predict-batch answer without its prediction ids."""
 

@@ -7,7 +7,9 @@ folded-in bias), of the movie (the same four), the collaborative score and dot p
     cf_score = mu + b_u + b_i + cf_dot
 
 Training builds the rows of many users at once, serving those of one user for a batch of movies; both call
-``model_inputs``. The C kernel ``user_rows`` (runtime/native.py) is its accelerated twin for one user.
+``model_inputs``. The C kernel ``user_rows`` (runtime/native.py) is its accelerated twin for one user's batch, and
+``model_input_row`` the same row on Python floats, for a single prediction (where each numpy call would cost more
+than its arithmetic). tests/runtime/test_inputs.py holds the three equal.
 """
 
 from __future__ import annotations
@@ -76,3 +78,11 @@ def user_template(user: Sequence[float], recent: tuple[float, float, float, floa
     row[_USER] = user
     row[_RECENT] = recent
     return row
+
+
+def model_input_row(
+    x6: Sequence[float], user: Sequence[float], movie: Sequence[float], dot: float, mu: float, recent: Sequence[float]
+) -> list[float]:
+    """One row of ``model_inputs``, on Python floats: ``x6`` (6), ``user`` (4), ``movie`` (4), ``dot`` (NaN where
+    either side is unknown), ``recent`` (4)."""
+    return [*x6, *user, *movie, mu + user[3] + movie[3] + dot, dot, *recent]

@@ -10,7 +10,8 @@ kernel                     what it does                            Python twin
 ``rows``                   the JSON of a batch answer's rows        ``rows_py``
 ``matrix``                 decoded movies -> feature matrix        ``matrix_py``
 ``positions``              ids -> positions in an id index         ``positions_py``
-``user_rows``              one user's personalised input rows      ``inputs.model_inputs``
+``user_rows``              one user's personalised input rows      ``inputs.model_inputs`` (and, for a single
+                                                                   prediction, ``inputs.model_input_row``)
 ``view_data``              a user's view from their ratings:       ``view_data_py``
                            the fold-in, mean, spread, recency
 =========================  ======================================  =========================================

@@ -44,6 +44,7 @@ from moviematch_ml.runtime.inputs import (
     ROW_COLUMNS,
     ROW_INPUTS,
     SECONDS_PER_DAY,
+    model_input_row,
     model_inputs,
     user_template,
 )
@@ -72,6 +73,10 @@ STATE_ARRAYS: Final[tuple[str, ...]] = (
 # ids stop at 193,609.
 DENSE_IDS_MAX: Final[int] = 1 << 20
 _NARROW_TEMPLATE: Final[FloatArray] = np.zeros(len(ROW_INPUTS))  # user_rows overwrites every column
+_TRUE: Final[BoolArray] = np.ones(1, dtype=bool)
+_FALSE: Final[BoolArray] = np.zeros(1, dtype=bool)
+_TRUE.flags.writeable = False
+_FALSE.flags.writeable = False
 
 
 class PersonalizedConfig(BaseModel):
@@ -299,6 +304,10 @@ class MovieTable:
             return str(movie_id)
         return movie_id
 
+    def position(self, movie_id: Id | None) -> int:
+        """One movie's row of ``table``: ``positions`` of one id, without the arrays."""
+        return self.rows.get(self.key(movie_id), len(self.table) - 1)
+
     def positions(self, movie_ids: Sequence[Id | None]) -> IntArray:
         """Each movie's row of ``table`` (the last row for a movie with none of its own)."""
         default = len(self.table) - 1
@@ -469,9 +478,15 @@ class PersonalizedModel:
         """One user's ratings (API scale) of the movies of ``x6`` ((n, 6)), and the mask of those the model answers
         (every one with ``personalize="known_user"``, else the movies the factorisation knows). ``now`` (unix
         seconds, default the clock) is when the recency features are measured from."""
-        rows = table.positions(movie_ids)
-        template = user_template(view.columns(), view.recent(time.time() if now is None else float(now)))
+        recent = view.recent(time.time() if now is None else float(now))
         x6 = np.ascontiguousarray(x6, dtype=np.float64)
+        if len(movie_ids) == 1:
+            position = table.position(movie_ids[0])
+            one = self._predict_one(view, recent, x6, position, table)
+            known = self.config.personalize == "known_user" or position < table.n_known
+            return np.array([one]), _TRUE if known else _FALSE
+        rows = table.positions(movie_ids)
+        template = user_template(view.columns(), recent)
         m = len(rows)
         mu = self.mf.global_mean
         booster = self.booster
@@ -498,23 +513,45 @@ class PersonalizedModel:
             else:  # LightGBM's own booster takes the whole matrix
                 y = np.asarray(booster.predict(full_rows(narrow, ROW_COLUMNS, template), num_threads=1))
         else:
-            movie = table.table[rows]
-            dot = np.full(m, np.nan)
-            known = np.flatnonzero(rows < table.n_known)
-            dot[known] = self._item_factors[rows[known]] @ view.factors_array()
-            user = template[COLUMN["user_count"] : COLUMN["user_bias"] + 1]
-            recent = template[COLUMN["user_recent_resid"] :]
-            y = np.asarray(booster.predict(model_inputs(x6, user, movie, dot, mu, recent), num_threads=1))
-        if m == 1:
-            # One movie (a /predict): Python floats, where each numpy call would cost more than its arithmetic.
-            scale = self.scale
-            one = min(max(float(y[0]), scale.min), scale.max) * scale.to_api
-            pred = np.array([min(max(one, 0.0), 10.0)])
-        else:
-            pred = self.to_api(self._clip(np.asarray(y, dtype=np.float64)), in_place=True)
+            y = self.predict_inputs(self._inputs_py(view, template, x6, rows, table))
+        pred = self.to_api(self._clip(np.asarray(y, dtype=np.float64)), in_place=True)
         if self.config.personalize == "known_user":
             return pred, np.ones(m, dtype=bool)
         return pred, rows < table.n_known
+
+    def _inputs_py(
+        self, view: UserView, template: FloatArray, x6: FloatArray, rows: IntArray, table: MovieTable
+    ) -> FloatArray:
+        """The full input rows in numpy (``inputs.model_inputs``, the C kernel's twin)."""
+        movie = table.table[rows]
+        dot = np.full(len(rows), np.nan)
+        known = np.flatnonzero(rows < table.n_known)
+        dot[known] = self._item_factors[rows[known]] @ view.factors_array()
+        user = template[COLUMN["user_count"] : COLUMN["user_bias"] + 1]
+        recent = template[COLUMN["user_recent_resid"] :]
+        return model_inputs(x6, user, movie, dot, self.mf.global_mean, recent)
+
+    def _predict_one(
+        self,
+        view: UserView,
+        recent: tuple[float, float, float, float],
+        x6: FloatArray,
+        position: int,
+        table: MovieTable,
+    ) -> float:
+        """``predict`` of one movie (a /predict) on Python floats (``inputs.model_input_row``): at one row, each
+        numpy call would cost more than its arithmetic."""
+        movie = table.table[position].tolist()
+        dot = float(self._item_factors[position].dot(view.factors_array())) if position < table.n_known else math.nan
+        row = model_input_row(x6[0].tolist(), view.columns(), movie, dot, self.mf.global_mean, recent)
+        booster = self.booster
+        if isinstance(booster, EnsembleBooster):
+            y = booster.ensemble.predict_value(row)
+        else:
+            y = float(booster.predict(np.array([row]), num_threads=1)[0])
+        scale = self.scale
+        one = min(max(y, scale.min), scale.max) * scale.to_api
+        return min(max(one, 0.0), 10.0)
 
     # --- persistence --------------------------------------------------------------------------------------------
 

@@ -239,12 +239,19 @@ class TreeEnsemble:
             return out
         return self.predict_raw(full_rows(x, columns, values))
 
-    def predict_raw(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Sum of the trees' leaf values for each row of ``x`` (n, n_features)."""
+    def predict_raw(
+        self, x: npt.NDArray[np.float64], out: npt.NDArray[np.float64] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """Sum of the trees' leaf values for each row of ``x`` (n, n_features), into ``out`` ((n,) float64) if
+        given."""
         n = x.shape[0]
         if self._native is not None:
-            out = np.empty(n, dtype=np.float64)
+            if out is None:
+                out = np.empty(n, dtype=np.float64)
             self._native.predict(np.ascontiguousarray(x, dtype=np.float64), out)
+            return out
+        if out is not None:
+            out[:] = self.predict_raw(x)
             return out
         if n == 1:
             return self._predict_one(x[0])
