@@ -60,17 +60,12 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import types
 
-    from pydantic import ValidationError
-
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
     from moviematch_ml.online import supervisor
-    from moviematch_ml.settings import ENV_ONLY, Settings
+    from moviematch_ml.settings import load_settings
 
-    try:
-        settings = Settings(**ENV_ONLY)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {exc}") from None
+    settings = load_settings()
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
@@ -90,8 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # the request middleware writes one JSON line per request instead
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout),
         proxy_headers=True,
-        loop="auto",  # uvloop when installed (uvicorn[standard]), else asyncio
-        http="auto",  # httptools when installed, else h11
+        server_header=False,  # no "server: uvicorn": the answers need not name the software behind them
+        loop="auto",  # uvloop when installed, else asyncio
+        http="auto",  # httptools with request deadlines (supervisor.DeadlineProtocol)
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        drain_seconds=settings.drain_seconds,
     )
     return 0
 

@@ -17,6 +17,7 @@ MovieMatchError
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 
@@ -49,8 +50,31 @@ class FieldError(InputError):
         super().__init__(f"{loc}: {rule} (got {_short(value)})")
 
 
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` bounded in depth and size (a value nested a thousand levels deep costs no recursion error), with
+    dicts in their own order, as ``repr`` writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 12
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 100
+        self.maxstring = self.maxother = 400
+
+    def repr_dict(self, x: dict[Any, Any], level: int) -> str:
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        pieces = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in list(x.items())[: self.maxdict]]
+        return "{" + ", ".join(pieces) + (", ..." if len(x) > self.maxdict else "") + "}"
+
+
+_REPR = _BoundedRepr()
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    # reprlib: bounded in depth and length, so a value nested a thousand levels deep costs no recursion error.
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

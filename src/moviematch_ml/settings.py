@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from moviematch_ml.errors import ConfigError
+
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+Scope = Literal["predict", "feedback", "metrics", "admin"]
+SCOPES: Final[frozenset[str]] = frozenset(get_args(Scope))
+# Shorter secrets are refused: a key that can be guessed protects nothing.
+MIN_SECRET_LENGTH: Final[int] = 16
+_WINDOWS: Final[dict[str, float]] = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+def parse_api_keys(text: str | None) -> list[tuple[bytes, frozenset[str]]]:
+    """``API_KEYS`` (comma-separated ``secret:scope+scope``) as (sha256 of the secret, scopes); ConfigError naming
+    the entry's position and the rule it breaks, never its secret."""
+    keys: dict[bytes, frozenset[str]] = {}
+    for n, entry in enumerate((text or "").split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            continue
+        secret, sep, scopes_text = entry.rpartition(":")
+        if not sep or not secret:
+            raise ConfigError(f"API_KEYS entry {n}: must be secret:scope+scope")
+        if len(secret) < MIN_SECRET_LENGTH or not secret.isprintable() or " " in secret:
+            raise ConfigError(
+                f"API_KEYS entry {n}: the secret must be at least {MIN_SECRET_LENGTH} printable characters, "
+                "without spaces"
+            )
+        scopes = frozenset(s.strip() for s in scopes_text.split("+") if s.strip())
+        unknown = scopes - SCOPES
+        if not scopes or unknown:
+            raise ConfigError(
+                f"API_KEYS entry {n}: scopes must be among {sorted(SCOPES)} (got {sorted(unknown) or 'none'})"
+            )
+        digest = hashlib.sha256(secret.encode()).digest()
+        if digest in keys:
+            raise ConfigError(f"API_KEYS entry {n}: the same secret twice")
+        keys[digest] = scopes
+    return list(keys.items())
+
+
+def parse_rate(text: str | None) -> tuple[int, float] | None:
+    """``RATE_LIMIT`` (``N/second``, ``N/minute`` or ``N/hour``) as (requests, window seconds); None when unset."""
+    if not text:
+        return None
+    count, sep, unit = text.strip().partition("/")
+    if not sep or not count.strip().isdigit() or int(count) < 1 or unit.strip() not in _WINDOWS:
+        raise ConfigError(f"RATE_LIMIT must be N/second, N/minute or N/hour with N >= 1 (got {text!r})")
+    return int(count), _WINDOWS[unit.strip()]
 
 
 # No keyword overrides: every field comes from the environment. (Spelt as ** so that mypy accepts the call with or
@@ -87,6 +134,86 @@ class Settings(BaseSettings):
         "memory is faster (see docs/performance.md).",
     )
 
+    # --- access -----------------------------------------------------------------------------------------------
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated secret:scope+scope entries (scopes: predict, feedback, metrics, admin). When set, "
+        "every endpoint but the health probes needs a key (Authorization: Bearer); unset: open, except admin.",
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Most requests per key: N/second, N/minute or N/hour (shared by replicas through REDIS_URL).",
+    )
+
+    # --- overload and timeouts ----------------------------------------------------------------------------------
+    max_concurrency: int = Field(
+        256, ge=1, le=100_000, description="Requests a worker handles at once; past it, 503 with Retry-After."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a client has to send a request's headers; then it is disconnected."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a client has to send a request's body; then 408 and disconnected."
+    )
+    store_read_timeout: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="Seconds a prediction waits for a user's ratings from the store; then the six-feature model "
+        "answers.",
+    )
+    store_write_timeout: float = Field(
+        10.0, gt=0, le=600, description="Seconds /feedback waits for the store's commit; then 503 (retry with the key)."
+    )
+    store_connect_timeout: float = Field(
+        3.0, gt=0, le=600, description="Seconds to connect to PostgreSQL (and to wait for a pooled connection)."
+    )
+    store_statement_timeout: float = Field(
+        5.0, gt=0, le=3600, description="PostgreSQL statement_timeout: the longest a query may run (seconds)."
+    )
+    redis_timeout: float = Field(
+        0.05, gt=0, le=10, description="Seconds a Redis call may take; failures open a circuit breaker for 5 s."
+    )
+
+    # --- health and shutdown ------------------------------------------------------------------------------------
+    require_model: bool = Field(
+        False, description="/health/ready is 503 while the trained model is not loaded (the fallback rule answers)."
+    )
+    drain_seconds: float = Field(
+        3.0,
+        ge=0,
+        le=600,
+        description="After SIGTERM, seconds /health/ready answers 503 while requests are still served, before the "
+        "listener closes (so a load balancer stops sending new ones).",
+    )
+
+    railway_environment_id: str | None = Field(
+        None, description="Set by Railway: the service runs there (its containers' disks do not outlive a redeploy)."
+    )
+
+    @property
+    def ephemeral_store(self) -> bool:
+        """On Railway without DATABASE_URL: the default SQLite file lives in the container and a redeploy loses it."""
+        return self.railway_environment_id is not None and "database_url" not in self.model_fields_set
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        try:
+            parse_api_keys(None if value is None else value.get_secret_value())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_parses(cls, value: str | None) -> str | None:
+        try:
+            parse_rate(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -110,3 +237,16 @@ class Settings(BaseSettings):
             # allow_origins=["*"] with allow_credentials=True never worked, so it is refused here, loudly.
             raise ValueError("CORS_ALLOW_CREDENTIALS cannot be true when CORS_ORIGINS contains '*'")
         return value
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; ConfigError naming each invalid variable and its rule. The values are
+    not repeated: a setting such as API_KEYS holds secrets, and this message ends up in logs."""
+    try:
+        return Settings(**ENV_ONLY)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).upper() or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None

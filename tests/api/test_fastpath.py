@@ -18,11 +18,12 @@ from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 from moviematch_ml.api.app import create_app
-from moviematch_ml.api.fastpath import THREADPOOL_BYTES, FastPathMiddleware
+from moviematch_ml.api.fastpath import FastPathMiddleware
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.logs import JsonFormatter
+from moviematch_ml.online.contract import BatchRequest
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.service import THREAD_BODY_BYTES, PredictionService
 from moviematch_ml.settings import Settings
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -191,7 +192,7 @@ def test_served_under_a_root_path(tmp_path: Path) -> None:
 def test_big_bodies_are_answered_in_a_worker_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     movies = [{**MOVIE, "movie_id": i} for i in range(8000)]
     body = orjson.dumps({"movies": movies})
-    assert len(body) > THREADPOOL_BYTES  # so this request takes the thread path
+    assert len(body) > THREAD_BODY_BYTES  # so this request takes the thread path
     with TestClient(create_app(Settings(model_path=tmp_path / "missing"))) as c:
         for _ in range(2):  # the second call reuses the limiter made by the first
             r = c.post("/predict-batch", content=body, headers={"content-type": "application/json"})
@@ -202,17 +203,17 @@ def test_big_bodies_are_answered_in_a_worker_thread(tmp_path: Path, monkeypatch:
     models.load()
     service = PredictionService(models, max_batch_size=10_000)
     on_loop: list[bool] = []
-    answer = service.predict_batch
+    decode = service.decode_batch
 
-    def recording(request_body: bytes) -> bytes:
+    def recording(request_body: bytes) -> BatchRequest:
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:  # no event loop in this thread
             on_loop.append(False)
-        return answer(request_body)
+        return decode(request_body)
 
-    monkeypatch.setattr(service, "predict_batch", recording)
+    monkeypatch.setattr(service, "decode_batch", recording)
     c = TestClient(FastPathMiddleware(_teapot, service=service))
     small = orjson.dumps({"movies": movies[:10]})
     for content in (small, body, body):

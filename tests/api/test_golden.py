@@ -184,6 +184,9 @@ def _record(tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
         max_body_bytes=256 * 1024,
         max_batch_size=500,
         state_warm_share=0,
+        # Every request reads the store: no background task, so the movie totals are read when the first
+        # personalised request asks (after the feedback of the recording), not at start-up.
+        state_ttl_seconds=0,
     )
     for fast_path in (True, False):
         with TestClient(create_app(settings.model_copy(update={"fast_path": fast_path}))) as client:

@@ -109,7 +109,9 @@ def test_a_refused_personalised_model_makes_the_service_degraded(
     assert root["models"]["personalized"] == {"status": "refused", "version": None, "reason": reason}
     assert (prediction["source"], prediction["model_version"]) == ("model", "tiny-1")
     [failure] = [r for r in logs.records() if r["message"] == "personalised model not loaded"]
-    assert (failure["level"], failure["reason"]) == ("error", reason)
+    # The log names the file; /health, which a public URL shows anyone, names the directory MODEL_PATH.
+    assert (failure["level"], failure["reason"].replace(str(model_dir), "MODEL_PATH")) == ("error", reason)
+    assert str(tmp_path) not in reason and "MODEL_PATH/personalized/state.npz" in reason
 
 
 def test_live(client: TestClient) -> None:
@@ -143,7 +145,10 @@ def _degraded(settings: Settings, logs: Any) -> tuple[dict[str, Any], dict[str, 
     failures = [r for r in logs.records() if r["message"] == "model load failed"]
     assert len(failures) == 1
     assert failures[0]["level"] == "error"
-    assert failures[0]["reason"] == health["reason"]
+    # The log names the path; /health, which a public URL shows anyone, names it MODEL_PATH.
+    assert settings.model_path is not None
+    assert failures[0]["reason"].replace(str(settings.model_path), "MODEL_PATH") == health["reason"]
+    assert str(settings.model_path) not in health["reason"]
     return health, prediction
 
 

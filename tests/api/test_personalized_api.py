@@ -104,8 +104,8 @@ def test_each_worker_builds_the_state_of_users_who_just_rated(
     tiny_personalized_dir: Path, tmp_path: Path, share: float
 ) -> None:
     # A rating stored by another replica (here: straight into the database) reaches this one through the change
-    # feed; with STATE_WARM_SHARE above 0 the worker's background task builds the user's state before any request
-    # asks for it. Off, nothing is built until a request does.
+    # feed, which the worker's background task polls; with STATE_WARM_SHARE above 0 the task also builds the user's
+    # state before any request asks for it. Off, nothing is built until a request does.
     url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
     settings = Settings(
         model_path=tiny_personalized_dir, database_url=url, state_ttl_seconds=0.02, state_warm_share=share
@@ -114,11 +114,8 @@ def test_each_worker_builds_the_state_of_users_who_just_rated(
     app = create_app(settings, store=store)
     personalizer = app.state.user_views
     with TestClient(app) as c:
-        if share > 0:
-            assert wait_until(lambda: personalizer.warm_ahead, timeout=5.0)  # the background task runs
-            assert wait_until(lambda: store.polls > 0, timeout=5.0)  # its first poll: where the feed starts
-        else:
-            assert personalizer.warm_ahead is False
+        assert wait_until(lambda: personalizer.warm_ahead, timeout=5.0)  # the background task runs
+        assert wait_until(lambda: store.polls > 0, timeout=5.0)  # its first poll: where the feed starts
         FeedbackStore.from_url(url).add([Feedback("other-1", "9", "1", 8.0, 1_000.0, None)])
         built_ahead = wait_until(lambda: "9" in store.read_for, timeout=5.0 if share > 0 else 0.3)
         assert built_ahead is (share > 0)
@@ -126,4 +123,4 @@ def test_each_worker_builds_the_state_of_users_who_just_rated(
         answer = c.post("/predict", json={**EXAMPLE, "user_id": 9, "movie_id": 5}).json()
         assert answer["source"] == "personalized"
         assert store.read_for.count("9") == 1
-    assert personalizer.warm_ahead is False  # the lifespan stopped the task at shutdown (or there was none)
+    assert personalizer.warm_ahead is False  # the lifespan stopped the task at shutdown

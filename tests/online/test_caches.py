@@ -3,6 +3,8 @@ dies), and the personaliser's per-user TTL cache."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import shutil
 import socket
@@ -123,9 +125,8 @@ def inspect() -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def cache() -> RedisCache:
-    return RedisCache.from_url(REDIS_URL, ttl_seconds=30, encode=lambda v: list(v), decode=lambda v: tuple(v))
+def _cache(**kwargs: Any) -> RedisCache:
+    return RedisCache.from_url(REDIS_URL, ttl_seconds=30, encode=lambda v: list(v), decode=lambda v: tuple(v), **kwargs)
 
 
 def _key(body: bytes, version: str = "") -> tuple[str, str, bytes]:
@@ -133,37 +134,60 @@ def _key(body: bytes, version: str = "") -> tuple[str, str, bytes]:
 
 
 @pytest.mark.redis
-def test_round_trip_with_ttl(cache: RedisCache, inspect: redis.Redis) -> None:
+def test_round_trip_with_ttl(inspect: redis.Redis) -> None:
     key = _key(b'{"vote_average": 7.5}')
-    assert cache.get(key) is None
-    cache.put(key, (7.912, "model", True, key[0]))
-    assert cache.get(key) == (7.912, "model", True, key[0])
-    assert (cache.hits, cache.misses, cache.errors) == (1, 1, 0)
+
+    async def scenario() -> tuple[Any, Any, tuple[int, int, int]]:
+        cache = _cache()
+        missing = await cache.aget(key)
+        cache.aput(key, (7.912, "model", True, key[0]))  # not waited for...
+        await cache.settle()  # ...until here
+        found = await cache.aget(key)
+        await cache.aclose()
+        return missing, found, (cache.hits, cache.misses, cache.errors)
+
+    assert asyncio.run(scenario()) == (None, (7.912, "model", True, key[0]), (1, 1, 0))
     ttl: Any = inspect.ttl(cache_key(key))
     assert 0 < ttl <= 30
 
 
 @pytest.mark.redis
-def test_the_model_version_is_part_of_the_key(cache: RedisCache, inspect: redis.Redis) -> None:
+def test_the_model_version_is_part_of_the_key(inspect: redis.Redis) -> None:
     body = b'{"vote_average": 7.5}'
-    cache.put(_key(body, "test-v1"), (1.0, "model", True, "test-v1"))
-    assert cache.get(_key(body, "test-v2")) is None
-    assert cache.get(_key(body, "test-v1")) == (1.0, "model", True, "test-v1")
+
+    async def scenario() -> tuple[Any, Any]:
+        cache = _cache()
+        cache.aput(_key(body, "test-v1"), (1.0, "model", True, "test-v1"))
+        await cache.settle()
+        answers = await cache.aget(_key(body, "test-v2")), await cache.aget(_key(body, "test-v1"))
+        await cache.aclose()
+        return answers
+
+    assert asyncio.run(scenario()) == (None, (1.0, "model", True, "test-v1"))
 
 
 @pytest.mark.redis
 def test_answers_are_stored_as_json_and_come_back_equal(inspect: redis.Redis) -> None:
     # The service's own encoding (no pickle): what one replica stored, another reads.
-    writer = RedisCache.from_url(REDIS_URL, encode=encode_answer, decode=decode_answer)
-    reader = RedisCache.from_url(REDIS_URL, encode=encode_answer, decode=decode_answer)
     one = OneAnswer(7.912, "model", True, "test-v1")
     batch = BatchAnswer([1, "m2"], [5.0, 9.5], "model", None, [1, 0], True, "test-v1", True)
-    for answer in (one, batch):
-        key = _key(b"body of %d" % id(answer), "test-v1")
-        writer.put(key, answer)
-        assert reader.get(key) == answer
-        raw: Any = inspect.get(cache_key(key))
-        assert raw.startswith(b'{"one":' if answer is one else b'{"batch":')
+
+    async def scenario() -> list[Any]:
+        writer = RedisCache.from_url(REDIS_URL, encode=encode_answer, decode=decode_answer)
+        reader = RedisCache.from_url(REDIS_URL, encode=encode_answer, decode=decode_answer)
+        found = []
+        for answer in (one, batch):
+            key = _key(b"body of %d" % id(answer), "test-v1")
+            writer.aput(key, answer)
+            await writer.settle()
+            found.append(await reader.aget(key))
+            raw: Any = inspect.get(cache_key(key))
+            assert raw.startswith(b'{"one":' if answer is one else b'{"batch":')
+        await writer.aclose()
+        await reader.aclose()
+        return found
+
+    assert asyncio.run(scenario()) == [one, batch]
 
 
 def _free_port() -> int:
@@ -196,20 +220,33 @@ def test_a_redis_that_dies_is_a_miss_not_an_error(caplog: pytest.LogCaptureFixtu
         stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
+    key = ("test-dies", "model", b"{}")
+    caplog.set_level(logging.WARNING, logger="moviematch_ml")
+
+    async def scenario() -> tuple[Any, Any, Any, RedisCache]:
+        cache = RedisCache.from_url(url, ttl_seconds=30, breaker_seconds=60.0)
+        cache.aput(key, [1.0])
+        await cache.settle()
+        alive = await cache.aget(key)
+        proc.kill()
+        proc.wait(timeout=10)
+        missed = await cache.aget(key)  # the server is gone: a miss, and the breaker opens...
+        cache.aput(key, [2.0])  # ...so that neither this put...
+        again = await cache.aget(key)  # ...nor this get asks Redis at all
+        await cache.settle()
+        with contextlib.suppress(Exception):
+            await cache.aclose()
+        return alive, missed, again, cache
+
     try:
         probe = redis.Redis.from_url(url)
         _wait_until_up(probe)
         probe.close()
-        cache = RedisCache.from_url(url, ttl_seconds=30)
-        key = ("test-dies", "model", b"{}")
-        cache.put(key, [1.0])
-        assert cache.get(key) == [1.0]
+        alive, missed, again, cache = asyncio.run(scenario())
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    caplog.set_level(logging.WARNING, logger="moviematch_ml")
-    assert cache.get(key) is None  # the server is gone: a miss...
-    cache.put(key, [2.0])  # ...and a put that does nothing
-    assert (cache.errors, cache.misses) == (2, 1)
-    # Logged once for the streak of failures, not once per request.
+    assert (alive, missed, again) == ([1.0], None, None)
+    assert (cache.errors, cache.misses, cache.skipped, cache.open) == (1, 1, 2, True)
+    # Logged once for the outage, not once per request.
     assert [r.getMessage() for r in caplog.records] == ["redis cache unavailable, answering without it"]

@@ -105,7 +105,7 @@ def test_record_stores_new_ratings_and_names_their_users(store: FeedbackStore) -
     told: list[set[str]] = []
     service = FeedbackService(store, lambda users: told.append(set(users)))
     body = {"ratings": [{"user_id": 1, "movie_id": 2, "rating": 5}, {"user_id": "u", "movie_id": 3, "rating": 9.5}]}
-    new, answer = service.record(orjson.dumps(body), "req-1")
+    new, answer = service.record_now(orjson.dumps(body), "req-1")
     keys = [f.feedback_id for f in parse_feedback(body, "req-1", NOW)]
     assert new
     assert orjson.loads(answer) == {
@@ -116,13 +116,13 @@ def test_record_stores_new_ratings_and_names_their_users(store: FeedbackStore) -
     assert told == [{"1", "u"}]
     assert store.user_ratings("u")[0][:2] == ("3", 9.5)
     # The retry stores nothing, and tells nobody: no cached view is dropped for nothing.
-    new, answer = service.record(orjson.dumps(body), "req-1")
+    new, answer = service.record_now(orjson.dumps(body), "req-1")
     assert not new
     assert orjson.loads(answer)["results"] == [{"feedback_id": k, "status": "duplicate"} for k in keys]
     assert told == [{"1", "u"}]
     # Only the users of the new ratings are named.
     mixed = {"ratings": [*body["ratings"], {"user_id": 7, "movie_id": 2, "rating": 1}]}
-    new, answer = service.record(orjson.dumps(mixed), "req-1")
+    new, answer = service.record_now(orjson.dumps(mixed), "req-1")
     assert (new, orjson.loads(answer)["accepted"], orjson.loads(answer)["duplicates"]) == (True, 1, 2)
     assert told == [{"1", "u"}, {"7"}]
 
@@ -130,9 +130,9 @@ def test_record_stores_new_ratings_and_names_their_users(store: FeedbackStore) -
 def test_record_refuses_a_bad_body_and_stores_nothing(store: FeedbackStore) -> None:
     service = FeedbackService(store)  # nobody to tell: fine
     with pytest.raises(InvalidJSONError):
-        service.record(b"{", None)
+        service.record_now(b"{", None)
     with pytest.raises(FieldError) as info:
-        service.record(orjson.dumps({"ratings": [{"user_id": 1, "movie_id": 2, "rating": 5}, {"user_id": 1}]}), None)
+        service.record_now(orjson.dumps({"ratings": [{"user_id": 1, "movie_id": 2, "rating": 5}, {"user_id": 1}]}), None)
     assert info.value.loc == "ratings[1].movie_id"
     assert store.last_row_id() == 0  # the valid first rating was not stored either
-    assert service.record(orjson.dumps({"user_id": 1, "movie_id": 2, "rating": 5}), None)[0]
+    assert service.record_now(orjson.dumps({"user_id": 1, "movie_id": 2, "rating": 5}), None)[0]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,7 @@ from moviematch_ml.online.caches import CACHE_MAX_BODY_BYTES, LRUCache
 from moviematch_ml.online.models import ModelReport, Models, ModelSet
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, make_engine
-from moviematch_ml.online.user_views import UserViews
+from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 from moviematch_ml.runtime.personalized import PersonalizedModel
 
@@ -53,9 +54,31 @@ def _model_set(tmp_path: Path, six: Fixed, personalized: PersonalizedModel | Non
     return models
 
 
-class Knows(UserViews):
-    """A personaliser that answers 1.25 for the movies whose id is in ``known`` (every movie when None), without
-    reading its store; counts its calls."""
+class Service(PredictionService):
+    """The service, answering in one call: each request in its own event loop."""
+
+    def predict_one(self, body: bytes) -> bytes:  # type: ignore[override]
+        return asyncio.run(super().predict_one(body))
+
+    def predict_batch(self, body: bytes) -> bytes:  # type: ignore[override]
+        return asyncio.run(super().predict_batch(body))
+
+
+class StandIn(UserViews):
+    """Users' views whose answers the test decides (``predict``), asked through the service's seam: ``cached`` (every
+    user is in memory: the store is never read), then ``answer``."""
+
+    def cached(self, model: PersonalizedModel, user_id: str) -> Inputs | bool:
+        return cast(Inputs, (user_id, None))
+
+    def answer(
+        self, model: PersonalizedModel, inputs: Inputs, movie_ids: Sequence[str | int | None], x: FloatArray
+    ) -> tuple[FloatArray, npt.NDArray[np.bool_]] | None:
+        return self.predict(model, cast(str, inputs[0]), movie_ids, x)
+
+
+class Knows(StandIn):
+    """Answers 1.25 for the movies whose id is in ``known`` (every movie when None); counts its calls."""
 
     def __init__(self, store: FeedbackStore, known: set[object] | None = None) -> None:
         super().__init__(store, ttl=0)
@@ -84,7 +107,7 @@ def personalized(tiny_personalized_dir: Path) -> PersonalizedModel:
 
 def test_answers_come_from_the_current_six_feature_model(tmp_path: Path) -> None:
     six = Fixed("v1", 6.0)
-    service = PredictionService(_model_set(tmp_path, six), max_batch_size=2)
+    service = Service(_model_set(tmp_path, six), max_batch_size=2)
     one = orjson.loads(service.predict_one(orjson.dumps(EXAMPLE)))
     assert (one["predicted_rating"], one["model_version"], one["source"]) == (6.0, "v1", "model")
     body = orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": "m2"}]})
@@ -101,7 +124,7 @@ def test_ranking_and_top_k_sort_on_the_rounded_ratings(tmp_path: Path) -> None:
         def predict(self, x: FloatArray) -> FloatArray:
             return np.asarray(x[:, 1] + 0.0001 * x[:, 0], dtype=np.float64)  # vote_average, then a tiny tie
 
-    service = PredictionService(_model_set(tmp_path, ByVote("v1", 0.0)), max_batch_size=10)
+    service = Service(_model_set(tmp_path, ByVote("v1", 0.0)), max_batch_size=10)
     movies = [
         {**MOVIE, "movie_id": 1, "vote_average": 5.0, "n_shared_genres": 0},
         {**MOVIE, "movie_id": 2, "vote_average": 9.0, "n_shared_genres": 0},
@@ -116,7 +139,7 @@ def test_ranking_and_top_k_sort_on_the_rounded_ratings(tmp_path: Path) -> None:
 def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) -> None:
     first = Fixed("v1", 6.0)
     models = _model_set(tmp_path, first)
-    service = PredictionService(models, max_batch_size=10, cache_size=2)
+    service = Service(models, max_batch_size=10, cache_size=2)
     assert isinstance(service.cache, LRUCache)
     body = orjson.dumps(EXAMPLE)
     a, b = orjson.loads(service.predict_one(body)), orjson.loads(service.predict_one(body))
@@ -137,12 +160,12 @@ def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) 
 
 def test_no_cache_without_a_size_and_none_for_big_bodies(tmp_path: Path) -> None:
     six = Fixed("v1", 6.0)
-    uncached = PredictionService(_model_set(tmp_path, six), max_batch_size=1000)
+    uncached = Service(_model_set(tmp_path, six), max_batch_size=1000)
     assert uncached.cache is None
     for _ in range(2):
         uncached.predict_one(orjson.dumps(EXAMPLE))
     assert six.calls == 2
-    cached = PredictionService(_model_set(tmp_path, six), max_batch_size=1000, cache_size=10)
+    cached = Service(_model_set(tmp_path, six), max_batch_size=1000, cache_size=10)
     assert isinstance(cached.cache, LRUCache)
     big = orjson.dumps({"movies": [{**MOVIE, "movie_id": i} for i in range(200)]})
     assert len(big) > CACHE_MAX_BODY_BYTES
@@ -156,9 +179,7 @@ def test_personalised_answers_are_not_cached(
 ) -> None:
     six = Fixed("v1", 6.0)
     personal = Knows(store)
-    service = PredictionService(
-        _model_set(tmp_path, six, personalized), max_batch_size=10, cache_size=10, user_views=personal
-    )
+    service = Service(_model_set(tmp_path, six, personalized), max_batch_size=10, cache_size=10, user_views=personal)
     body = orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 1})
     for _ in range(2):
         out = orjson.loads(service.predict_one(body))
@@ -184,9 +205,7 @@ def test_a_batch_mixes_personal_and_six_feature_rows(
 ) -> None:
     six = Fixed("v1", 6.0)
     personal = Knows(store, known={1, 3})
-    service = PredictionService(
-        _model_set(tmp_path, six, personalized), max_batch_size=10, cache_size=10, user_views=personal
-    )
+    service = Service(_model_set(tmp_path, six, personalized), max_batch_size=10, cache_size=10, user_views=personal)
     movies = [{**MOVIE, "movie_id": m} for m in (1, 2, 3, 4)]
     out = orjson.loads(service.predict_batch(orjson.dumps({"movies": movies, "user_id": "u", "rank": True})))
     assert [(p["movie_id"], p["predicted_rating"], p["source"]) for p in out["predictions"]] == [
@@ -208,7 +227,7 @@ def test_a_batch_mixes_personal_and_six_feature_rows(
 def test_no_personalised_model_means_the_personaliser_is_not_asked(tmp_path: Path, store: FeedbackStore) -> None:
     six = Fixed("v1", 6.0)
     personal = Knows(store)
-    service = PredictionService(_model_set(tmp_path, six), max_batch_size=10, user_views=personal)
+    service = Service(_model_set(tmp_path, six), max_batch_size=10, user_views=personal)
     out = orjson.loads(service.predict_one(orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 1})))
     assert (out["source"], personal.calls) == ("model", 0)
     batch = orjson.loads(service.predict_batch(orjson.dumps({"movies": [MOVIE], "user_id": 7})))
@@ -229,7 +248,7 @@ def test_one_request_reads_the_models_once(
             models.swap(_models(new))
             return super().predict(model, user_id, movie_ids, x)
 
-    service = PredictionService(models, max_batch_size=10, user_views=SwapsMidway(store, known={1}))
+    service = Service(models, max_batch_size=10, user_views=SwapsMidway(store, known={1}))
     out = orjson.loads(service.predict_batch(orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": 2}], "user_id": 1})))
     assert [p["predicted_rating"] for p in out["predictions"]] == [1.25, 6.0]
     assert (out["model_version"], out["personalized_model_version"]) == ("v1", personalized.version)
@@ -259,8 +278,8 @@ def with_personalized(tmp_path: Path, tiny_personalized_dir: Path) -> ModelSet:
     return m
 
 
-class LikesEvenMovies(UserViews):
-    """A stand-in for the users' views: knows user 7 only, and answers 9.5 for even movie ids."""
+class LikesEvenMovies(StandIn):
+    """Knows user 7 only, and answers 9.5 for even movie ids."""
 
     def __init__(self, tmp_path: Path) -> None:
         super().__init__(FeedbackStore(make_engine(f"sqlite:///{tmp_path / 'unused.sqlite3'}")))
@@ -274,7 +293,7 @@ class LikesEvenMovies(UserViews):
         x: npt.NDArray[np.float64],
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None:
         self.calls.append((model.version, user_id, list(movie_ids), x.shape))
-        if user_id != 7:
+        if user_id != "7":
             return None
         mask = np.array([isinstance(m, int) and m % 2 == 0 for m in movie_ids])
         # As UserViews.predict: None when the model answered no row at all.
@@ -282,14 +301,14 @@ class LikesEvenMovies(UserViews):
 
 
 def test_bytes_in_bytes_out(fallback_models: ModelSet) -> None:
-    service = PredictionService(fallback_models, max_batch_size=10)
+    service = Service(fallback_models, max_batch_size=10)
     out = service.predict_one(orjson.dumps(EXAMPLE))
     assert isinstance(out, bytes)
     assert orjson.loads(out)["predicted_rating"] == 7.909
 
 
 def test_errors_are_exceptions_not_responses(fallback_models: ModelSet) -> None:
-    service = PredictionService(fallback_models, max_batch_size=10)
+    service = Service(fallback_models, max_batch_size=10)
     with pytest.raises(InvalidJSONError):
         service.predict_one(b"{")
     with pytest.raises(FieldError) as info:
@@ -299,7 +318,7 @@ def test_errors_are_exceptions_not_responses(fallback_models: ModelSet) -> None:
 
 def test_personalizer_answers_the_rows_it_knows(with_personalized: ModelSet, tmp_path: Path) -> None:
     hook = LikesEvenMovies(tmp_path)
-    service = PredictionService(with_personalized, max_batch_size=10, user_views=hook)
+    service = Service(with_personalized, max_batch_size=10, user_views=hook)
     movies = [{"movie_id": i, **EXAMPLE} for i in (1, 2, 3, 4)]
     body = orjson.loads(service.predict_batch(orjson.dumps({"movies": movies, "user_id": 7, "rank": True})))
     assert [(p["movie_id"], p["predicted_rating"], p["source"]) for p in body["predictions"]] == [
@@ -310,12 +329,12 @@ def test_personalizer_answers_the_rows_it_knows(with_personalized: ModelSet, tmp
     ]
     assert body["personalized_model_version"] == "tiny-personalized-1"
     # One call for the whole batch, with the model the set holds.
-    assert hook.calls == [("tiny-personalized-1", 7, [1, 2, 3, 4], (4, 6))]
+    assert hook.calls == [("tiny-personalized-1", "7", [1, 2, 3, 4], (4, 6))]
 
 
 def test_personalizer_is_not_asked_without_a_user(with_personalized: ModelSet, tmp_path: Path) -> None:
     hook = LikesEvenMovies(tmp_path)
-    service = PredictionService(with_personalized, max_batch_size=10, user_views=hook)
+    service = Service(with_personalized, max_batch_size=10, user_views=hook)
     service.predict_batch(orjson.dumps({"movies": [{"movie_id": 2, **EXAMPLE}]}))
     service.predict_one(orjson.dumps({**EXAMPLE, "movie_id": 2}))
     assert hook.calls == []
@@ -323,14 +342,14 @@ def test_personalizer_is_not_asked_without_a_user(with_personalized: ModelSet, t
 
 def test_personalizer_is_not_asked_without_a_personalised_model(fallback_models: ModelSet, tmp_path: Path) -> None:
     hook = LikesEvenMovies(tmp_path)
-    service = PredictionService(fallback_models, max_batch_size=10, user_views=hook)
+    service = Service(fallback_models, max_batch_size=10, user_views=hook)
     one = orjson.loads(service.predict_one(orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 2})))
     assert (one["predicted_rating"], one["source"]) == (7.909, "fallback")
     assert hook.calls == []
 
 
 def test_personalizer_on_single_predictions(with_personalized: ModelSet, tmp_path: Path) -> None:
-    service = PredictionService(with_personalized, max_batch_size=10, user_views=LikesEvenMovies(tmp_path))
+    service = Service(with_personalized, max_batch_size=10, user_views=LikesEvenMovies(tmp_path))
     known = orjson.loads(service.predict_one(orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 2})))
     assert (known["predicted_rating"], known["source"], known["model_version"]) == (
         9.5,

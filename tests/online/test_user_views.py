@@ -16,7 +16,7 @@ from moviematch_ml.errors import StoreError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.store import Counts, FeedbackStore
-from moviematch_ml.online.user_views import MOVIE_TTL_SECONDS, UserViews, keep_warm
+from moviematch_ml.online.user_views import MOVIE_TTL_SECONDS, UserViews, maintain
 from moviematch_ml.runtime import native
 from moviematch_ml.runtime.factors import lookup
 from moviematch_ml.runtime.personalized import DENSE_IDS_MAX, PersonalizedModel
@@ -583,11 +583,11 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def test_keep_warm_polls_and_builds_in_the_background(store: FeedbackStore, personalized: PersonalizedModel) -> None:
+def test_maintain_polls_and_builds_in_the_background(store: FeedbackStore, personalized: PersonalizedModel) -> None:
     async def scenario() -> tuple[int, int]:
         counting = CountingStore(store)
         p = UserViews(counting, ttl=0.02)
-        task = asyncio.create_task(keep_warm(p, lambda: personalized, 0.5))
+        task = asyncio.create_task(maintain(p, lambda: personalized, warm_share=0.5, timeout=5.0))
         await _until(lambda: counting.reads.get("feed", 0) >= 1)  # its first poll: where the feed starts
         _rate(store, "u", {1: 2.0})
         await _until(lambda: counting.reads.get("user u", 0) >= 1)
@@ -606,7 +606,7 @@ def test_keep_warm_polls_and_builds_in_the_background(store: FeedbackStore, pers
     assert asyncio.run(scenario()) == (1, 1)  # built by the task; the request found it cached
 
 
-def test_keep_warm_reads_nothing_without_a_personalised_model(store: FeedbackStore) -> None:
+def test_maintain_reads_nothing_without_a_personalised_model(store: FeedbackStore) -> None:
     _rate(store, "u", {1: 2.0})  # stored before the worker started
 
     async def scenario() -> tuple[dict[str, int], int]:
@@ -623,7 +623,7 @@ def test_keep_warm_reads_nothing_without_a_personalised_model(store: FeedbackSto
             asked += 1
             return None
 
-        task = asyncio.create_task(keep_warm(p, no_model, 0.5))
+        task = asyncio.create_task(maintain(p, no_model, warm_share=0.5, timeout=5.0))
         _rate(store, "v", {1: 2.0})
         await _until(lambda: asked >= 3)  # three periods of the task
         task.cancel()

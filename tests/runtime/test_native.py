@@ -20,6 +20,7 @@ skipped when its extension is not built (the twin then does the work); one end-t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import subprocess
@@ -1347,10 +1348,13 @@ def test_view_data_refuses_bad_input_and_declines_a_singular_system() -> None:
 
 
 class _HalfKnows:
-    """A personaliser that answers the movies with an even id (mixed per-row sources)."""
+    """Users' views that answer the movies with an even id (mixed per-row sources), for every user."""
 
-    def predict(
-        self, model: PersonalizedModel, user_id: Any, movie_ids: list[Any], x: Array
+    def cached(self, model: PersonalizedModel, user_id: str) -> Any:
+        return (user_id, None)  # in memory: the service never reads a store
+
+    def answer(
+        self, model: PersonalizedModel, inputs: Any, movie_ids: list[Any], x: Array
     ) -> tuple[Array, npt.NDArray[np.bool_]]:
         known = np.array([isinstance(i, int) and i % 2 == 0 for i in movie_ids])
         return np.round(np.linspace(0.5, 5.0, x.shape[0]), 2), known
@@ -1379,7 +1383,7 @@ def test_a_1000_movie_batch_renders_as_orjson_does(
     position = {m["movie_id"]: k for k, m in enumerate(movies)}
     assert len(position) == len(movies)
 
-    got = service.predict_batch(orjson.dumps({"movies": movies, **envelope}))
+    got = asyncio.run(service.predict_batch(orjson.dumps({"movies": movies, **envelope})))
     out = orjson.loads(got)
     assert orjson.dumps(out) == got  # byte for byte what orjson writes of the same answer
     rows = out["predictions"]

@@ -6,69 +6,97 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
 
 from moviematch_ml import __version__
-from moviematch_ml.api import handlers, schemas
+from moviematch_ml.api import docs, handlers, schemas
 from moviematch_ml.api.fastpath import FastPathMiddleware
+from moviematch_ml.api.guard import AccessGuard
 from moviematch_ml.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from moviematch_ml.api.routes import build_router
 from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
-from moviematch_ml.online.caches import AnswerCache
+from moviematch_ml.online.access import AccessKeys, RateLimiter
+from moviematch_ml.online.caches import AsyncAnswerCache, RedisCache
 from moviematch_ml.online.contract import decode_answer, encode_answer
 from moviematch_ml.online.feedback import FeedbackService
+from moviematch_ml.online.lifecycle import PROCESS, Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
-from moviematch_ml.online.store import FeedbackStore, make_engine
-from moviematch_ml.online.user_views import UserViews, keep_warm
+from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
+from moviematch_ml.online.user_views import UserViews, maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
-from moviematch_ml.settings import ENV_ONLY, Settings
+from moviematch_ml.settings import Settings, load_settings, parse_rate
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Predicts the rating (0-10, the scale of TMDB's `vote_average`) a user would give a movie, from six
 features the app computes. Answers come from the trained model, or from a documented fallback rule when the model
 cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
-`{"error": "<code>", "message": "<text>", "detail": [...]}`. Every response carries `X-Request-ID`."""
+`{"error": "<code>", "message": "<text>", "detail": [...]}`. Every response carries `X-Request-ID`. When the service
+has access keys (`API_KEYS`), every endpoint but the health probes needs one: `Authorization: Bearer <key>`."""
+# How often the store is pinged for /health, and how long a ping may take.
+STORE_PING_SECONDS = 5.0
 
 
-def create_app(settings: Settings, *, models: ModelSet | None = None, store: FeedbackStore | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    models: ModelSet | None = None,
+    store: FeedbackStore | None = None,
+    lifecycle: Lifecycle = PROCESS,
+) -> FastAPI:
     """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
     model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
-    feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
+    feedback_store = (
+        store
+        if store is not None
+        else FeedbackStore(
+            make_engine(
+                settings.database_url,
+                connect_timeout=settings.store_connect_timeout,
+                statement_timeout=settings.store_statement_timeout,
+            )
+        )
+    )
+    health = StoreHealth.of(settings.database_url, ephemeral=settings.ephemeral_store)
     user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
+    cache = _shared_cache(settings)
     service = PredictionService(
         model_set,
         max_batch_size=settings.max_batch_size,
         cache_size=settings.prediction_cache_size,
-        cache=_shared_cache(settings),
+        cache=cache,
         user_views=user_views,
+        store_read_timeout=settings.store_read_timeout,
     )
-    feedback = FeedbackService(feedback_store, user_views.forget)
+    feedback = FeedbackService(
+        feedback_store, user_views.forget, write_timeout=settings.store_write_timeout, health=health
+    )
+    keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_set.load()
-        try:
-            feedback_store.migrate()
-        except StoreError as exc:
-            log.error("feedback store unavailable", extra={"reason": str(exc)})
+        await _migrate(feedback_store, health, settings.store_write_timeout)
         # What start-up built (modules, the models, their tables) lives as long as the process: out of the cyclic
         # garbage collector's sight, its full collections no longer walk it (docs/performance-history.md).
         gc.freeze()
-        warming = None
-        if settings.state_warm_share > 0 and settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
-            warming = asyncio.create_task(
-                keep_warm(user_views, lambda: model_set.current.personalized, settings.state_warm_share)
-            )
+        tasks = [_task(watch(feedback_store, health, interval=STORE_PING_SECONDS, timeout=STORE_PING_SECONDS))]
+        if settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
+            share = settings.state_warm_share
+            timeout = max(settings.store_statement_timeout, 1.0)
+            keep = maintain(user_views, lambda: model_set.current.personalized, warm_share=share, timeout=timeout)
+            tasks.append(_task(keep))
         current = model_set.current
         log.info(
             "service started",
@@ -77,13 +105,24 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
                 "model_version": current.six.version,
                 "reason": current.reason,
                 "ready": model_set.ready,
+                "store": health.kind,
+                "auth": "on" if keys.enabled else "off",
             },
         )
+        if not keys.enabled:
+            log.warning("no API_KEYS: every endpoint but /admin is open to anyone who can reach the service")
+        if settings.ephemeral_store:
+            log.warning(
+                "the feedback store is a SQLite file inside the container: a redeploy loses every rating; "
+                "set DATABASE_URL to a PostgreSQL database (docs/api.md, Deploying on Railway)"
+            )
         yield
-        if warming is not None:
-            warming.cancel()
+        for task in tasks:
+            task.cancel()
             with suppress(asyncio.CancelledError):
-                await warming
+                await task
+        if isinstance(cache, RedisCache):
+            await cache.aclose()
         feedback_store.close()
         log.info("service stopped")
 
@@ -92,6 +131,8 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by api/docs.py from the package, not from a public CDN
+        redoc_url=None,
         # FastAPI checks on every request whether OpenTelemetry providers are set up (environment look-ups
         # included), which costs microseconds for nothing when none is: off unless asked for.
         telemetry=None if settings.fastapi_telemetry else {"tracing": False, "metrics": False, "logs": False},
@@ -100,13 +141,33 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     app.state.models = model_set
     app.state.service = service
     app.state.store = feedback_store
+    app.state.store_health = health
     app.state.user_views = user_views
-    app.include_router(build_router(model_set, service, feedback, time.monotonic()))
+    app.include_router(
+        build_router(
+            model_set,
+            service,
+            feedback,
+            time.monotonic(),
+            store_health=health,
+            lifecycle=lifecycle,
+            require_model=settings.require_model,
+            auth=keys.enabled,
+        )
+    )
+    docs.install(app)
     handlers.install(app)
 
     if settings.fast_path:
         # Added first, so it sits inside CORS and the request middleware: both still apply to the hot routes.
         app.add_middleware(FastPathMiddleware, service=service)
+    if keys.enabled:
+        rate = parse_rate(settings.rate_limit)
+        limiter = None
+        if rate is not None:
+            limiter = RateLimiter(rate[0], rate[1], redis=_redis(settings))
+        # Inside CORS (browsers send no key on a preflight), outside everything that answers.
+        app.add_middleware(AccessGuard, keys=keys, limiter=limiter)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -118,31 +179,65 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
             max_age=600,
         )
     # Added last, so it is the outermost layer: CORS preflights and errors get a request id and a log line too.
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_concurrency=settings.max_concurrency,
+        lifecycle=lifecycle,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             # The predict routes read their body themselves; their schemas are added here for the docs.
             spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas.request_components())
-            app.openapi_schema = spec
+            app.openapi_schema = schemas.finish(spec, auth=keys.enabled)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _shared_cache(settings: Settings) -> AnswerCache | None:
+def _task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(coroutine)
+
+
+async def _migrate(store: FeedbackStore, health: StoreHealth, timeout: float) -> None:
+    """Bring the store's schema up to date, in a worker thread and ``timeout`` seconds at most: a database that is
+    down or hangs costs /feedback (503) and personalisation, never the start of the service."""
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.to_thread.run_sync(store.migrate, abandon_on_cancel=True)
+        health.ok()
+    except StoreError as exc:
+        health.failed(str(exc))
+        log.error("feedback store unavailable", extra={"reason": str(exc)})
+    except TimeoutError:
+        health.failed(f"no answer within {timeout} s")
+        log.error("feedback store unavailable", extra={"reason": f"migration did not finish within {timeout} s"})
+
+
+def _redis(settings: Settings) -> Any:
+    """An asyncio Redis client for ``REDIS_URL`` with the Redis timeout, or None without one."""
+    if not settings.redis_url:
+        return None
+    import redis.asyncio
+
+    timeout = settings.redis_timeout
+    return redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _shared_cache(settings: Settings) -> AsyncAnswerCache | None:
     """The Redis answer cache when asked for; None leaves the in-process one (or none) to PredictionService."""
     if settings.prediction_cache_backend != "redis" or settings.redis_url is None or not settings.prediction_cache_size:
         return None
-    from moviematch_ml.online.caches import RedisCache
-
-    return RedisCache.from_url(settings.redis_url, encode=encode_answer, decode=decode_answer)
+    return RedisCache.from_url(
+        settings.redis_url, timeout=settings.redis_timeout, encode=encode_answer, decode=decode_answer
+    )
 
 
 def app_from_env() -> FastAPI:
     """The uvicorn factory (``--factory``): reads Settings from the environment once, in each worker process."""
-    settings = Settings(**ENV_ONLY)
+    settings = load_settings()
     configure_logging(settings.log_level)
     return create_app(settings)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
-import anyio
-import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moviematch_ml.api.handlers import input_error_response
 from moviematch_ml.errors import InputError, UnsupportedMediaTypeError
 from moviematch_ml.online.service import PredictionService
 
-# Bodies above this size are answered in a worker thread. Higher than the FastAPI route's threshold: a batch
-# below it blocks the loop for a few milliseconds at most, while the thread hop (plus the GIL ping-pong it brings)
-# costs a 1,000-movie batch a third of its throughput (docs/performance-history.md, section 6).
-THREADPOOL_BYTES: Final[int] = 1024 * 1024
 _JSON: Final[bytes] = b"application/json"
 _CONTENT_TYPE: Final[bytes] = b"content-type"
 
@@ -74,8 +68,7 @@ class FastPathMiddleware:
 
     def __init__(self, app: ASGIApp, *, service: PredictionService) -> None:
         self.app = app
-        self._big: anyio.CapacityLimiter | None = None  # created on first use, inside the event loop
-        self.routes: dict[str, Callable[[bytes], bytes]] = {
+        self.routes: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
             "/predict": service.predict_one,
             "/predict-batch": service.predict_batch,
         }
@@ -89,14 +82,7 @@ class FastPathMiddleware:
             body = await read_body(receive)
             if body is None:
                 return
-            if len(body) > THREADPOOL_BYTES:
-                # A very big batch must not stall the event loop for every other request of this worker; one
-                # at a time, though: several interleaved on one core only add GIL hand-offs and cache misses.
-                if self._big is None:
-                    self._big = anyio.CapacityLimiter(1)
-                answer = await anyio.to_thread.run_sync(handler, body, limiter=self._big)
-            else:
-                answer = handler(body)
+            answer = await handler(body)
         except InputError as exc:
             await input_error_response(exc)(scope, receive, send)
             return

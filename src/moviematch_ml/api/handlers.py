@@ -18,11 +18,14 @@ log = logging.getLogger("moviematch_ml.api")
 
 CODE_BY_STATUS: Final[dict[int, str]] = {
     400: "invalid_json",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    429: "rate_limited",
     500: "internal_error",
     503: "not_ready",
 }
@@ -52,7 +55,7 @@ def _safe_value(value: Any) -> Any:
         try:
             if len(orjson.dumps(value)) <= _MAX_VALUE_CHARS:
                 return value
-        except TypeError:
+        except TypeError:  # orjson refuses what it cannot write (a value nested too deep, say)
             pass
         return f"<{type(value).__name__} of {len(value)} items>"
     if value is None or isinstance(value, bool | int | float):
@@ -103,9 +106,14 @@ async def _on_input_error(request: Request, exc: Exception) -> Response:
 
 
 async def _on_store_error(request: Request, exc: Exception) -> Response:
-    # Nothing was committed (the transaction rolled back), so the client may safely retry with the same keys.
+    # Retrying with the same keys is always safe: a rating that did commit meanwhile is then a duplicate.
     log.error("feedback store failed", extra={"reason": str(exc)})
-    return error_response(503, "store_unavailable", "the feedback store could not write; nothing was stored, retry")
+    return error_response(
+        503,
+        "store_unavailable",
+        "the feedback store could not write; retry with the same keys (a rating stored meanwhile is a duplicate)",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _on_request_validation(request: Request, exc: Exception) -> Response:

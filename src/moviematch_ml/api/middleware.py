@@ -1,4 +1,8 @@
-"""Pure ASGI middleware: request id, body size limit, last-resort 500 and one JSON access-log line per request."""
+"""Pure ASGI middleware: request id, body limit, overload, security headers, last-resort 500, one access-log line.
+
+Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request. It is the
+outermost layer of the app, so every response (errors, CORS preflights, refusals of the access guard) is covered.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import logging
 import time
 from typing import Final
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moviematch_ml.api.handlers import input_error_response, internal_error_response
+from moviematch_ml.api.handlers import error_response, input_error_response, internal_error_response
 from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.online.contract import new_id
+from moviematch_ml.online.lifecycle import Lifecycle
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
 access_log = DirectLog(logging.getLogger(ACCESS_LOGGER))
@@ -19,7 +25,21 @@ error_log = logging.getLogger("moviematch_ml.api")
 
 REQUEST_ID_HEADER: Final[str] = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH: Final[int] = 128
+# A client that closed the connection before its answer (nginx's code for it): not a server error.
+CLIENT_CLOSED: Final[int] = 499
+# An oversized body is read (and thrown away) up to this many times the limit before the 413, so that the client
+# reads the answer instead of a reset connection; a bigger one gets the 413 and a closed connection.
+DRAIN_FACTOR: Final[int] = 4
+# Probes answer even when the worker is saturated: a platform restarting a busy worker makes things worse.
+_NOT_LIMITED: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
 _HEADER_KEY: Final[bytes] = b"x-request-id"
+_SECURITY_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+)
+_CLOSE: Final[tuple[bytes, bytes]] = (b"connection", b"close")
 
 
 def valid_request_id(value: str) -> bool:
@@ -46,15 +66,30 @@ def _request_id_and_length(scope: Scope) -> tuple[str, int | None]:
     return (request_id if request_id is not None else new_id()), length
 
 
+async def _drain(receive: Receive, limit: int) -> bool:
+    """Read and discard the request body, up to ``limit`` bytes; whether it was read to its end."""
+    read = 0
+    while read <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
+
+
 class RequestContextMiddleware:
-    """Outermost layer of the app, so that every response, errors and CORS preflights included, is covered.
+    """Request id, body size limit, at most ``max_concurrency`` requests in progress (past it, 503 with
+    Retry-After, at once), security headers on every answer (and ``Connection: close`` while the process drains),
+    and one JSON access-log line per request."""
 
-    Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_concurrency: int, lifecycle: Lifecycle) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_concurrency = max_concurrency
+        self.lifecycle = lifecycle
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,17 +97,23 @@ class RequestContextMiddleware:
             return
         start = time.perf_counter()
         request_id, length = _request_id_and_length(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        id_header = (_HEADER_KEY, request_id.encode("latin-1"))
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        extra = [(_HEADER_KEY, request_id.encode("latin-1")), *_SECURITY_HEADERS]
+        lifecycle = self.lifecycle
         status = 500
         started = False
+        close = False
 
-        async def send_with_id(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
-                message["headers"] = [*message.get("headers", ()), id_header]
+                headers = [*message.get("headers", ()), *extra]
+                if lifecycle.draining or close:
+                    headers.append(_CLOSE)  # clients stop reusing the connection before the listener closes
+                message["headers"] = headers
             await send(message)
 
         limit = self.max_body_bytes
@@ -88,26 +129,43 @@ class RequestContextMiddleware:
                     raise BodyTooLargeError(f"request body is larger than {limit} bytes")
             return message
 
+        limited = scope["path"] not in _NOT_LIMITED
+        counted = False
         try:
-            if length is not None and length > limit:
-                response = input_error_response(
-                    BodyTooLargeError(f"request body of {length} bytes is larger than {limit} bytes")
+            if limited and self.in_flight >= self.max_concurrency:
+                response = error_response(
+                    503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "1"}
                 )
-                await response(scope, receive, send_with_id)
+                await response(scope, receive, send_with_headers)
+            elif length is not None and length > limit:
+                close = not await _drain(receive, DRAIN_FACTOR * limit)
+                error = BodyTooLargeError(f"request body of {length} bytes is larger than {limit} bytes")
+                await input_error_response(error)(scope, receive, send_with_headers)
             else:
+                if limited:
+                    counted = True
+                    self.in_flight += 1
                 # With a Content-Length the server delivers exactly that many bytes, already checked above, so
                 # the counting wrapper (one more coroutine per receive) is needed only for chunked bodies.
-                await self.app(scope, receive if length is not None else receive_limited, send_with_id)
+                await self.app(scope, receive if length is not None else receive_limited, send_with_headers)
         except InputError as exc:
             if not started:
-                await input_error_response(exc)(scope, receive, send_with_id)
+                if isinstance(exc, BodyTooLargeError):
+                    close = not await _drain(receive, DRAIN_FACTOR * limit)
+                await input_error_response(exc)(scope, receive, send_with_headers)
+        except ClientDisconnect:
+            pass  # nothing to answer: logged below as the client's
         except Exception:
             error_log.exception(
                 "unhandled error", extra={"request_id": request_id, "method": scope["method"], "path": scope["path"]}
             )
             if not started:
-                await internal_error_response()(scope, receive, send_with_id)
+                await internal_error_response()(scope, receive, send_with_headers)
         finally:
+            if counted:
+                self.in_flight -= 1
+            if not started:
+                status = CLIENT_CLOSED  # the app ended without an answer: the client went away
             access_log.info(
                 "request",
                 {

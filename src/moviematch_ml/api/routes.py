@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from moviematch_ml import SERVICE_NAME, __version__
@@ -16,12 +15,11 @@ from moviematch_ml.api import schemas
 from moviematch_ml.api.handlers import not_ready_response
 from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
+from moviematch_ml.online.lifecycle import Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.store import StoreHealth
 
-# Bodies above this size are parsed and predicted in a worker thread so that one 10 000-movie batch does not stall
-# the event loop for every other request; small bodies stay inline, where a thread hop would cost more than it saves.
-THREADPOOL_BODY_BYTES: Final[int] = 64 * 1024
 IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
@@ -54,9 +52,20 @@ def check_json(request: Request) -> None:
 
 
 def build_router(
-    models: ModelSet, service: PredictionService, ratings: FeedbackService, started_at: float
+    models: ModelSet,
+    service: PredictionService,
+    ratings: FeedbackService,
+    started_at: float,
+    *,
+    store_health: StoreHealth,
+    lifecycle: Lifecycle,
+    require_model: bool = False,
+    auth: bool = False,
 ) -> APIRouter:
-    """The routes, bound to one model set and its services (no globals, so tests can build many apps)."""
+    """The routes, bound to one model set and its services (no globals, so tests can build many apps).
+
+    ``require_model``: not ready while the trained model is not loaded; ``auth``: whether access keys are on (said
+    in ``GET /``)."""
     router = APIRouter()
 
     @router.post(
@@ -96,6 +105,7 @@ def build_router(
                     "six_features": current.six_report.summary(details=True),
                     "personalized": current.personalized_report.summary(details=True),
                 },
+                "auth": "on" if auth else "off",
                 "docs": "/docs",
             }
         )
@@ -115,6 +125,9 @@ def build_router(
                 "reason": current.reason,
                 "uptime_seconds": round(time.monotonic() - started_at, 3),
                 "models": current.reports(),
+                "store": store_health.kind,
+                "store_status": store_health.status,
+                "store_reason": store_health.reason,
             }
         )
 
@@ -124,13 +137,18 @@ def build_router(
 
     @router.get(
         "/health/ready",
-        summary="200 once the model or the fallback answered a canned prediction; 503 while starting",
+        summary="200 once the models are loaded and checked; 503 while starting, shutting down, or (REQUIRE_MODEL) "
+        "answering with the fallback rule",
         response_model=schemas.StatusResponse,
-        responses={503: {"model": schemas.ErrorResponse, "description": "Still starting."}},
+        responses={503: {"model": schemas.ErrorResponse, "description": "Starting, shutting down, or no model."}},
     )
     async def ready() -> Response:
+        if lifecycle.draining:
+            return not_ready_response("the service is shutting down")
         if not models.ready:
             return not_ready_response("the service is starting: no canned prediction has succeeded yet")
+        if require_model and models.current.six_report.status != "ok":
+            return not_ready_response("the trained model is not loaded (REQUIRE_MODEL): the fallback rule answers")
         return _json({"status": "ready"})
 
     @router.post(
@@ -150,20 +168,16 @@ def build_router(
         """
         check_json(request)
         body = await request.body()
-        # The write blocks on the database (fsync): keep it off the event loop.
-        new, payload = await run_in_threadpool(ratings.record, body, request.headers.get(IDEMPOTENCY_HEADER))
+        new, payload = await ratings.record(body, request.headers.get(IDEMPOTENCY_HEADER))
         return Response(payload, status_code=201 if new else 200, media_type="application/json")
 
     return router
 
 
-async def _answer(request: Request, handle: Callable[[bytes], bytes]) -> Response:
-    """Read a JSON body and answer it with ``handle`` (bytes to bytes), in a worker thread when it is large."""
+async def _answer(request: Request, handle: Callable[[bytes], Awaitable[bytes]]) -> Response:
+    """Read a JSON body and answer it with ``handle`` (bytes to bytes)."""
     check_json(request)
-    body = await request.body()
-    if len(body) > THREADPOOL_BODY_BYTES:
-        return _json_bytes(await run_in_threadpool(handle, body))
-    return _json_bytes(handle(body))
+    return _json_bytes(await handle(await request.body()))
 
 
 def _json_bytes(body: bytes) -> Response:

@@ -139,6 +139,13 @@ class HealthResponse(BaseModel):
     reason: str | None = Field(description="Why the service is degraded (null when ok).")
     uptime_seconds: float
     models: ModelStates
+    store: str = Field(
+        description="sqlite, postgresql, or 'sqlite (ephemeral)': a SQLite file in a container that a redeploy loses."
+    )
+    store_status: Literal["ok", "unavailable", "unknown"] = Field(
+        description="Whether the store answered its last call (a write, or the periodic ping)."
+    )
+    store_reason: str | None = Field(description="Why the store is unavailable (null otherwise).")
 
 
 class StatusResponse(BaseModel):
@@ -150,6 +157,7 @@ class RootResponse(BaseModel):
     version: str
     model: dict[str, Any] = Field(description="The six-feature model (or fallback rule) in detail.")
     models: ModelStates
+    auth: Literal["on", "off"] = Field(description="Whether access keys (API_KEYS) are required.")
     docs: str
 
 
@@ -251,3 +259,40 @@ FEEDBACK_BODY: Final[dict[str, Any]] = request_body(
 FEEDBACK_BODY["requestBody"]["content"]["application/json"]["schema"] = {
     "oneOf": [{"$ref": "#/components/schemas/FeedbackRating"}, {"$ref": "#/components/schemas/FeedbackBatch"}]
 }
+
+
+# Request fields that may be left out but, when sent, may not be null: pydantic writes "anyOf [..., null]" for an
+# optional field, which tells clients a null is welcome where the service answers 422.
+# (The server does take null for top_k, a feedback's timestamp and prediction_id: those stay nullable.)
+_NOT_NULL: Final[dict[str, tuple[str, ...]]] = {
+    "PredictRequest": ("user_id", "movie_id"),
+    "BatchRequest": ("user_id",),
+    "FeedbackRating": ("user_id", "movie_id", "feedback_id"),
+}
+
+
+def finish(spec: dict[str, Any], *, auth: bool) -> dict[str, Any]:
+    """The finishing touches of the OpenAPI document: optional request fields that are not nullable, and (with
+    access keys on) the bearer scheme every operation but the health probes requires."""
+    schemas_ = spec.get("components", {}).get("schemas", {})
+    for model, fields in _NOT_NULL.items():
+        properties = schemas_.get(model, {}).get("properties", {})
+        for name in fields:
+            prop = properties.get(name)
+            if prop is not None and "anyOf" in prop:
+                kept = [s for s in prop["anyOf"] if s != {"type": "null"}]
+                prop.pop("default", None)
+                if len(kept) == 1:
+                    del prop["anyOf"]
+                    prop.update(kept[0])
+                else:
+                    prop["anyOf"] = kept
+    if auth:
+        spec["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An access key of API_KEYS."}
+        }
+        for path, operations in spec.get("paths", {}).items():
+            if not path.startswith("/health"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+    return spec

@@ -8,6 +8,7 @@ change with feedback). ``TTLCache`` holds the users' views.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -33,12 +34,12 @@ CACHE_MAX_BYTES: Final[int] = 32 * 1024 * 1024
 AnswerKey = tuple[str, str, bytes]
 
 
-class AnswerCache(Protocol):
-    """Where answers are kept by (model version, source, request body): in process, or in Redis ."""
+class AsyncAnswerCache(Protocol):
+    """An answer cache outside the process (Redis): asked with ``await``, written without waiting."""
 
-    def get(self, key: tuple[str, str, bytes]) -> Any: ...
+    async def aget(self, key: AnswerKey) -> Any: ...
 
-    def put(self, key: tuple[str, str, bytes], value: Any, rows: int = 1) -> None: ...
+    def aput(self, key: AnswerKey, value: Any, rows: int = 1) -> None: ...
 
 
 class LRUCache:
@@ -90,7 +91,10 @@ def cache_key(key: tuple[str, str, bytes]) -> str:
 
 
 class RedisCache:
-    """Answers in Redis, shared by every replica; a failure of Redis is a miss, logged once per failure streak."""
+    """Answers in Redis, shared by every replica, through the asyncio client: a get is awaited for at most the
+    client's timeout, a put is not waited for at all. A Redis that fails or hangs is a miss, and opens a circuit
+    breaker: for ``breaker_seconds`` Redis is not asked at all, so a sick cache never costs a request more than one
+    timeout per breaker period. Logged once per outage."""
 
     def __init__(
         self,
@@ -99,51 +103,81 @@ class RedisCache:
         ttl_seconds: int = 3600,
         encode: Callable[[Any], object] = lambda v: v,
         decode: Callable[[Any], Any] = lambda v: v,
+        timeout: float = 0.05,
+        breaker_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.ttl_seconds = ttl_seconds
         self._encode = encode
         self._decode = decode
+        self.timeout = timeout
+        self.breaker_seconds = breaker_seconds
+        self._clock = clock
+        self._open_until = -1.0
+        self._writes: set[asyncio.Task[None]] = set()  # puts in flight (referenced until done)
         self.hits = 0
         self.misses = 0
         self.errors = 0
-        self._failing = False
+        self.skipped = 0
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisCache:
-        import redis
+    def from_url(cls, url: str, *, timeout: float = 0.05, **kwargs: Any) -> RedisCache:
+        import redis.asyncio
 
-        # Short timeouts: a prediction must not wait on a sick cache longer than it takes to compute the answer.
-        client = redis.Redis.from_url(url, socket_timeout=0.05, socket_connect_timeout=0.2)
-        return cls(client, **kwargs)
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, timeout=timeout, **kwargs)
 
-    def _failed(self, exc: Exception) -> None:
+    @property
+    def open(self) -> bool:
+        """Whether the breaker is open (Redis not asked)."""
+        return self._clock() < self._open_until
+
+    def _failed(self, exc: BaseException) -> None:
         self.errors += 1
-        if not self._failing:
+        if not self.open:
             log.warning("redis cache unavailable, answering without it", extra={"reason": repr(exc)})
-        self._failing = True
+        self._open_until = self._clock() + self.breaker_seconds
 
-    def get(self, key: tuple[str, str, bytes]) -> Any:
+    async def aget(self, key: AnswerKey) -> Any:
+        if self.open:
+            self.skipped += 1
+            return None
         try:
-            raw = self._client.get(cache_key(key))
+            raw = await asyncio.wait_for(self._client.get(cache_key(key)), self.timeout)
         except Exception as exc:  # any client error (connection, timeout, protocol) is a miss
             self._failed(exc)
             self.misses += 1
             return None
-        self._failing = False
         if raw is None:
             self.misses += 1
             return None
         self.hits += 1
         return self._decode(orjson.loads(raw))
 
-    def put(self, key: tuple[str, str, bytes], value: Any, rows: int = 1) -> None:
+    def aput(self, key: AnswerKey, value: Any, rows: int = 1) -> None:
+        if self.open:
+            self.skipped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._put(cache_key(key), orjson.dumps(self._encode(value))))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, name: str, raw: bytes) -> None:
         try:
-            self._client.set(cache_key(key), orjson.dumps(self._encode(value)), ex=self.ttl_seconds)
+            await asyncio.wait_for(self._client.set(name, raw, ex=self.ttl_seconds), self.timeout)
         except Exception as exc:
             self._failed(exc)
-            return
-        self._failing = False
+
+    async def settle(self) -> None:
+        """Wait for the puts in flight."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Wait for the puts in flight, then close the client's connections."""
+        await self.settle()
+        await self._client.aclose()
 
 
 class TTLCache(Generic[K, V]):

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
+import anyio
+import anyio.to_thread
 import orjson
 
-from moviematch_ml.errors import FieldError, InputError, InvalidJSONError
+from moviematch_ml.errors import FieldError, InputError, InvalidJSONError, StoreError
 from moviematch_ml.features import MAX_ID_LENGTH, parse_id
 
 if TYPE_CHECKING:  # the store imports Feedback from here
-    from moviematch_ml.online.store import FeedbackStore
+    from moviematch_ml.online.store import FeedbackStore, StoreHealth
 
 MAX_FEEDBACK_BATCH: Final[int] = 1000
 RATING_RULE: Final[str] = "must be a finite number between 0 and 10"
@@ -130,22 +132,51 @@ def parse_feedback(body: object, idempotency_key: str | None, now: float) -> lis
 
 
 class FeedbackService:
-    """``POST /feedback`` without HTTP: validates the body, stores its new ratings in one transaction, and tells
-    ``on_stored`` which users got new ratings (their views are dropped)."""
+    """``POST /feedback`` without HTTP: validates the body, stores its new ratings in one transaction in a worker
+    thread (at most ``write_timeout`` seconds, then StoreError: the client retries with the same keys, and a rating
+    that did commit meanwhile is then a duplicate), and tells ``on_stored`` which users got new ratings (their views
+    are dropped)."""
 
-    def __init__(self, store: FeedbackStore, on_stored: Callable[[Iterable[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        on_stored: Callable[[Iterable[str]], None] | None = None,
+        *,
+        write_timeout: float = 10.0,
+        health: StoreHealth | None = None,
+    ) -> None:
         self.store = store
         self.on_stored = on_stored
+        self.write_timeout = write_timeout
+        self.health = health
 
-    def record(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
+    async def record(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
         """(whether any rating was new, the JSON answer). Raises InputError for a refused body and StoreError when
-        the store could not write (nothing was stored)."""
+        the store could not write in time."""
+        try:
+            with anyio.fail_after(self.write_timeout):
+                return await anyio.to_thread.run_sync(self.record_now, body, idempotency_key, abandon_on_cancel=True)
+        except TimeoutError:
+            reason = f"the store did not commit within {self.write_timeout} s"
+            if self.health is not None:
+                self.health.failed(reason)
+            raise StoreError(reason) from None
+
+    def record_now(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
+        """``record``, blocking, without the timeout."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
         ratings = parse_feedback(obj, idempotency_key, time.time())
-        result = self.store.add(ratings)
+        try:
+            result = self.store.add(ratings)
+        except StoreError as exc:
+            if self.health is not None:
+                self.health.failed(str(exc))
+            raise
+        if self.health is not None:
+            self.health.ok()
         if self.on_stored is not None and result.accepted:
             self.on_stored({r.user_id for r, s in zip(ratings, result.stored, strict=True) if s})
         answer = {

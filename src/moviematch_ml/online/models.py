@@ -20,7 +20,7 @@ import numpy as np
 
 from moviematch_ml.errors import ModelError
 from moviematch_ml.features import example_matrix
-from moviematch_ml.runtime.cards import PERSONALIZED_DIR, ModelCard
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, PERSONALIZED_DIR, ModelCard
 from moviematch_ml.runtime.fallback import FallbackPredictor
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import Predictor, load_six_features
@@ -167,7 +167,7 @@ class ModelSet:
                 extra={"model_path": str(path), "reason": reason},
                 exc_info=not isinstance(exc, ModelError),
             )
-            return FallbackPredictor(), ModelReport("fallback", FallbackPredictor.version, reason)
+            return FallbackPredictor(), ModelReport("fallback", FallbackPredictor.version, self._public(reason))
         if not _answers(predictor):
             # A model that loads but cannot answer is as good as no model.
             reason = "model loaded but its canned prediction failed"
@@ -182,7 +182,7 @@ class ModelSet:
         except Exception as exc:
             reason = f"personalised model not loaded: {type(exc).__name__}: {exc}"
             log.error("personalised model not loaded", extra={"model_path": str(self.path), "reason": reason})
-            return None, ModelReport("refused", None, reason)
+            return None, ModelReport("refused", None, self._public(reason))
         if model is None:
             return None, ModelReport("absent", None)
         try:
@@ -196,6 +196,15 @@ class ModelSet:
             log.error("personalised model not loaded", extra={"model_path": str(self.path), "reason": reason})
             return None, ModelReport("refused", model.version, reason)
         return model, ModelReport("ok", model.version, None, model.card)
+
+    def _public(self, reason: str) -> str:
+        """A reason as /health shows it: the model directory is named MODEL_PATH (the log has the full path; the
+        answers of a public URL should not tell the machine's layout)."""
+        path = self.path.resolve()
+        where = "the bundled model" if path == BUNDLED_MODEL_DIR.resolve() else "MODEL_PATH"
+        for spelling in sorted({str(path), str(self.path)}, key=len, reverse=True):
+            reason = reason.replace(spelling, where)
+        return reason
 
     def summary(self) -> dict[str, object]:
         """What ``GET /`` says of the models: the six-feature model in detail (``model``), and each model."""

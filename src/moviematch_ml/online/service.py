@@ -2,29 +2,55 @@
 
 The model set is read once per request, so one answer never mixes two models. Validation writes straight into a
 feature matrix and each model is called once per request, never row by row: this is the hot path, so no pydantic
-objects and no pandas here.
+objects and no pandas here. Nothing here blocks the event loop: a user's ratings, when they are not in memory, are
+read in a worker thread for at most ``store_read_timeout`` seconds, and the six-feature model answers when the
+store is slow or down; a big body is decoded and predicted in a worker thread.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
+import anyio
+import anyio.to_thread
 import numpy as np
 
-from moviematch_ml.online.caches import CACHE_MAX_BODY_BYTES, AnswerCache, LRUCache
+from moviematch_ml.errors import StoreError
+from moviematch_ml.online.caches import CACHE_MAX_BODY_BYTES, AsyncAnswerCache, LRUCache
 from moviematch_ml.online.contract import (
     BatchAnswer,
     BatchDecoder,
+    BatchRequest,
     OneAnswer,
     decode_one,
     render_batch,
     render_one,
 )
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.user_views import UserViews
+from moviematch_ml.online.user_views import Inputs, UserViews
+from moviematch_ml.runtime.personalized import PersonalizedModel
 
-A = TypeVar("A", OneAnswer, BatchAnswer)
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Id = str | int
+# Bodies above this size are decoded and predicted in a worker thread, one at a time: a batch below it blocks the
+# loop for a few milliseconds at most, while the thread hop (and the GIL ping-pong it brings) costs a 1,000-movie
+# batch a third of its throughput (docs/performance-history.md, section 6).
+THREAD_BODY_BYTES: Final[int] = 1024 * 1024
+# After a store read fails or times out, the next ones are not even tried for this long (the six-feature model
+# answers at once): a database that hangs must not cost every request the whole timeout.
+STORE_BACKOFF_SECONDS: Final[float] = 2.0
+
+
+def _read(users: UserViews, model: PersonalizedModel, user_id: str) -> Inputs | None:
+    """What a prediction for the user needs, read from the store (in a worker thread)."""
+    if not users.warm_ahead:  # nobody polls the change feed in the background: the read does it
+        users.sync()
+    return users.load(model, user_id)
 
 
 class PredictionService:
@@ -38,71 +64,90 @@ class PredictionService:
         max_batch_size: int,
         user_views: UserViews | None = None,
         cache_size: int = 0,
-        cache: AnswerCache | None = None,
+        cache: LRUCache | AsyncAnswerCache | None = None,
+        store_read_timeout: float = 0.5,
+        store_threads: int = 4,
     ) -> None:
         self.models = models
         self.user_views = user_views
         self.decode_batch = BatchDecoder(max_batch_size)
         # An explicit cache (say, the shared Redis one) wins; else an in-process LRU of cache_size entries.
-        self.cache: AnswerCache | None = cache if cache is not None else LRUCache(cache_size) if cache_size else None
+        self.cache: LRUCache | AsyncAnswerCache | None = (
+            cache if cache is not None else LRUCache(cache_size) if cache_size else None
+        )
+        self.store_read_timeout = store_read_timeout
+        self._store_threads = store_threads
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}  # created in the event loop that uses them
+        self._store_down_until = 0.0
+        self.store_failures = 0
 
-    def predict_one(self, body: bytes) -> bytes:
+    def _limiter(self, name: str, tokens: int) -> anyio.CapacityLimiter:
+        limiter = self._limiters.get(name)
+        if limiter is None:
+            limiter = self._limiters[name] = anyio.CapacityLimiter(tokens)
+        return limiter
+
+    async def predict_one(self, body: bytes) -> bytes:
         """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
-        return render_one(self._cached(body, self._predict_one, lambda a: (a.cacheable, 1)))
-
-    def predict_batch(self, body: bytes) -> bytes:
-        """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
-        return render_batch(self._cached(body, self._predict_batch, lambda a: (a.cacheable, len(a.order))))
-
-    def _cached(self, body: bytes, compute: Callable[[bytes], A], rows: Callable[[A], tuple[bool, int]]) -> A:
-        """The answer to ``body`` from the cache, else computed (and stored when ``rows`` says it may be:
-        (cacheable, number of predictions)). Answers hold no prediction ids, so a hit still gets fresh ones."""
-        cache = self.cache
-        if cache is None or len(body) > CACHE_MAX_BODY_BYTES:
-            return compute(body)
-        six = self.models.current.six
-        key = (six.version, six.source, body)
-        hit: A | None = cache.get(key)
-        if hit is not None:
-            return hit
-        answer = compute(body)
-        cacheable, n = rows(answer)
-        if cacheable:
-            cache.put(key, answer, n)
-        return answer
-
-    def _predict_one(self, body: bytes) -> OneAnswer:
+        cached = await self._cached_answer(body)
+        if isinstance(cached, OneAnswer):
+            return render_one(cached)
         request = decode_one(body)
-        models = self.models.current
         users = self.user_views
+        models = self.models.current
         personal = models.personalized
+        six = models.six
         if request.user_id is not None and users is not None and personal is not None:
-            answer = users.predict(personal, request.user_id, [request.movie_id], request.x)
-            if answer is not None:
+            inputs = await self._personal_inputs(users, personal, request.user_id)
+            answered = None if inputs is None else users.answer(personal, inputs, [request.movie_id], request.x)
+            if answered is not None and answered[1][0]:
                 # The six-feature model is not needed at all. A personalised answer changes with the user's
                 # feedback: it is never cached.
-                return OneAnswer(round(float(answer[0][0]), 3), "personalized", False, personal.version)
-        y = float(models.six.predict(request.x)[0])
-        cacheable = request.user_id is None or users is None
-        return OneAnswer(round(y, 3), models.six.source, cacheable, models.six.version)
+                rating = round(float(answered[0][0]), 3)
+                return render_one(OneAnswer(rating, "personalized", False, personal.version))
+        y = float(six.predict(request.x)[0])
+        answer = OneAnswer(round(y, 3), six.source, request.user_id is None or users is None, six.version)
+        await self._store(body, answer, answer.cacheable, 1)
+        return render_one(answer)
 
-    def _predict_batch(self, body: bytes) -> BatchAnswer:
-        request = self.decode_batch(body)
-        x, ids, user_id = request.x, request.ids, request.user_id
+    async def predict_batch(self, body: bytes) -> bytes:
+        """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
+        cached = await self._cached_answer(body)
+        if isinstance(cached, BatchAnswer):
+            return render_batch(cached)
+        big = len(body) > THREAD_BODY_BYTES
+        request = await self._maybe_in_thread(big, self.decode_batch, body)
+        users = self.user_views
         models = self.models.current
-        six = models.six
+        inputs = None
+        personal = models.personalized
+        if request.user_id is not None and users is not None and personal is not None:
+            inputs = await self._personal_inputs(users, personal, request.user_id)
+        answer = await self._maybe_in_thread(big, self._answer_batch, request, personal, inputs)
+        await self._store(body, answer, answer.cacheable, len(answer.order))
+        return render_batch(answer)
+
+    async def _maybe_in_thread(self, big: bool, call: Callable[..., T], *args: object) -> T:
+        if not big:
+            return call(*args)
+        # One big body at a time: several interleaved on one core only add GIL hand-offs and cache misses.
+        return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter("big", 1))
+
+    def _answer_batch(
+        self, request: BatchRequest, personal: PersonalizedModel | None, inputs: Inputs | None
+    ) -> BatchAnswer:
+        x, ids = request.x, request.ids
+        six = self.models.current.six
         source = six.source
         sources: list[str] | None = None
         personalized_version: str | None = None
-        users = self.user_views
-        personal = models.personalized
-        answer = None
-        if user_id is not None and users is not None and personal is not None:
-            answer = users.predict(personal, user_id, ids, x)
-        if answer is None or personal is None:
+        answered = None
+        if personal is not None and inputs is not None and self.user_views is not None:
+            answered = self.user_views.answer(personal, inputs, ids, x)
+        if personal is None or answered is None:
             y = six.predict(x)
         else:
-            ratings, mask = answer
+            ratings, mask = answered
             if mask.all():
                 y = ratings  # only read below (np.round makes a new array)
                 source = "personalized"  # every row: one source for all, no per-row list
@@ -122,5 +167,56 @@ class PredictionService:
                 order = order[: request.top_k]
         else:
             order = list(range(len(ids)))
-        cacheable = user_id is None or users is None
+        cacheable = request.user_id is None or self.user_views is None
         return BatchAnswer(ids, rounded, source, sources, order, ranked, six.version, cacheable, personalized_version)
+
+    async def _personal_inputs(self, users: UserViews, model: PersonalizedModel, user_id: Id) -> Inputs | None:
+        """The user's view and the movie table; from memory when there, else read from the store in a worker
+        thread for at most ``store_read_timeout`` seconds. None when the user has no view, or the store cannot
+        answer in time (the six-feature model answers then)."""
+        key = str(user_id)
+        found = users.cached(model, key)
+        if found is not True:
+            return found or None
+        return await self._store_read(lambda: _read(users, model, key))
+
+    async def _store_read(self, read: Callable[[], Inputs | None]) -> Inputs | None:
+        if time.monotonic() < self._store_down_until:
+            return None
+        try:
+            with anyio.fail_after(self.store_read_timeout):
+                return await anyio.to_thread.run_sync(
+                    read, limiter=self._limiter("store", self._store_threads), abandon_on_cancel=True
+                )
+        except (StoreError, TimeoutError) as exc:
+            self.store_failures += 1
+            if time.monotonic() >= self._store_down_until:  # logged once per outage, not once per request
+                log.warning(
+                    "user state unavailable, answering with the six-feature model",
+                    extra={"reason": str(exc) or f"no answer within {self.store_read_timeout} s"},
+                )
+            self._store_down_until = time.monotonic() + STORE_BACKOFF_SECONDS
+            return None
+
+    async def _cached_answer(self, body: bytes) -> OneAnswer | BatchAnswer | None:
+        """The cached answer to ``body`` (answers hold no prediction ids, so a hit still gets fresh ones)."""
+        cache = self.cache
+        if cache is None or len(body) > CACHE_MAX_BODY_BYTES:
+            return None
+        six = self.models.current.six
+        key = (six.version, six.source, body)
+        if isinstance(cache, LRUCache):
+            hit: OneAnswer | BatchAnswer | None = cache.get(key)
+            return hit
+        return await cache.aget(key)  # type: ignore[no-any-return]
+
+    async def _store(self, body: bytes, answer: OneAnswer | BatchAnswer, cacheable: bool, rows: int) -> None:
+        cache = self.cache
+        if cache is None or not cacheable or len(body) > CACHE_MAX_BODY_BYTES:
+            return
+        six = self.models.current.six
+        key = (six.version, six.source, body)
+        if isinstance(cache, LRUCache):
+            cache.put(key, answer, rows)
+        else:
+            cache.aput(key, answer, rows)

@@ -7,14 +7,19 @@ the totals they change commit together), so a 2xx from /feedback means the ratin
 
 from __future__ import annotations
 
+import asyncio
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
@@ -62,8 +67,26 @@ def engine_url(url: str) -> str:
     raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql:// (got {url.split(':', 1)[0]}://...)")
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL with synchronous=FULL so a commit survives a power cut."""
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a store call raises when the database cannot answer: SQLAlchemy's errors, and the drivers' own, which
+    the connection pool lets through unwrapped when it cannot open a connection."""
+    failures: list[type[BaseException]] = [SQLAlchemyError, sqlite3.Error, OSError]
+    try:
+        import psycopg
+
+        failures.append(psycopg.Error)
+    except ImportError:  # pragma: no cover - PostgreSQL is optional
+        pass
+    return tuple(failures)
+
+
+FAILURES: Final[tuple[type[BaseException], ...]] = _failures()
+
+
+def make_engine(url: str, *, connect_timeout: float = 3.0, statement_timeout: float = 5.0) -> Engine:
+    """Create the engine; SQLite gets WAL with synchronous=FULL so a commit survives a power cut. PostgreSQL gets a
+    connect timeout (also the wait for a pooled connection) and a statement timeout, so that a database that hangs
+    fails calls instead of holding them forever."""
     real = engine_url(url)
     if real.startswith("sqlite"):
         engine = create_engine(real, connect_args={"check_same_thread": False, "timeout": 30})
@@ -77,7 +100,21 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(real, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # connect_args replace the URL's own parameters of the same name: the statement timeout joins its options.
+    options = " ".join(
+        filter(
+            None,
+            [str(make_url(real).query.get("options", "")), f"-c statement_timeout={round(statement_timeout * 1000)}"],
+        )
+    )
+    return create_engine(
+        real,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=connect_timeout,
+        connect_args={"connect_timeout": max(1, math.ceil(connect_timeout)), "options": options},  # libpq: whole s
+    )
 
 
 def _insert(conn: Connection, table: Table) -> Any:
@@ -121,7 +158,7 @@ class FeedbackStore:
         """Bring the schema to the newest Alembic revision (safe to run from several replicas at once)."""
         try:
             migrations.upgrade(self.engine)
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not migrate the feedback store: {exc}") from exc
 
     @property
@@ -174,7 +211,7 @@ class FeedbackStore:
                     stored.append(is_new)
                 fresh = [r for r, s in zip(ratings, stored, strict=True) if s]
                 self._bump(conn, movie_state_table, "movie_id", ((r.movie_id, r.rating) for r in fresh), now)
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not store feedback: {exc.__class__.__name__}") from exc
         return StoreResult(tuple(stored))
 
@@ -205,12 +242,20 @@ class FeedbackStore:
         )
         conn.execute(stmt, values)  # executemany, in the sorted order (see add())
 
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers a query."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1)).scalar_one()
+        except FAILURES as exc:
+            raise StoreError(f"the feedback store does not answer: {exc.__class__.__name__}") from exc
+
     def last_row_id(self) -> int:
         """The highest feedback row id stored so far (0 when empty): where a change feed starts."""
         try:
             with self.engine.connect() as conn:
                 return int(conn.execute(select(func.max(feedback_table.c.id))).scalar_one() or 0)
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
     def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
@@ -222,7 +267,7 @@ class FeedbackStore:
         try:
             with self.engine.connect() as conn:
                 return [(int(i), str(u)) for i, u in conn.execute(q)]
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
     def all_movie_counts(self) -> dict[str, Counts]:
@@ -232,7 +277,7 @@ class FeedbackStore:
         try:
             with self.engine.connect() as conn:
                 return {k: Counts(int(n), float(s), float(ss)) for k, n, s, ss in conn.execute(q)}
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not read {t.name}: {exc.__class__.__name__}") from exc
 
     def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
@@ -242,16 +287,15 @@ class FeedbackStore:
         params: Any = (user_id,) if self._positional else {"user_id": user_id}
         try:
             conn = self.engine.raw_connection()
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
         try:
             cur = conn.cursor()
             cur.execute(self._user_ratings_sql, params)
             rows = cur.fetchall()
             cur.close()
             conn.commit()  # ends the read transaction the driver opened (PostgreSQL), as SQLAlchemy would
-        except dbapi_error as exc:
+        except FAILURES as exc:
             conn.invalidate()  # a broken connection must not go back to the pool
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
         finally:
@@ -266,14 +310,14 @@ class FeedbackStore:
             try:
                 fairy = self.engine.raw_connection()  # a new connection, with the engine's connect-time pragmas
                 fairy.detach()  # ... which leaves the pool: closing it closes it, the pool opens another if needed
-            except SQLAlchemyError as exc:
+            except FAILURES as exc:
                 raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
             conn = fairy.dbapi_connection
         try:
             rows: list[tuple[str, float, float]] = conn.execute(self._user_ratings_sql, (user_id,)).fetchall()
             if conn.in_transaction:  # not in sqlite3's default mode; never keep a snapshot open if it ever is
                 conn.rollback()
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             conn.close()  # a connection that failed is not reused
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
         self._readers.append(conn)
@@ -301,7 +345,52 @@ class FeedbackStore:
                     for row_id, u, m, r, ts in rows:
                         yield int(row_id), u, m, float(r), float(ts)
                     last = int(rows[-1][0])
-        except SQLAlchemyError as exc:
+        except FAILURES as exc:
             raise StoreError(
                 f"could not read feedback ({exc.__class__.__name__}): is this the service's database?"
             ) from exc
+
+
+@dataclass
+class StoreHealth:
+    """What ``/health`` says of the store: its kind and whether it answered its last call.
+
+    Updated by the calls the service makes (a /feedback write, a read) and by ``watch``'s periodic ping, so that a
+    store that cannot write shows as soon as a write fails, and one that does not answer at all within a ping.
+    """
+
+    kind: str  # "sqlite", "sqlite (ephemeral)" or "postgresql"
+    status: str = "unknown"  # "ok", "unavailable" or "unknown" (not asked yet)
+    reason: str | None = None
+    checked_at: float | None = None
+
+    @classmethod
+    def of(cls, url: str, *, ephemeral: bool = False) -> StoreHealth:
+        """The health of the store at ``url``; ``ephemeral``: its disk does not outlive the process's container."""
+        sqlite_store = engine_url(url).startswith("sqlite")
+        return cls("postgresql" if not sqlite_store else "sqlite (ephemeral)" if ephemeral else "sqlite")
+
+    def ok(self) -> None:
+        self.status, self.reason, self.checked_at = "ok", None, time.time()
+
+    def failed(self, reason: str) -> None:
+        self.status, self.reason, self.checked_at = "unavailable", reason, time.time()
+
+
+async def watch(store: FeedbackStore, health: StoreHealth, *, interval: float, timeout: float) -> None:
+    """Ping the store every ``interval`` seconds in a worker thread (``timeout`` at most, one at a time) and keep
+    ``health`` up to date. Runs until cancelled."""
+    limiter = anyio.CapacityLimiter(1)
+    while True:
+        try:
+            with anyio.fail_after(timeout):
+                await anyio.to_thread.run_sync(store.ping, limiter=limiter, abandon_on_cancel=True)
+            if health.status != "ok" or health.reason is not None:
+                health.ok()
+            else:
+                health.checked_at = time.time()
+        except StoreError as exc:
+            health.failed(str(exc))
+        except TimeoutError:
+            health.failed(f"no answer within {timeout} s")
+        await asyncio.sleep(interval)

@@ -10,18 +10,75 @@ restarts, graceful SIGTERM) is uvicorn's own supervisor, unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import socket
 import threading
 import time
-from typing import Any, Final
+from collections.abc import Generator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, ClassVar, Final
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
+from moviematch_ml.online.lifecycle import PROCESS
+
+log = logging.getLogger(__name__)
 
 PARENT_CHECK_SECONDS: Final[float] = 1.0
+
+
+class DeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with deadlines on reading a request: ``header_timeout`` seconds for its headers (from
+    the connection's start, or the end of the previous response), then ``body_timeout`` seconds for its body. A
+    client that trickles its request, or whose Content-Length promises more than it sends, is disconnected rather
+    than holding a connection (and its memory) forever. (uvicorn has a keep-alive timeout for idle connections,
+    none for these.)"""
+
+    header_timeout: ClassVar[float] = 10.0
+    body_timeout: ClassVar[float] = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_headers_complete()
+        self._deadline = self.loop.call_later(self.body_timeout, self._too_slow)
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._cancel_deadline()
+            self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
+            return  # the request is in, the app is answering: not the client's delay
+        if not self.transport.is_closing():
+            log.info("request not received in time; connection closed", extra={"client": str(self.client)})
+            self.transport.close()
 
 
 def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
@@ -41,9 +98,50 @@ def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.so
     return sock
 
 
-class _OwnSocketServer(uvicorn.Server):
-    """A uvicorn server that, given no socket, opens its own SO_REUSEPORT one on the configured host and port,
-    and shuts down gracefully if its supervisor dies."""
+class _Worker(uvicorn.Server):
+    """A worker's uvicorn server: SIGTERM drains (readiness turns 503 for ``drain_seconds`` while requests are still
+    served, then uvicorn closes the listener and finishes what is in flight); SIGHUP reloads (or is ignored with a
+    log line) instead of killing the process; request deadlines come from the config (``DeadlineProtocol``)."""
+
+    drain_seconds: ClassVar[float] = 0.0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        DeadlineProtocol.header_timeout = getattr(self.config, "header_timeout", DeadlineProtocol.header_timeout)
+        DeadlineProtocol.body_timeout = getattr(self.config, "body_timeout", DeadlineProtocol.body_timeout)
+        _Worker.drain_seconds = getattr(self.config, "drain_seconds", 0.0)
+        await super().startup(sockets=sockets)
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self._handle_hup)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+    def _handle_hup(self, sig: int, frame: FrameType | None) -> None:
+        PROCESS.reload()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.drain_seconds > 0 and not PROCESS.draining and not self.should_exit:
+            PROCESS.drain()
+            log.info("draining: not ready any more, closing the listener soon", extra={"seconds": self.drain_seconds})
+            timer = threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+            return
+        PROCESS.drain()
+        super().handle_exit(sig, frame)
+
+
+class _OwnSocketServer(_Worker):
+    """A worker that, given no socket, opens its own SO_REUSEPORT one on the configured host and port, and shuts
+    down gracefully if its supervisor dies."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if not sockets:
@@ -69,13 +167,26 @@ class _OwnSocketProcess(multiprocess.Process):
         return self._server
 
 
-def run(*, app: str, host: str, port: int, workers: int, factory: bool = True, **options: Any) -> None:
-    """Serve the app from the environment (``app_from_env``) on host:port with ``workers`` processes.
-
-    ``app`` and ``factory`` name another ASGI app to serve the same way (the benchmark's ceiling app).
-    """
+def run(
+    *,
+    app: str,
+    host: str,
+    port: int,
+    workers: int,
+    factory: bool = True,
+    header_timeout: float = 10.0,
+    body_timeout: float = 30.0,
+    drain_seconds: float = 0.0,
+    **options: Any,
+) -> None:
+    """Serve ``app`` (an import string; ``factory``: a function that builds it) on host:port with ``workers``
+    processes; requests get ``header_timeout`` and ``body_timeout``, SIGTERM ``drain_seconds`` (see ``_Worker``)."""
+    if options.get("http", "auto") == "auto":
+        options["http"] = DeadlineProtocol
     if workers == 1 or not hasattr(socket, "SO_REUSEPORT"):
-        uvicorn.run(app, factory=factory, host=host, port=port, workers=workers, **options)
+        config = uvicorn.Config(app, factory=factory, host=host, port=port, workers=1, **options)
+        _settle(config, header_timeout, body_timeout, drain_seconds)
+        _Worker(config).run()
         return
     # Bound but not listening, it receives no connection; it holds the port for the workers' sockets (which
     # only other SO_REUSEPORT sockets of this user can share) and turns a port in use into a clear error.
@@ -85,6 +196,7 @@ def run(*, app: str, host: str, port: int, workers: int, factory: bool = True, *
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     port = guard.getsockname()[1]  # port 0: the one the system picked, for every worker
     config = uvicorn.Config(app, factory=factory, host=host, port=port, workers=workers, **options)
+    _settle(config, header_timeout, body_timeout, drain_seconds)
     # uvicorn's supervisor builds its workers from the module's Process class; this process is only the
     # supervisor, so swapping the class here changes nothing else.
     multiprocess.Process = _OwnSocketProcess  # type: ignore[misc]
@@ -92,3 +204,10 @@ def run(*, app: str, host: str, port: int, workers: int, factory: bool = True, *
         Multiprocess(config, sockets=[]).run()
     finally:
         guard.close()
+
+
+def _settle(config: uvicorn.Config, header_timeout: float, body_timeout: float, drain_seconds: float) -> None:
+    """Carry the deadlines to the workers with their config (it is what uvicorn hands each worker process)."""
+    config.header_timeout = header_timeout  # type: ignore[attr-defined]
+    config.body_timeout = body_timeout  # type: ignore[attr-defined]
+    config.drain_seconds = drain_seconds  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ The feed costs one query per ``ttl`` per replica, whatever the number of users. 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
@@ -37,11 +40,13 @@ USER_MAX_AGE_SECONDS: Final[float] = 300.0
 # The feed is read from the highest row id seen this many polls ago: a rating whose row id was taken before a
 # poll but committed after it (concurrent PostgreSQL transactions) is still seen by the next polls.
 FEED_OVERLAP_POLLS: Final[int] = 5
-# keep_warm builds views in slices this long, the event loop free between them: a request waits at most this much.
+# maintain builds views in slices this long: the worker thread then gives the GIL back to the event loop.
 WARM_SLICE_SECONDS: Final[float] = 0.001
 
 Id = str | int
 FloatArray = npt.NDArray[np.float64]
+# What a prediction for one user needs: their view and the movie table.
+Inputs = tuple[UserView, MovieTable]
 BoolArray = npt.NDArray[np.bool_]
 
 
@@ -82,9 +87,8 @@ class UserViews:
         self._feed_checked = -math.inf
         self._feed_lock = threading.Lock()
         # Users the feed named, whose views ``warm`` builds ahead of their next request (oldest first), while
-        # ``warm_ahead`` is set (by keep_warm): a user who rates movies usually asks for recommendations next.
-        # keep_warm also polls the feed then, so requests leave the polls to it: a poll after a burst of ratings
-        # reads every new row, which a request would otherwise wait for.
+        # ``warm_ahead`` is set (by maintain): a user who rates movies usually asks for recommendations next.
+        # maintain polls the feed then, so requests leave the polls to it.
         self.warm_ahead = False
         self._to_warm: dict[str, None] = {}
         self._warm_lock = threading.Lock()
@@ -236,23 +240,57 @@ class UserViews:
             self._movies = _Movies(model, table, self._clock() + self._movie_ttl)
             return table
 
+    def cached(self, model: PersonalizedModel, user_id: str) -> Inputs | bool:
+        """What a prediction for the user needs, from memory alone (no store call: this is for the event loop):
+        their view and the movie table; False when the user is known to have no view; True when the store must be
+        read first (``load``). A movie table due for a refresh still serves: ``refresh_movies`` renews it."""
+        self._views_for(model)
+        hit, view = self._users.get(user_id)
+        movies = self._movies
+        if not hit or movies is None or movies.model is not model:
+            return True
+        return False if view is None else (view, movies.table)
+
+    def load(self, model: PersonalizedModel, user_id: str) -> Inputs | None:
+        """``cached`` after reading what is missing from the store (blocking: run it in a thread); None when the
+        user has no view. Raises StoreError when the store cannot be read."""
+        view = self.user_view(model, user_id)
+        if view is None:
+            return None
+        movies = self._movies
+        table = movies.table if movies is not None and movies.model is model else self.movie_table(model)
+        return view, table
+
+    def refresh_movies(self, model: PersonalizedModel) -> None:
+        """Read the movie table again if it is older than MOVIE_TTL_SECONDS (blocking: run it in a thread)."""
+        self.movie_table(model)
+
+    def answer(
+        self, model: PersonalizedModel, inputs: Inputs, movie_ids: Sequence[Id | None], x: FloatArray
+    ) -> tuple[FloatArray, BoolArray] | None:
+        """The user's ratings (0-10) of the movies of ``x`` from their inputs (``cached`` or ``load``), and the mask
+        of those the model answered; None when it answered none."""
+        pred, mask = model.predict(inputs[0], x, movie_ids, inputs[1])
+        if model.config.personalize == "known_user":
+            return pred, mask  # every movie: no need to look
+        return (pred, mask) if mask.any() else None
+
     def predict(
         self, model: PersonalizedModel, user_id: Id, movie_ids: Sequence[Id | None], x: FloatArray
     ) -> tuple[FloatArray, BoolArray] | None:
-        """The user's ratings (0-10) of the movies of ``x`` and the mask of those the model answered; None when the
-        user has no view, or the store cannot be read (logged: the six-feature model answers instead)."""
+        """``answer`` with the user's inputs from memory or, blocking, from the store (the service itself reads the
+        store in a worker thread: online/service.py); None when the user has no view, or the store cannot be read
+        (logged: the six-feature model answers instead)."""
+        key = str(user_id)
         try:
-            if not self.warm_ahead:  # else keep_warm polls
+            if not self.warm_ahead:  # else maintain polls
                 self.sync()
-            view = self.user_view(model, str(user_id))
-            if view is None:
-                return None
-            table = self.movie_table(model)
+            found = self.cached(model, key)
+            inputs = self.load(model, key) if found is True else found or None
         except StoreError as exc:
             log.warning("user state unavailable", extra={"reason": str(exc)})
             return None
-        pred, mask = model.predict(view, x, movie_ids, table)
-        return (pred, mask) if mask.any() else None
+        return None if inputs is None else self.answer(model, inputs, movie_ids, x)
 
 
 def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
@@ -264,38 +302,46 @@ def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
     return users
 
 
-async def keep_warm(views: UserViews, model: Callable[[], PersonalizedModel | None], share: float) -> None:
-    """A worker's background task (the app's lifespan runs it): every ``views.ttl`` seconds, poll the change
-    feed and build the views of the users it names (with the model ``model()`` returns at the time), before their
-    next request asks for them.
+async def maintain(
+    views: UserViews, model: Callable[[], PersonalizedModel | None], *, warm_share: float, timeout: float
+) -> None:
+    """A worker's background task (the app's lifespan runs it), every ``views.ttl`` seconds: poll the change feed
+    (forget the users other replicas took ratings from), renew the movie table when it is due, and build the views of
+    the users the feed named before their next request asks for them (for at most ``warm_share`` of the period, in
+    slices of WARM_SLICE_SECONDS). ``model()`` is the personalised model at the time.
 
-    A user who rates movies usually asks for recommendations next, on whichever worker their request lands: without
-    this, that request pays the read of their ratings and the fold-in instead of a cache look-up. The views are
-    built in slices of WARM_SLICE_SECONDS with the event loop free between them, and for at most ``share`` of each
-    period, so requests keep priority. The task takes the polls off the request path (``warm_ahead``). Runs until
-    cancelled; a store that cannot be read is logged and tried again at the next period.
+    Every store call runs in a worker thread, at most one at a time and ``timeout`` seconds at most: a database
+    that hangs holds one thread of this task, never the event loop, and the task goes on at the next period. With
+    this task running (``warm_ahead``), requests never poll the feed themselves. Runs until cancelled.
     """
     views.warm_ahead = True
     period = views.ttl
+    limiter = anyio.CapacityLimiter(1)
     try:
         while True:
-            spent = 0.0
             try:
                 current = model()
-                if current is not None:  # without a personalised model there is no state to keep, no feed to read
-                    views.sync()
-                    while views.to_warm and spent < share * period:
-                        started = time.perf_counter()
-                        views.warm(current, WARM_SLICE_SECONDS)
-                        spent += time.perf_counter() - started
-                        await asyncio.sleep(0)
-                else:
+                if current is None:  # without a personalised model there is no state to keep, no feed to read
                     views.forget_queue()
-            except StoreError as exc:
-                log.warning("user states not built ahead", extra={"reason": str(exc)})
-            except Exception:  # a bug here must not end the task: requests still build views on their own
-                log.exception("user states not built ahead")
+                else:
+                    await _blocking(views.sync, limiter, timeout)
+                    await _blocking(functools.partial(views.refresh_movies, current), limiter, timeout)
+                    spent = 0.0
+                    while views.to_warm and spent < warm_share * period:
+                        started = time.perf_counter()
+                        await _blocking(functools.partial(views.warm, current, WARM_SLICE_SECONDS), limiter, timeout)
+                        spent += time.perf_counter() - started
+            except (StoreError, TimeoutError) as exc:
+                log.warning("user states not kept up to date", extra={"reason": str(exc) or type(exc).__name__})
+            except Exception:  # a bug here must not end the task: requests still read what they need themselves
+                log.exception("user states not kept up to date")
             await asyncio.sleep(period)
     finally:  # as without this task: requests poll again, and nothing is built ahead
         views.warm_ahead = False
         views.forget_queue()
+
+
+async def _blocking(call: Callable[[], object], limiter: anyio.CapacityLimiter, timeout: float) -> None:
+    """``call()`` in a worker thread, abandoned (left to finish on its own) after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)

@@ -1,0 +1,44 @@
+"""A worker process's state of service: draining after SIGTERM, and what SIGHUP reloads.
+
+Signals are delivered to a process, so this state is the process's own (``PROCESS``); the server supervisor sets it
+from the signal handlers and the app reads it (readiness, ``Connection: close`` while draining) and registers what a
+SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """Whether the process is draining (it stops being ready, finishes its requests, then exits), and the
+    callbacks a SIGHUP runs."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._reloads: list[Callable[[], None]] = []
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def on_reload(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on SIGHUP."""
+        self._reloads.append(callback)
+
+    def reload(self) -> bool:
+        """Run the reload callbacks (a SIGHUP); False when there is none."""
+        if not self._reloads:
+            log.info("SIGHUP received: nothing to reload, ignored")
+            return False
+        for callback in list(self._reloads):
+            try:
+                callback()
+            except Exception:  # a failed reload keeps what serves; it must not kill the process
+                log.exception("reload failed; the models in service are kept")
+        return True
+
+
+PROCESS = Lifecycle()
