@@ -131,8 +131,9 @@ def test_record_refuses_a_bad_body_and_stores_nothing(store: FeedbackStore) -> N
     service = FeedbackService(store)  # nobody to tell: fine
     with pytest.raises(InvalidJSONError):
         service.record_now(b"{", None)
+    bad = orjson.dumps({"ratings": [{"user_id": 1, "movie_id": 2, "rating": 5}, {"user_id": 1}]})
     with pytest.raises(FieldError) as info:
-        service.record_now(orjson.dumps({"ratings": [{"user_id": 1, "movie_id": 2, "rating": 5}, {"user_id": 1}]}), None)
+        service.record_now(bad, None)
     assert info.value.loc == "ratings[1].movie_id"
     assert store.last_row_id() == 0  # the valid first rating was not stored either
     assert service.record_now(orjson.dumps({"user_id": 1, "movie_id": 2, "rating": 5}), None)[0]
