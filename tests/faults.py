@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
@@ -268,15 +269,16 @@ class DedicatedServer:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
+        """The server's process id (PostgreSQL's postmaster) while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self) -> None:
         """Start the server and wait until it answers (``self.timeout`` seconds at most, else AssertionError with the
-        log). A process that exits while starting is started again: a killed PostgreSQL's backends may hold its shared
-        memory for a moment after the postmaster died."""
+        log). A process that exits while starting is started again, in case what it needs (its port, PostgreSQL's
+        shared memory) is still held for a moment by the process it replaces."""
         if self.running:
             raise RuntimeError(f"{self.name} on port {self.port} is already running")
         deadline = time.monotonic() + self.timeout
@@ -298,7 +300,7 @@ class DedicatedServer:
         self._end(self.stop_signal)
 
     def kill(self) -> None:
-        """SIGKILL the server (for PostgreSQL, the postmaster) and wait until it is gone."""
+        """SIGKILL the server and wait until it is gone."""
         self._end(signal.SIGKILL)
 
     def close(self) -> None:
@@ -373,6 +375,25 @@ class PostgresServer(DedicatedServer):
             return {"cwd": self.home, "env": env}
         return {"cwd": self.home, "env": env, "user": self._user, "group": self._user, "extra_groups": []}
 
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process it started, at once (as when its machine or container dies), and
+        wait until they are gone: a postmaster killed alone leaves its backends answering for a moment."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGSTOP)  # stopped, it cannot start a process while its children are listed
+        children = child_pids(proc.pid)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        while any(map(is_running, children)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}'s processes {children} outlived SIGKILL by {self.timeout} s")
+            time.sleep(0.01)
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         command = [postgres_binary("postgres"), "-D", str(self.data), "-p", str(self.port), "-h", LOOPBACK]
         # No Unix socket (TCP only, nothing shared with the machine's cluster); small, for many short-lived clusters.
@@ -425,6 +446,28 @@ class RedisServer(DedicatedServer):
             return False
         finally:
             client.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue  # it ended while we looked
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (which holds no socket and no memory any more)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def postgres_binary(name: str) -> str:

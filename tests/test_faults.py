@@ -27,6 +27,8 @@ from faults import (
     RoundRobinProxy,
     SmallDisk,
     TcpProxy,
+    child_pids,
+    is_running,
     sqlite_read_only_url,
     start_redis,
     with_port,
@@ -264,15 +266,17 @@ def test_dedicated_postgres_stop_kill_start(dedicated_postgres: PostgresServer) 
     with psycopg.connect(pg.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int)")
         conn.execute("INSERT INTO t VALUES (1), (2), (3)")
-    held = psycopg.connect(pg.url, autocommit=True)
-    postmaster = pg.pid
-    pg.kill()
-    assert not pg.running
-    assert pg.pid is None
-    assert postmaster is not None
-    with pytest.raises(psycopg.OperationalError):
-        held.execute("SELECT 1")
-    held.close()
+    with psycopg.connect(pg.url, autocommit=True) as held:
+        postmaster = pg.pid
+        assert postmaster is not None
+        backend = held.info.backend_pid
+        assert backend in child_pids(postmaster)
+        pg.kill()
+        assert not pg.running
+        assert pg.pid is None
+        assert not is_running(backend)  # the connection's backend died with the postmaster
+        with pytest.raises(psycopg.OperationalError):
+            held.execute("SELECT 1")
     assert refuses(pg.port)
     pg.start()  # crash recovery: what was committed before the SIGKILL is there
     with psycopg.connect(pg.url) as conn:
