@@ -172,3 +172,44 @@ def synthetic_model(synthetic_data: dict[str, np.ndarray]) -> PersonalizedModel:
 
     d = synthetic_data
     return fit_personalized(d["u"], d["i"], d["r"], d["t"], d["x6"], SYNTHETIC_CONFIG, SCALE)
+
+
+# --- fault injection (tests/faults.py): servers of the test's own, proxies, a small disk; each cleaned up always ------
+# Imported here rather than at the top so that this block stays one piece, apart from the fixtures above.
+
+from faults import PostgresServer, RedisServer, SmallDisk, TcpProxy, start_postgres, start_redis  # noqa: E402
+
+
+@pytest.fixture
+def dedicated_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own on a free port (``.url``), which the test may stop or kill."""
+    with start_postgres(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own on a free port (``.url``), which the test may stop or kill."""
+    with start_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the machine's PostgreSQL (reach it with ``faults.with_port(url, proxy.port)``)."""
+    with TcpProxy(5432) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the machine's Redis (reach it with ``faults.with_port(url, proxy.port)``)."""
+    with TcpProxy(6379) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 1 MiB tmpfs mounted on ``tmp_path / "disk"`` (root only), unmounted afterwards."""
+    with SmallDisk(tmp_path / "disk", size=1 << 20) as disk:
+        yield disk
