@@ -9,10 +9,11 @@ MovieMatchError
 ├── ModelError ............ the model could not be loaded; the service falls back
 │   ├── ModelNotFoundError
 │   ├── ModelChecksumError
-│   └── ModelFormatError
+│   ├── ModelFormatError
+│   └── ModelTermsError ... its training data's terms forbid serving it here
 ├── DataError ............. a training data file is malformed (file, line, column)
 ├── StoreError ............ the feedback store could not read or write
-└── ConfigError ........... a setting is invalid
+└── ConfigError ........... a setting is invalid, or needs an extra that is not installed
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class ModelFormatError(ModelError):
     """The model card or model file is not in a format this version reads."""
 
 
+class ModelTermsError(ModelError):
+    """The model was trained on data whose terms forbid commercial use, and SERVE_NONCOMMERCIAL_MODELS is false."""
+
+
 class DataError(MovieMatchError):
     """A training data file is malformed; the message names the file, line and column."""
 
@@ -111,4 +116,4 @@ class StoreError(MovieMatchError):
 
 
 class ConfigError(MovieMatchError):
-    """A setting is invalid."""
+    """A setting is invalid, or needs an optional dependency (an extra such as ``[postgres]``) not installed."""

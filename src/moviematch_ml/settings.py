@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(
         None, description="Model directory or model_card.json; unset means the model bundled in the package."
     )
+    serve_noncommercial_models: bool = Field(
+        True,
+        description="Serve models trained on data whose terms forbid commercial use without permission (the bundled "
+        "models: MovieLens). false for a commercial deployment: such models are refused, and the fallback rule and "
+        "models trained on your own data answer (docs/training.md#data-and-terms).",
+    )
     log_level: LogLevel = Field("info", description="Minimum level of the JSON log lines.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

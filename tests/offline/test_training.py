@@ -281,6 +281,11 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     pm = PersonalizedModel.load(out / PERSONALIZED_DIR)
     assert pm.card is not None
     assert pm.card.data == d
+    # The app's own data: the cards say so, with no terms the tool could know, and no commercial restriction.
+    [terms] = card.data_terms
+    assert terms.name == f"the app's own users' ratings (POST /feedback), with the movies of {movies.name}"
+    assert (terms.obtained, terms.commercial_use) == ("the service's feedback store (--from-feedback)", None)
+    assert pm.card.data_terms == card.data_terms
     assert pm.scale.max == 10.0
     # The app's ids: users as the text it sent, movies as the movies.csv integers the service matches.
     assert all(isinstance(u, str) and u.startswith("user-") for u in pm.mf.user_ids)
@@ -391,3 +396,5 @@ def test_bundled_model_was_trained_on_the_built_in_data() -> None:
     assert card.version == f"six-{card.data['fingerprint_sha256'][:10]}-{TrainConfig().digest()[:8]}"
     personalized = read_card(BUNDLED_MODEL_DIR / PERSONALIZED_DIR)
     assert personalized.version == personalized_version(ds, personalized_config(), TrainConfig())
+    # Training on the built-in data states the terms the bundled cards state.
+    assert list(ds.terms) == card.data_terms == personalized.data_terms

@@ -41,7 +41,11 @@ cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
 
 def create_app(settings: Settings, *, models: ModelSet | None = None, store: FeedbackStore | None = None) -> FastAPI:
     """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
-    model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
+    model_set = (
+        models
+        if models is not None
+        else ModelSet(settings.model_path or BUNDLED_MODEL_DIR, noncommercial=settings.serve_noncommercial_models)
+    )
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
     user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)

@@ -189,6 +189,7 @@ def train_models(
         rating_scale=dataset.scale,
         feature_stats=feature_stats(frame),
         data=data,
+        data_terms=list(dataset.terms),
         training={
             "config": cfg.model_dump(mode="json"),
             "config_sha256": cfg.digest(),
@@ -245,6 +246,7 @@ def write_model(directory: Path, result: TrainResult) -> Path:
             version=p.version,
             created_at=result.card.created_at,
             data=p.data,
+            data_terms=result.card.data_terms,
             metrics=p.metrics,
         )
     return card_file
