@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moviematch_ml import __version__
 from moviematch_ml.errors import MovieMatchError
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moviematch-ml", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moviematch-ml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -65,12 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
     from moviematch_ml.online import supervisor
-    from moviematch_ml.settings import ENV_ONLY, Settings
+    from moviematch_ml.settings import ENV_ONLY, Settings, require_drivers
 
     try:
         settings = Settings(**ENV_ONLY)
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {exc}") from None
+    require_drivers(settings)  # here, once, rather than in every worker as it starts
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")

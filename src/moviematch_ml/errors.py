@@ -13,11 +13,13 @@ MovieMatchError
 │   └── ModelTermsError ... its training data's terms forbid serving it here
 ├── DataError ............. a training data file is malformed (file, line, column)
 ├── StoreError ............ the feedback store could not read or write
-└── ConfigError ........... a setting is invalid, or needs an extra that is not installed
+└── ConfigError ........... a setting is invalid
+    └── MissingExtraError . a setting needs a driver whose extra is not installed
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 
@@ -116,4 +118,23 @@ class StoreError(MovieMatchError):
 
 
 class ConfigError(MovieMatchError):
-    """A setting is invalid, or needs an optional dependency (an extra such as ``[postgres]``) not installed."""
+    """A setting is invalid."""
+
+
+class MissingExtraError(ConfigError):
+    """A setting needs an optional dependency that is not installed; the message names the extra that brings it."""
+
+    def __init__(self, setting: str, extra: str, module: str) -> None:
+        self.setting = setting
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"{setting} needs {module}, which is not installed: pip install 'moviematch-ml[{extra}]' "
+            f"(the Docker image has it)"
+        )
+
+    @classmethod
+    def require(cls, module: str, *, extra: str, setting: str) -> None:
+        """Raise unless ``module`` can be imported (looked up, not imported: no import cost)."""
+        if importlib.util.find_spec(module) is None:
+            raise cls(setting, extra, module)

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from moviematch_ml.errors import MissingExtraError
+
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -116,3 +118,15 @@ class Settings(BaseSettings):
             # allow_origins=["*"] with allow_credentials=True never worked, so it is refused here, loudly.
             raise ValueError("CORS_ALLOW_CREDENTIALS cannot be true when CORS_ORIGINS contains '*'")
         return value
+
+
+POSTGRES_SCHEMES: Final[tuple[str, ...]] = ("postgres://", "postgresql://", "postgresql+psycopg://")
+
+
+def require_drivers(settings: Settings) -> None:
+    """Raise MissingExtraError when a setting needs a driver this install lacks (the default install has none:
+    they are the ``[postgres]`` and ``[redis]`` extras). Checked before serving, so the error comes first."""
+    if settings.database_url.startswith(POSTGRES_SCHEMES):
+        MissingExtraError.require("psycopg", extra="postgres", setting="DATABASE_URL=postgresql://...")
+    if settings.prediction_cache_backend == "redis":
+        MissingExtraError.require("redis", extra="redis", setting="PREDICTION_CACHE_BACKEND=redis")

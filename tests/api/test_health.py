@@ -286,8 +286,9 @@ def test_without_noncommercial_models_the_bundled_ones_are_refused(tmp_path: Pat
     assert (health["status"], health["source"], health["model_version"]) == ("degraded", "fallback", "fallback-1")
     six, personal = health["models"]["six_features"], health["models"]["personalized"]
     assert (six["status"], personal["status"]) == ("fallback", "refused")
-    assert "ModelTermsError: six-6e9651e63d-969ebfae was trained on data whose terms forbid commercial use" in (
-        six["reason"]
+    assert (
+        "ModelTermsError: six-6e9651e63d-969ebfae was trained on data whose terms forbid commercial use"
+        in (six["reason"])
     )
     assert "MovieLens ml-latest-small" in personal["reason"]
     assert (prediction["source"], prediction["model_version"], prediction["predicted_rating"]) == (

@@ -263,7 +263,7 @@ def test_model_set_states(tiny_model_dir: Path) -> None:
 # --- models trained on data whose terms forbid commercial use (SERVE_NONCOMMERCIAL_MODELS) ---------------------
 
 OWN_DATA = DataSource(
-    name="the app's own ratings", publisher="the app", obtained="its feedback store", terms="the app's", commercial_use=None
+    name="the app's own ratings", publisher="the app", obtained="its store", terms="the app's", commercial_use=None
 )
 
 

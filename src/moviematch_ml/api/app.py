@@ -29,7 +29,7 @@ from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, make_engine
 from moviematch_ml.online.user_views import UserViews, keep_warm
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
-from moviematch_ml.settings import ENV_ONLY, Settings
+from moviematch_ml.settings import ENV_ONLY, Settings, require_drivers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ cannot be loaded (`/health` then says `degraded` and why). Every error is JSON:
 
 def create_app(settings: Settings, *, models: ModelSet | None = None, store: FeedbackStore | None = None) -> FastAPI:
     """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
+    require_drivers(settings)
     model_set = (
         models
         if models is not None

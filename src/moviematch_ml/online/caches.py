@@ -19,6 +19,8 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import orjson
 
+from moviematch_ml.errors import MissingExtraError
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
@@ -111,6 +113,7 @@ class RedisCache:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCache:
+        MissingExtraError.require("redis", extra="redis", setting="PREDICTION_CACHE_BACKEND=redis")
         import redis
 
         # Short timeouts: a prediction must not wait on a sick cache longer than it takes to compute the answer.

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from moviematch_ml.errors import ConfigError, StoreError
+from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.tables import feedback_table, movie_state_table
@@ -77,6 +77,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    # SQLAlchemy would import the driver here and fail with a bare ModuleNotFoundError.
+    MissingExtraError.require("psycopg", extra="postgres", setting="DATABASE_URL=postgresql://...")
     return create_engine(real, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
