@@ -20,7 +20,7 @@ MovieMatchError
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, Final
 
 
 class MovieMatchError(Exception):
@@ -40,16 +40,27 @@ class InputError(MovieMatchError):
             self.status = status
 
 
+class _Missing:
+    """The value of a field that was not sent at all (as opposed to one sent as null)."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Final[Any] = _Missing()
+
+
 class FieldError(InputError):
-    """One field of a request broke one rule: carries the field's location, the rule and the offending value."""
+    """One field of a request broke one rule: carries the field's location, the rule and the offending value
+    (``MISSING`` when the field was not sent: the message then shows no value)."""
 
     status = 422
 
-    def __init__(self, loc: str, rule: str, value: Any) -> None:
+    def __init__(self, loc: str, rule: str, value: Any = MISSING) -> None:
         self.loc = loc
         self.rule = rule
         self.value = value
-        super().__init__(f"{loc}: {rule} (got {_short(value)})")
+        super().__init__(f"{loc}: {rule}" if value is MISSING else f"{loc}: {rule} (got {_short(value)})")
 
 
 def _short(value: Any) -> str:

@@ -114,8 +114,8 @@ class Settings(BaseSettings):
     def _no_credentials_with_wildcard(cls, value: bool, info: object) -> bool:
         data = getattr(info, "data", {})
         if value and "*" in data.get("cors_origins", []):
-            # Browsers reject "Access-Control-Allow-Origin: *" on credentialed requests: the design document's
-            # allow_origins=["*"] with allow_credentials=True never worked, so it is refused here, loudly.
+            # Browsers reject "Access-Control-Allow-Origin: *" on credentialed requests: allow_origins=["*"] with
+            # allow_credentials=True never works, so it is refused here, loudly.
             raise ValueError("CORS_ALLOW_CREDENTIALS cannot be true when CORS_ORIGINS contains '*'")
         return value
 

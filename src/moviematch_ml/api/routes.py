@@ -18,6 +18,7 @@ from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
+from moviematch_ml.runtime.cards import API_SCALE_MAX
 
 # Bodies above this size are parsed and predicted in a worker thread so that one 10 000-movie batch does not stall
 # the event loop for every other request; small bodies stay inline, where a thread hop would cost more than it saves.
@@ -66,7 +67,7 @@ def build_router(
         responses=_ERRORS,
         openapi_extra=schemas.request_body(
             "PredictRequest",
-            {"design_document": schemas.PREDICT_EXAMPLE, "with_ids": {**schemas.PREDICT_EXAMPLE, "user_id": 42}},
+            {"example": schemas.PREDICT_EXAMPLE, "with_ids": {**schemas.PREDICT_EXAMPLE, "user_id": 42}},
         ),
     )
     async def predict(request: Request) -> Response:
@@ -78,7 +79,7 @@ def build_router(
         response_model=schemas.BatchResponse,
         responses=_ERRORS,
         openapi_extra=schemas.request_body(
-            "BatchRequest", {"design_document": schemas.BATCH_EXAMPLE, "ranked_top_k": schemas.RANKED_EXAMPLE}
+            "BatchRequest", {"example": schemas.BATCH_EXAMPLE, "ranked_top_k": schemas.RANKED_EXAMPLE}
         ),
     )
     async def predict_batch(request: Request) -> Response:
@@ -91,6 +92,7 @@ def build_router(
             {
                 "service": SERVICE_NAME,
                 "version": __version__,
+                "answer_scale": {"min": 0.0, "max": API_SCALE_MAX},
                 "model": models.summary(),
                 "models": {
                     "six_features": current.six_report.summary(details=True),

@@ -232,7 +232,9 @@ class ModelSet:
             out["name"] = card.name
             out["created_at"] = card.created_at
             out["features"] = card.features
+            # The training ratings' scale, not the answers' (those are on 0-10: GET /'s answer_scale).
             out["rating_scale"] = card.rating_scale.model_dump()
+            out["to_answer_scale"] = card.rating_scale.to_api
             out["metrics"] = card.metrics
         return out
 

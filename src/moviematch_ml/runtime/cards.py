@@ -19,6 +19,8 @@ CARD_NAME: Final[str] = "model_card.json"
 BUNDLED_MODEL_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "bundled"
 # The personalised model lives in this subdirectory of the six-feature model's directory.
 PERSONALIZED_DIR: Final[str] = "personalized"
+# Every answer of the API is a rating on 0 to this (TMDB's vote_average scale), whatever scale a model learnt on.
+API_SCALE_MAX: Final[float] = 10.0
 
 
 class RatingScale(BaseModel):
@@ -33,7 +35,7 @@ class RatingScale(BaseModel):
     @property
     def to_api(self) -> float:
         """Multiplier from this scale to the API's 0-10 scale (5 stars -> 10)."""
-        return 10.0 / self.max
+        return API_SCALE_MAX / self.max
 
 
 class FeatureStats(BaseModel):
