@@ -55,9 +55,10 @@ def request(port: int, method: str, path: str, body: object = None, headers: dic
         conn.close()
 
 
-def start(tmp_path: Path, name: str = "server", **env: str) -> Server:
+def start(tmp_path: Path, name: str = "server", *, exe: str | None = None, **env: str) -> Server:
+    """``moviematch-ml serve`` (this interpreter's, or ``exe``) on a free port, once /health/ready answers 200."""
     port = free_port()
-    exe = shutil.which("moviematch-ml", path=str(Path(sys.executable).parent)) or "moviematch-ml"
+    exe = exe or shutil.which("moviematch-ml", path=str(Path(sys.executable).parent)) or "moviematch-ml"
     full_env = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "info", "GRACEFUL_TIMEOUT": "20", **env}
     full_env.pop("PORT", None)  # the command line says which port
     log_path = tmp_path / f"{name}.log"

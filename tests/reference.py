@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -332,3 +333,18 @@ def rating_columns(
     """The user ids, movie ids, ratings, timestamps and six features of ``synthetic_ratings()``, in that order: the
     first arguments of the training functions."""
     return data["u"], data["i"], data["r"], data["t"], data["x6"]
+
+
+def write_csvs(tmp_path: Path, ds: Dataset) -> tuple[Path, Path]:
+    """``ds`` as ratings.csv and movies.csv (the ml-latest layout the train and evaluate commands read)."""
+    r, m = tmp_path / "ratings.csv", tmp_path / "movies.csv"
+    ds.ratings.rename(columns={"user_id": "userId", "movie_id": "movieId"}).to_csv(r, index=False)
+    movies = pd.DataFrame(
+        {
+            "movieId": ds.movies["movie_id"],
+            "title": [f"{t} ({int(y)})" for t, y in zip(ds.movies["title"], ds.movies["year"], strict=True)],
+            "genres": ["|".join(g) for g in ds.movies["genres"]],
+        }
+    )
+    movies.to_csv(m, index=False)
+    return r, m

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,12 +16,25 @@ import orjson
 import pytest
 
 from moviematch_ml import cli
+from moviematch_ml.api.app import create_app
+from moviematch_ml.errors import MissingExtraError
 from moviematch_ml.online import supervisor
-from moviematch_ml.settings import Settings
+from moviematch_ml.settings import ENV_ONLY, Settings
 from realserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE_ENV = ("HOST", "PORT", "WORKERS", "LOG_LEVEL", "GRACEFUL_TIMEOUT", "CORS_ORIGINS", "CORS_ALLOW_CREDENTIALS")
+SERVE_ENV = (
+    "HOST",
+    "PORT",
+    "WORKERS",
+    "LOG_LEVEL",
+    "GRACEFUL_TIMEOUT",
+    "CORS_ORIGINS",
+    "CORS_ALLOW_CREDENTIALS",
+    "DATABASE_URL",
+    "PREDICTION_CACHE_BACKEND",
+    "REDIS_URL",
+)
 
 
 @pytest.fixture
@@ -98,6 +112,63 @@ def test_serve_refuses_bad_options_and_settings(
     assert served == []  # nothing was started
 
 
+def test_serve_runs_uvloop_and_httptools(served: list[dict[str, Any]]) -> None:
+    # Declared dependencies now (not through uvicorn[standard]): "auto" must still find both.
+    import uvloop
+    from uvicorn.config import HTTP_PROTOCOLS, Config
+    from uvicorn.importer import import_from_string
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert cli.main(["serve"]) == 0
+    [call] = served
+    assert (call["loop"], call["http"]) == ("auto", "auto")
+    config = Config(call["app"], loop=call["loop"], http=call["http"], factory=True)
+    loop_factory = config.get_loop_factory()
+    assert loop_factory is not None
+    loop = loop_factory()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    assert import_from_string(HTTP_PROTOCOLS[call["http"]]) is HttpToolsProtocol
+
+
+@pytest.mark.parametrize(
+    ("env", "module", "message"),
+    [
+        (
+            {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test"},
+            "psycopg",
+            "DATABASE_URL=postgresql://... needs psycopg, which is not installed: "
+            "pip install 'moviematch-ml[postgres]'",
+        ),
+        (
+            {"PREDICTION_CACHE_BACKEND": "redis", "REDIS_URL": "redis://127.0.0.1:6379/0"},
+            "redis",
+            "PREDICTION_CACHE_BACKEND=redis needs redis, which is not installed: pip install 'moviematch-ml[redis]'",
+        ),
+    ],
+    ids=["postgres", "redis"],
+)
+def test_serve_names_the_extra_a_setting_needs(
+    served: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    module: str,
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve"]) == 0  # installed (the test set has both drivers): it serves
+    monkeypatch.setitem(sys.modules, module, None)  # as if installed without the extra
+    assert cli.main(["serve"]) == 1
+    assert capsys.readouterr().err.startswith(f"moviematch-ml serve: {message}")
+    assert len(served) == 1  # the second time nothing was started
+    with pytest.raises(MissingExtraError, match=re.escape(message)):
+        create_app(Settings(**ENV_ONLY))  # the app factory (each worker, or uvicorn --factory) says the same
+
+
 def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
     # The installed command, in a process of its own: the exit code and the message a deploy log shows.
     exe = shutil.which("moviematch-ml", path=str(Path(sys.executable).parent)) or "moviematch-ml"
@@ -140,27 +211,11 @@ def test_procfile_and_dockerfile_run_the_serve_command(served: list[dict[str, An
     assert "gcc" in build
     assert "gcc" not in final
     assert "COPY --from=build /wheels" in final
+    # Both C extensions must be in the wheel, or the build stops; the final stage installs the service's lock.
+    assert "_trees\\..*\\.so" in build
+    assert "_codec\\..*\\.so" in build
+    assert "pip install --require-hashes -r requirements.txt" in final
     assert '\nCMD ["moviematch-ml", "serve"]\n' in dockerfile  # exec form: the server is PID 1 and gets SIGTERM
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users
     assert users[-1] not in ("root", "0")
-
-
-def test_requirements_pin_every_runtime_dependency() -> None:
-    import tomllib
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = version.strip()
-    assert "moviematch-ml" not in pins
-    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for spec in core:
-        req = Requirement(spec)
-        name = canonicalize_name(req.name)
-        assert name in pins, f"{name} is not pinned in requirements.txt"
-        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} does not satisfy {spec}"

@@ -76,13 +76,14 @@ export class NetworkError extends MlServiceError {
 /** Local input check of the fallback rule failed (only thrown when the fallback answers instead of the service). */
 export class ValidationError extends MlServiceError {
   constructor({ field, rule, value, method, url }) {
-    super(`${field}: ${rule} (got ${safeJson(value)})`, { method, url });
+    // A missing field (value undefined) has no value to show, as in the service's 422.
+    super(value === undefined ? `${field}: ${rule}` : `${field}: ${rule} (got ${safeJson(value)})`, { method, url });
     this.name = 'ValidationError';
     this.field = field;
     this.rule = rule;
     this.value = value;
     // Same shape as the service's 422 detail, so callers handle both alike.
-    this.detail = [{ field, rule, value }];
+    this.detail = [value === undefined ? { field, rule } : { field, rule, value }];
   }
 }
 

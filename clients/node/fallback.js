@@ -125,7 +125,7 @@ export function checkFeatures(obj, loc = '', allowed = []) {
   const out = {};
   for (const f of FEATURES) {
     if (!(f.name in obj) || obj[f.name] === undefined) {
-      throw new ValidationError({ field: prefix + f.name, rule: 'is required', value: null });
+      throw new ValidationError({ field: prefix + f.name, rule: 'is required' });
     }
     out[f.name] = checkFeature(f, obj[f.name], prefix + f.name);
   }
@@ -176,7 +176,7 @@ export function predictBatchLocally(body) {
     const loc = `movies[${index}]`;
     const features = checkFeatures(movie, loc, ['movie_id']);
     if (movie.movie_id === undefined)
-      throw new ValidationError({ field: `${loc}.movie_id`, rule: 'is required', value: null });
+      throw new ValidationError({ field: `${loc}.movie_id`, rule: 'is required' });
     const movieId = checkId(movie.movie_id, `${loc}.movie_id`);
     // The service rounds a batch with np.round (and a single prediction with Python's round): copy each exactly.
     return { index, movieId, rating: npRound3(fallbackRating(features)) };

@@ -13,7 +13,7 @@ export { LOCAL_SOURCE } from './fallback.js';
 // 127.0.0.1 rather than localhost: Node 17+ may resolve localhost to ::1 first, where a service bound to 0.0.0.0
 // (IPv4 only, as uvicorn is by default) refuses the connection.
 export const DEFAULT_BASE_URL = 'http://127.0.0.1:8000';
-/** The design document's backend raised its timeout to 30 s; here it bounds retries and their waits too. */
+/** The backend's own timeout for a prediction is 30 s; here it bounds retries and their waits too. */
 export const DEFAULT_TIMEOUT_MS = 30_000;
 const USER_AGENT = 'moviematch-ml-node-client/0.1.0';
 
@@ -170,8 +170,8 @@ export function createClient(options = {}) {
    */
   function predictMultipleMovies(movies, callOptions = {}) {
     let body;
-    // The array is the documented form; the request body itself ({ movies: [...] }, as in the design document's
-    // example) is accepted too, so either reading of "moviesFeatures" works.
+    // The array is the documented form; the request body itself ({ movies: [...] }) is accepted too, so either
+    // reading of "moviesFeatures" works.
     if (Array.isArray(movies)) body = { movies };
     else if (movies !== null && typeof movies === 'object' && Array.isArray(movies.movies)) body = { ...movies };
     else {

@@ -11,14 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moviematch_ml import __version__
 from moviematch_ml.errors import MovieMatchError
 
 if TYPE_CHECKING:
     from moviematch_ml.offline.data import Dataset
+    from moviematch_ml.offline.progress import Progress
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moviematch-ml", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moviematch-ml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -38,6 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train only the six-feature model (default: also the personalised model, into OUT/personalized/)",
     )
+    _add_quiet(train)
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate every model and baseline on a protocol")
     _add_data_options(evaluate)
@@ -50,6 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="online: from all earlier ratings (default); frozen: only training ratings reach any feature",
     )
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    _add_quiet(evaluate)
     evaluate.set_defaults(func=_evaluate)
     return parser
 
@@ -63,9 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
     from moviematch_ml.online import supervisor
-    from moviematch_ml.settings import load_settings
+    from moviematch_ml.settings import load_settings, require_drivers
 
     settings = load_settings()
+    require_drivers(settings)  # here, once, rather than in every worker as it starts
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
@@ -95,6 +101,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (there is none anyway when stderr is not a terminal)",
+    )
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    """The run's progress on stderr, when stderr is a terminal and --quiet was not given; needs the train extra."""
+    from moviematch_ml.errors import ConfigError
+
+    try:
+        from moviematch_ml.offline.progress import Progress
+    except ImportError as exc:
+        # The service install leaves out the training extras; say how to get them instead of a traceback.
+        raise ConfigError(
+            f"training needs the 'train' extra ({exc.name} is missing): pip install 'moviematch-ml[train]'"
+        ) from None
+    return Progress(enabled=not args.quiet and sys.stderr.isatty())
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("movielens-small",), help="built-in data set (default if no --ratings)")
     p.add_argument("--ratings", type=Path, help="ratings.csv in the MovieLens ml-latest layout")
@@ -113,16 +141,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_dataset(args: argparse.Namespace) -> Dataset:
-    from moviematch_ml.errors import ConfigError, DataError
+def _load_dataset(args: argparse.Namespace, progress: Progress) -> Dataset:
+    with progress.step("loading data"):
+        return _read_dataset(args)
 
-    try:
-        from moviematch_ml.offline import data
-    except ImportError as exc:
-        # The service install leaves out the training extras; say how to get them instead of a traceback.
-        raise ConfigError(
-            f"training needs the 'train' extra ({exc.name} is missing): pip install 'moviematch-ml[train]'"
-        ) from None
+
+def _read_dataset(args: argparse.Namespace) -> Dataset:
+    from moviematch_ml.errors import DataError
+    from moviematch_ml.offline import data
 
     if args.from_feedback:
         return _load_feedback(args)
@@ -202,17 +228,23 @@ def _train(args: argparse.Namespace) -> int:
     )
     from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 
+    progress = _progress(args)
+    progress.expect(3)  # loading data, writing the models, the report; training announces its own stages
     started = time.perf_counter()
-    dataset = _load_dataset(args)
+    dataset = _load_dataset(args, progress)
     loaded = time.perf_counter() - started
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     pconfig = None if args.no_personalized else personalized_config(args.seed)
-    result = train_models(dataset, TrainConfig(seed=args.seed), pconfig, created_at=now, progress=True)
+    result = train_models(dataset, TrainConfig(seed=args.seed), pconfig, created_at=now, progress=progress)
     trained = time.perf_counter()
-    card_file = write_model(args.out, result)
-    if pconfig is None and remove_personalized(args.out):
+    with progress.step("writing the models"):
+        card_file = write_model(args.out, result)
+        removed = pconfig is None and remove_personalized(args.out)
+    with progress.step("report and plots"):
+        report = write_report(args.report_dir or args.out, result)
+    progress.close("train")
+    if removed:
         print(f"removed the earlier personalised model from {args.out / PERSONALIZED_DIR}", file=sys.stderr)
-    report = write_report(args.report_dir or args.out, result)
     t = result.card.training
     six = result.card.metrics["models"]["six_features"]
     print(
@@ -243,8 +275,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from moviematch_ml.offline.evaluation import evaluate
 
-    dataset = _load_dataset(args)
-    summary = evaluate(dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features)
+    progress = _progress(args)
+    progress.expect(1)  # loading data; evaluate announces the features and every fold's models
+    dataset = _load_dataset(args, progress)
+    summary = evaluate(
+        dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features, progress=progress
+    )
+    progress.close("evaluate")  # before the answer, which goes to stdout
 
     def clean(x: object) -> object:
         # JSON has no NaN: a metric that cannot be computed (e.g. no cold users in k-fold) is null.

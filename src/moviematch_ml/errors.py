@@ -9,16 +9,19 @@ MovieMatchError
 ├── ModelError ............ the model could not be loaded; the service falls back
 │   ├── ModelNotFoundError
 │   ├── ModelChecksumError
-│   └── ModelFormatError
+│   ├── ModelFormatError
+│   └── ModelTermsError ... its training data's terms forbid serving it here
 ├── DataError ............. a training data file is malformed (file, line, column)
 ├── StoreError ............ the feedback store could not read or write
 └── ConfigError ........... a setting is invalid
+    └── MissingExtraError . a setting needs a driver whose extra is not installed
 """
 
 from __future__ import annotations
 
+import importlib.util
 import reprlib
-from typing import Any
+from typing import Any, Final
 
 
 class MovieMatchError(Exception):
@@ -38,16 +41,27 @@ class InputError(MovieMatchError):
             self.status = status
 
 
+class _Missing:
+    """The value of a field that was not sent at all (as opposed to one sent as null)."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Final[Any] = _Missing()
+
+
 class FieldError(InputError):
-    """One field of a request broke one rule: carries the field's location, the rule and the offending value."""
+    """One field of a request broke one rule: carries the field's location, the rule and the offending value
+    (``MISSING`` when the field was not sent: the message then shows no value)."""
 
     status = 422
 
-    def __init__(self, loc: str, rule: str, value: Any) -> None:
+    def __init__(self, loc: str, rule: str, value: Any = MISSING) -> None:
         self.loc = loc
         self.rule = rule
         self.value = value
-        super().__init__(f"{loc}: {rule} (got {_short(value)})")
+        super().__init__(f"{loc}: {rule}" if value is MISSING else f"{loc}: {rule} (got {_short(value)})")
 
 
 class _BoundedRepr(reprlib.Repr):
@@ -115,6 +129,10 @@ class ModelFormatError(ModelError):
     """The model card or model file is not in a format this version reads."""
 
 
+class ModelTermsError(ModelError):
+    """The model was trained on data whose terms forbid commercial use, and SERVE_NONCOMMERCIAL_MODELS is false."""
+
+
 class DataError(MovieMatchError):
     """A training data file is malformed; the message names the file, line and column."""
 
@@ -136,3 +154,22 @@ class StoreError(MovieMatchError):
 
 class ConfigError(MovieMatchError):
     """A setting is invalid."""
+
+
+class MissingExtraError(ConfigError):
+    """A setting needs an optional dependency that is not installed; the message names the extra that brings it."""
+
+    def __init__(self, setting: str, extra: str, module: str) -> None:
+        self.setting = setting
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"{setting} needs {module}, which is not installed: pip install 'moviematch-ml[{extra}]' "
+            f"(the Docker image has it)"
+        )
+
+    @classmethod
+    def require(cls, module: str, *, extra: str, setting: str) -> None:
+        """Raise unless ``module`` can be imported (looked up, not imported: no import cost)."""
+        if importlib.util.find_spec(module) is None:
+            raise cls(setting, extra, module)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final, Literal, get_args
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from moviematch_ml.errors import ConfigError
+from moviematch_ml.errors import ConfigError, MissingExtraError
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 Scope = Literal["predict", "feedback", "metrics", "admin"]
@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="Server worker processes.")
     model_path: Path | None = Field(
         None, description="Model directory or model_card.json; unset means the model bundled in the package."
+    )
+    serve_noncommercial_models: bool = Field(
+        True,
+        description="Serve models trained on data whose terms forbid commercial use without permission (the bundled "
+        "models: MovieLens). false for a commercial deployment: such models are refused, and the fallback rule and "
+        "models trained on your own data answer (docs/training.md#data-and-terms).",
     )
     log_level: LogLevel = Field("info", description="Minimum level of the JSON log lines.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
@@ -233,8 +239,8 @@ class Settings(BaseSettings):
     def _no_credentials_with_wildcard(cls, value: bool, info: object) -> bool:
         data = getattr(info, "data", {})
         if value and "*" in data.get("cors_origins", []):
-            # Browsers reject "Access-Control-Allow-Origin: *" on credentialed requests: the design document's
-            # allow_origins=["*"] with allow_credentials=True never worked, so it is refused here, loudly.
+            # Browsers reject "Access-Control-Allow-Origin: *" on credentialed requests: allow_origins=["*"] with
+            # allow_credentials=True never works, so it is refused here, loudly.
             raise ValueError("CORS_ALLOW_CREDENTIALS cannot be true when CORS_ORIGINS contains '*'")
         return value
 
@@ -250,3 +256,17 @@ def load_settings() -> Settings:
             for e in exc.errors(include_input=False)
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+POSTGRES_SCHEMES: Final[tuple[str, ...]] = ("postgres://", "postgresql://", "postgresql+psycopg://")
+
+
+def require_drivers(settings: Settings) -> None:
+    """Raise MissingExtraError when a setting needs a driver this install lacks (the default install has none:
+    they are the ``[postgres]`` and ``[redis]`` extras). Checked before serving, so the error comes first."""
+    if settings.database_url.startswith(POSTGRES_SCHEMES):
+        MissingExtraError.require("psycopg", extra="postgres", setting="DATABASE_URL=postgresql://...")
+    if settings.prediction_cache_backend == "redis":
+        MissingExtraError.require("redis", extra="redis", setting="PREDICTION_CACHE_BACKEND=redis")
+    if settings.rate_limit and settings.api_keys is not None and settings.redis_url:
+        MissingExtraError.require("redis", extra="redis", setting="RATE_LIMIT with REDIS_URL")

@@ -279,3 +279,34 @@ def test_start_up_moves_what_it_built_out_of_the_collectors_sight(fallback_setti
     with TestClient(app) as c:
         assert gc.get_freeze_count() > before
         assert c.get("/health").status_code == 200
+
+
+def test_without_noncommercial_models_the_bundled_ones_are_refused(tmp_path: Path) -> None:
+    # SERVE_NONCOMMERCIAL_MODELS=false and no MODEL_PATH: the bundled models (MovieLens) are not served.
+    db = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    with TestClient(create_app(Settings(serve_noncommercial_models=False, database_url=db))) as c:
+        health = c.get("/health").json()
+        ready = c.get("/health/ready")
+        prediction = c.post("/predict", json={**EXAMPLE, "user_id": 42}).json()
+    assert ready.status_code == 200  # refused models never keep the service unready
+    assert (health["status"], health["source"], health["model_version"]) == ("degraded", "fallback", "fallback-1")
+    six, personal = health["models"]["six_features"], health["models"]["personalized"]
+    assert (six["status"], personal["status"]) == ("fallback", "refused")
+    assert (
+        "ModelTermsError: six-6e9651e63d-969ebfae was trained on data whose terms forbid commercial use"
+        in (six["reason"])
+    )
+    assert "MovieLens ml-latest-small" in personal["reason"]
+    assert (prediction["source"], prediction["model_version"], prediction["predicted_rating"]) == (
+        "fallback",
+        "fallback-1",
+        7.909,  # the fallback rule on the example: base 7.409 + taste 0.5 (docs/api.md)
+    )
+
+
+def test_without_noncommercial_models_a_model_of_the_apps_own_data_answers(tiny_model_dir: Path) -> None:
+    with TestClient(create_app(Settings(model_path=tiny_model_dir, serve_noncommercial_models=False))) as c:
+        health = c.get("/health").json()
+        prediction = c.post("/predict", json=EXAMPLE).json()
+    assert (health["status"], health["models"]) == ("ok", {"six_features": TINY_OK, "personalized": ABSENT})
+    assert (prediction["source"], prediction["model_version"]) == ("model", "tiny-1")

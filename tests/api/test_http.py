@@ -251,9 +251,9 @@ def test_openapi_documents_the_request_bodies(client: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/PredictRequest"}
-    assert body["examples"]["design_document"]["value"] == EXAMPLE
+    assert body["examples"]["example"]["value"] == EXAMPLE
     batch = spec["paths"]["/predict-batch"]["post"]["requestBody"]["content"]["application/json"]
-    assert batch["examples"]["design_document"]["value"] == {"movies": [{"movie_id": 1, **EXAMPLE}]}
+    assert batch["examples"]["example"]["value"] == {"movies": [{"movie_id": 1, **EXAMPLE}]}
     props = schemas["PredictRequest"]["properties"]
     assert set(props) == {f.name for f in FEATURES} | {"user_id", "movie_id"}
     assert schemas["PredictRequest"]["additionalProperties"] is False

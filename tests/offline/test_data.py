@@ -23,6 +23,7 @@ from moviematch_ml.offline.data import (
 )
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.runtime.cards import IMDB_GGPLOT2MOVIES, MOVIELENS_SMALL
 
 RATINGS = "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n2,1,5.0,964982224\n"
 MOVIES = (
@@ -132,6 +133,11 @@ def test_load_csv_ml_latest_layout(tmp_path: Path) -> None:
     assert m["year"].isna().tolist() == [False, False, True]
     assert (ds.scale.min, ds.scale.max) == (0.5, 5.0)
     assert len(ds.fingerprint()) == 64
+    # Files the user supplied: the tool cannot know their terms, and the card says so instead of guessing.
+    [terms] = ds.terms
+    assert terms.name == "ratings and movies from ratings.csv, movies.csv"
+    assert (terms.publisher, terms.commercial_use) == ("whoever supplied it", None)
+    assert "the terms under which you hold this data apply" in terms.terms
 
 
 def test_fingerprint_changes_with_a_rating(tmp_path: Path) -> None:
@@ -360,6 +366,9 @@ def test_movielens_small_and_its_join() -> None:
     ds = load_movielens_small()
     assert len(ds.ratings) == 100_004
     assert ds.ratings["user_id"].nunique() == 671
+    assert ds.ratings["movie_id"].nunique() == 9066  # as MOVIELENS_SMALL's name says
+    assert ds.terms == (MOVIELENS_SMALL, IMDB_GGPLOT2MOVIES)
+    assert [s.commercial_use for s in ds.terms] == [False, None]
     assert ds.ratings["timestamp"].is_monotonic_increasing
     # The issue expects about 88% of the movies released up to 2005 to find their IMDB entry.
     assert ds.join["coverage_up_to_last_year"] >= 0.86

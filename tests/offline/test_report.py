@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from moviematch_ml.offline.boosting import TrainConfig
-from moviematch_ml.offline.report import decile_rmse, write_report
+from moviematch_ml.offline.report import cold_warm_rmse, decile_rmse, render_markdown, scale_label, write_report
 from moviematch_ml.offline.training import train_six_feature_model
+from moviematch_ml.runtime.cards import RatingScale
 from reference import synthetic_dataset
 
 
@@ -32,3 +33,29 @@ def test_report_writes_markdown_and_pngs(tmp_path: Path) -> None:
         assert f"({png}.png)" in text
     # Without a personalised model there is no section for one.
     assert "## Personalised model" not in text
+
+
+def test_cold_warm_rmse_by_hand_and_an_empty_group_is_none() -> None:
+    truth = np.array([1.0, 2.0, 3.0, 4.0])
+    predictions = {"a": np.array([2.0, 2.0, 3.0, 2.0]), "b": truth.copy()}
+    cold = np.array([True, True, False, False])
+    # a: cold errors 1, 0 -> sqrt(1/2); warm errors 0, -2 -> sqrt(4/2).
+    assert cold_warm_rmse(predictions, truth, cold) == {
+        "cold users": [float(np.sqrt(0.5)), 0.0],
+        "warm users": [float(np.sqrt(2.0)), 0.0],
+    }
+    no_cold = cold_warm_rmse(predictions, truth, np.zeros(4, dtype=bool))
+    assert no_cold["cold users"] is None  # no bars of height 0: the plot says there were none
+    assert no_cold["warm users"] == [float(np.sqrt((1 + 0 + 0 + 4) / 4)), 0.0]
+
+
+def test_the_report_says_which_scale_and_which_data() -> None:
+    assert scale_label(RatingScale(min=0.5, max=5.0, step=0.5)) == (
+        "0.5–5, the training data's scale; the API answers ×2 on 0–10"
+    )
+    assert scale_label(RatingScale(min=0.0, max=10.0)) == "0–10, the API's scale"
+    text = render_markdown(train_six_feature_model(synthetic_dataset(), TrainConfig(seed=1)))
+    assert (
+        "every rating, prediction and error below and in the plots is on it (0.5–5, the training data's scale" in text
+    )
+    assert "- Source: ratings and movies from " not in text  # synthetic data: no source stated, none invented

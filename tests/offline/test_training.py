@@ -31,7 +31,7 @@ from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, CARD_NAME, PERSONALIZ
 from moviematch_ml.runtime.inputs import MODEL_FEATURES
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import load_six_features
-from reference import synthetic_dataset
+from reference import synthetic_dataset, write_csvs
 
 
 def _sha256(path: Path) -> str:
@@ -100,22 +100,8 @@ def test_feature_stats_by_hand() -> None:
     assert stats.quantiles == {"p01": 1.0, "p05": 5.0, "p25": 25.0, "p50": 50.0, "p75": 75.0, "p95": 95.0, "p99": 99.0}
 
 
-def _csvs(tmp_path: Path, ds: Dataset) -> tuple[Path, Path]:
-    r, m = tmp_path / "ratings.csv", tmp_path / "movies.csv"
-    ds.ratings.rename(columns={"user_id": "userId", "movie_id": "movieId"}).to_csv(r, index=False)
-    movies = pd.DataFrame(
-        {
-            "movieId": ds.movies["movie_id"],
-            "title": [f"{t} ({int(y)})" for t, y in zip(ds.movies["title"], ds.movies["year"], strict=True)],
-            "genres": ["|".join(g) for g in ds.movies["genres"]],
-        }
-    )
-    movies.to_csv(m, index=False)
-    return r, m
-
-
 def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r, m = _csvs(tmp_path, synthetic_dataset())
+    r, m = write_csvs(tmp_path, synthetic_dataset())
     out = tmp_path / "out"
     assert cli.main(["train", "--ratings", str(r), "--movies", str(m), "--out", str(out), "--seed", "5"]) == 0
     assert {"model.txt", "model_card.json", "report.md", "feature_importance.png"} <= {p.name for p in out.iterdir()}
@@ -145,7 +131,7 @@ def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_cli_bad_data_exits_1_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r, m = _csvs(tmp_path, synthetic_dataset(50))
+    r, m = write_csvs(tmp_path, synthetic_dataset(50))
     lines = r.read_text(encoding="utf-8").splitlines()
     lines[5] = "1,2,four,3"
     r.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -258,7 +244,7 @@ def _feedback_store(tmp_path: Path, ds: Dataset, extra: list[Feedback] | None = 
 
 def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ds = synthetic_dataset(800)
-    _, movies = _csvs(tmp_path, ds)
+    _, movies = write_csvs(tmp_path, ds)
     stray = [Feedback(f"x{i}", "user-1", "9999", 5.0, 2_000_000_000.0 + i, None) for i in range(5)]
     url = _feedback_store(tmp_path, ds, stray)
     out = tmp_path / "v2"
@@ -281,6 +267,11 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     pm = PersonalizedModel.load(out / PERSONALIZED_DIR)
     assert pm.card is not None
     assert pm.card.data == d
+    # The app's own data: the cards say so, with no terms the tool could know, and no commercial restriction.
+    [terms] = card.data_terms
+    assert terms.name == f"the app's own users' ratings (POST /feedback), with the movies of {movies.name}"
+    assert (terms.obtained, terms.commercial_use) == ("the service's feedback store (--from-feedback)", None)
+    assert pm.card.data_terms == card.data_terms
     assert pm.scale.max == 10.0
     # The app's ids: users as the text it sent, movies as the movies.csv integers the service matches.
     assert all(isinstance(u, str) and u.startswith("user-") for u in pm.mf.user_ids)
@@ -302,7 +293,7 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_train_from_feedback_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ds = synthetic_dataset(300)
-    _, movies = _csvs(tmp_path, ds)
+    _, movies = write_csvs(tmp_path, ds)
     base = ["train", "--from-feedback", "--movies", str(movies), "--out", str(tmp_path / "out")]
     url = _feedback_store(tmp_path, ds)
     assert cli.main([*base, "--database-url", url]) == 1
@@ -391,3 +382,5 @@ def test_bundled_model_was_trained_on_the_built_in_data() -> None:
     assert card.version == f"six-{card.data['fingerprint_sha256'][:10]}-{TrainConfig().digest()[:8]}"
     personalized = read_card(BUNDLED_MODEL_DIR / PERSONALIZED_DIR)
     assert personalized.version == personalized_version(ds, personalized_config(), TrainConfig())
+    # Training on the built-in data states the terms the bundled cards state.
+    assert list(ds.terms) == card.data_terms == personalized.data_terms

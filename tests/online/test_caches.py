@@ -9,6 +9,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from moviematch_ml.errors import MissingExtraError
 from moviematch_ml.online.caches import KEY_PREFIX, LRUCache, RedisCache, TTLCache, cache_key
 from moviematch_ml.online.contract import BatchAnswer, OneAnswer, decode_answer, encode_answer
 
@@ -250,3 +252,9 @@ def test_a_redis_that_dies_is_a_miss_not_an_error(caplog: pytest.LogCaptureFixtu
     assert (cache.errors, cache.misses, cache.skipped, cache.open) == (1, 1, 2, True)
     # Logged once for the outage, not once per request.
     assert [r.getMessage() for r in caplog.records] == ["redis cache unavailable, answering without it"]
+
+
+def test_the_redis_cache_without_its_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if installed without [redis]
+    with pytest.raises(MissingExtraError, match=r"^PREDICTION_CACHE_BACKEND=redis needs redis, which is not installed"):
+        RedisCache.from_url("redis://127.0.0.1:6379/0")

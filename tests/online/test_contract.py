@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from moviematch_ml.errors import FieldError, InputError, InvalidJSONError
+from moviematch_ml.errors import MISSING, FieldError, InputError, InvalidJSONError
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.contract import (
     BatchAnswer,
@@ -189,7 +189,7 @@ def test_the_exact_decoder_names_the_broken_rule() -> None:
     cases: list[tuple[bytes, str, object]] = [
         (b"[]", "body", []),
         (orjson.dumps({"movies": [MOVIE], "colour": "red"}), "colour", "red"),
-        (b'{"rank": true}', "movies", None),
+        (b'{"rank": true}', "movies", MISSING),  # not sent: no value (not None, which JSON null would be)
         (orjson.dumps({"movies": [MOVIE] * 3}), "movies", 3),  # the count, not the list
         (orjson.dumps({"movies": [MOVIE], "rank": 1}), "rank", 1),
         (orjson.dumps({"movies": [MOVIE], "top_k": 0}), "top_k", 0),

@@ -14,6 +14,15 @@ import pytest
 from moviematch_ml.errors import ModelChecksumError
 from moviematch_ml.features import example_matrix
 from moviematch_ml.online.models import NOT_LOADED, ModelReport, Models, ModelSet, load_personalized
+from moviematch_ml.runtime.cards import (
+    BUNDLED_MODEL_DIR,
+    IMDB_GGPLOT2MOVIES,
+    MOVIELENS_SMALL,
+    DataSource,
+    noncommercial_sources,
+    read_card,
+    write_card,
+)
 from moviematch_ml.runtime.fallback import FallbackPredictor
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import load_six_features
@@ -249,3 +258,75 @@ def test_model_set_states(tiny_model_dir: Path) -> None:
     m.swap(again)
     assert m.current is again
     assert m.summary()["name"] == "tiny"
+
+
+# --- models trained on data whose terms forbid commercial use (SERVE_NONCOMMERCIAL_MODELS) ---------------------
+
+OWN_DATA = DataSource(
+    name="the app's own ratings", publisher="the app", obtained="its store", terms="the app's", commercial_use=None
+)
+
+
+def _with_terms(directory: Path, tmp_path: Path, six: list[DataSource], personal: list[DataSource]) -> Path:
+    """A copy of both tiny models whose cards name the given training data (the model files are unchanged)."""
+    copy = _copy(directory, tmp_path)
+    for folder, terms in ((copy, six), (copy / "personalized", personal)):
+        write_card(folder, read_card(folder).model_copy(update={"data_terms": terms}))
+    return copy
+
+
+def test_the_bundled_models_state_their_data_and_its_terms() -> None:
+    for folder in (BUNDLED_MODEL_DIR, BUNDLED_MODEL_DIR / "personalized"):
+        card = read_card(folder)
+        assert card.data_terms == [MOVIELENS_SMALL, IMDB_GGPLOT2MOVIES]
+        assert noncommercial_sources(card) == [MOVIELENS_SMALL]
+    assert MOVIELENS_SMALL.commercial_use is False
+    assert "no commercial or revenue-bearing use without permission" in MOVIELENS_SMALL.terms
+    assert IMDB_GGPLOT2MOVIES.commercial_use is None  # its documentation states no terms for the data
+
+
+def test_a_card_from_before_data_terms_that_names_movielens_counts_as_movielens(tiny_model_dir: Path) -> None:
+    card = read_card(tiny_model_dir)
+    assert (card.data_terms, noncommercial_sources(card)) == ([], [])
+    legacy = card.model_copy(update={"data": {"dataset": "movielens-small"}})
+    assert noncommercial_sources(legacy) == [MOVIELENS_SMALL]
+    own = card.model_copy(update={"data": {"dataset": "movielens-small"}, "data_terms": [OWN_DATA]})
+    assert noncommercial_sources(own) == []  # stated terms win over the data set's name
+
+
+def test_models_of_noncommercial_data_are_served_by_default(tiny_personalized_dir: Path, tmp_path: Path) -> None:
+    directory = _with_terms(tiny_personalized_dir, tmp_path, [MOVIELENS_SMALL], [MOVIELENS_SMALL])
+    loaded = ModelSet(directory).load()
+    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+
+
+def test_without_noncommercial_models_both_are_refused_and_the_rule_answers(
+    tiny_personalized_dir: Path, tmp_path: Path
+) -> None:
+    directory = _with_terms(tiny_personalized_dir, tmp_path, [MOVIELENS_SMALL, IMDB_GGPLOT2MOVIES], [MOVIELENS_SMALL])
+    loaded = ModelSet(directory, noncommercial=False).load()
+    assert (loaded.six.source, loaded.personalized, loaded.status) == ("fallback", None, "degraded")
+    six_reason, personal_reason = loaded.six_report.reason, loaded.personalized_report.reason
+    assert six_reason == (
+        "model not loaded, answering with the fallback rule: ModelTermsError: tiny-1 was trained on data whose terms "
+        f"forbid commercial use without permission: {MOVIELENS_SMALL.name} ({MOVIELENS_SMALL.publisher}); "
+        "SERVE_NONCOMMERCIAL_MODELS is false (train on your own data: docs/training.md#data-and-terms)"
+    )
+    assert personal_reason is not None
+    assert personal_reason.startswith("personalised model not loaded: ModelTermsError: tiny-personalized-1 was ")
+    assert loaded.reports() == {
+        "six_features": {"status": "fallback", "version": FallbackPredictor.version, "reason": six_reason},
+        "personalized": {"status": "refused", "version": None, "reason": personal_reason},
+    }
+    assert float(loaded.six.predict(example_matrix())[0]) == pytest.approx(FALLBACK_EXAMPLE, abs=5e-4)
+
+
+def test_without_noncommercial_models_the_apps_own_models_answer(tiny_personalized_dir: Path, tmp_path: Path) -> None:
+    # A model trained with --from-feedback (or on the app's CSVs) states its data, with no commercial restriction.
+    directory = _with_terms(tiny_personalized_dir, tmp_path, [OWN_DATA], [OWN_DATA])
+    loaded = ModelSet(directory, noncommercial=False).load()
+    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+    # Only the personalised model restricted: it alone is refused, the six-feature model answers everyone.
+    mixed = _with_terms(tiny_personalized_dir, tmp_path / "mixed", [OWN_DATA], [MOVIELENS_SMALL])
+    loaded = ModelSet(mixed, noncommercial=False).load()
+    assert (loaded.six.version, loaded.personalized, loaded.personalized_report.status) == ("tiny-1", None, "refused")

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine.default import CACHE_HIT
 
-from moviematch_ml.errors import ConfigError, StoreError
+from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.feedback import Feedback, parse_feedback
 from moviematch_ml.online.store import FeedbackStore, engine_url, make_engine
@@ -294,3 +294,17 @@ def test_only_a_sqlite_file_gets_readers_of_its_own(db_url: str) -> None:
         assert s.user_ratings("u1") == [("m1", 8.0, 100.0)]
         assert len(s.idle_readers) == (1 if url.startswith("sqlite:///") else 0)
         s.close()
+
+
+def test_postgresql_without_its_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if installed without [postgres]: importing psycopg fails (None in sys.modules makes it unfindable).
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(MissingExtraError) as caught:
+        make_engine("postgresql://postgres@127.0.0.1:5432/test")
+    assert isinstance(caught.value, ConfigError)
+    assert str(caught.value) == (
+        "DATABASE_URL=postgresql://... needs psycopg, which is not installed: pip install 'moviematch-ml[postgres]' "
+        "(the Docker image has it)"
+    )
+    assert (caught.value.extra, caught.value.module) == ("postgres", "psycopg")
+    make_engine("sqlite://").dispose()  # SQLite, the default, needs no extra

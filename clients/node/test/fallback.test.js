@@ -126,7 +126,12 @@ describe('the rule', () => {
     assert.throws(() => predictLocally(sampleFeatures({ popularity: true })), { field: 'popularity' });
     assert.throws(() => predictLocally({ ...sampleFeatures(), genre: 'x' }), { field: 'genre', rule: 'unknown field' });
     const { vote_count: _, ...missing } = sampleFeatures();
-    assert.throws(() => predictLocally(missing), { field: 'vote_count', rule: 'is required' });
+    assert.throws(() => predictLocally(missing), {
+      field: 'vote_count',
+      rule: 'is required',
+      message: 'vote_count: is required',
+      detail: [{ field: 'vote_count', rule: 'is required' }],
+    });
     const movies = [
       { movie_id: 1, ...sampleFeatures() },
       { movie_id: 2, ...sampleFeatures({ vote_average: -1 }) },

@@ -251,7 +251,7 @@ describe('requests as sent', () => {
     await client.predictMultipleMovies(movies, { userId: 'u1', rank: true, topK: 5 });
     assert.equal(stub.requests[0].url, '/predict-batch');
     assert.deepEqual(JSON.parse(stub.requests[0].body), { movies, user_id: 'u1', rank: true, top_k: 5 });
-    // The design document's request body is accepted as well; options still apply on top.
+    // The request body itself is accepted as well; options still apply on top.
     await client.predictMultipleMovies({ movies, top_k: 2 }, { userId: 7 });
     assert.deepEqual(JSON.parse(stub.requests[1].body), { movies, top_k: 2, user_id: 7 });
   });

@@ -34,7 +34,7 @@ from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
 from moviematch_ml.online.user_views import UserViews, maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
-from moviematch_ml.settings import Settings, load_settings, parse_rate
+from moviematch_ml.settings import Settings, load_settings, parse_rate, require_drivers
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,12 @@ def create_app(
     lifecycle: Lifecycle = PROCESS,
 ) -> FastAPI:
     """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
-    model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
+    require_drivers(settings)
+    model_set = (
+        models
+        if models is not None
+        else ModelSet(settings.model_path or BUNDLED_MODEL_DIR, noncommercial=settings.serve_noncommercial_models)
+    )
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = (
         store

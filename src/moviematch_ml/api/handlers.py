@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from moviematch_ml.errors import FieldError, InputError, StoreError
+from moviematch_ml.errors import MISSING, FieldError, InputError, StoreError
 
 log = logging.getLogger("moviematch_ml.api")
 
@@ -65,7 +65,12 @@ def _safe_value(value: Any) -> Any:
 
 def field_error_response(errors: Sequence[FieldError]) -> Response:
     """422: the first broken rule in ``message``, every one in ``detail``."""
-    detail = [{"field": e.loc, "rule": e.rule, "value": _safe_value(e.value)} for e in errors]
+    detail = [
+        {"field": e.loc, "rule": e.rule}
+        if e.value is MISSING
+        else {"field": e.loc, "rule": e.rule, "value": _safe_value(e.value)}
+        for e in errors
+    ]
     return error_response(422, "validation_error", errors[0].message, detail)
 
 
@@ -118,11 +123,12 @@ async def _on_store_error(request: Request, exc: Exception) -> Response:
 
 async def _on_request_validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    detail = [
-        {"field": _loc_to_field(e.get("loc", ())), "rule": str(e.get("msg", "is invalid")), "value": e.get("input")}
+    errors = [
+        FieldError(_loc_to_field(e.get("loc", ())), "is required")
+        if e.get("type") == "missing"  # pydantic's input is then the enclosing object, not a value of the field
+        else FieldError(_loc_to_field(e.get("loc", ())), str(e.get("msg", "is invalid")), e.get("input"))
         for e in exc.errors()
     ]
-    errors = [FieldError(d["field"], d["rule"], d["value"]) for d in detail]
     if not errors:
         return error_response(422, "validation_error", "the request is invalid")
     return field_error_response(errors)

@@ -19,6 +19,7 @@ from moviematch_ml.online.lifecycle import Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import StoreHealth
+from moviematch_ml.runtime.cards import API_SCALE_MAX
 
 IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
 
@@ -75,7 +76,7 @@ def build_router(
         responses=_ERRORS,
         openapi_extra=schemas.request_body(
             "PredictRequest",
-            {"design_document": schemas.PREDICT_EXAMPLE, "with_ids": {**schemas.PREDICT_EXAMPLE, "user_id": 42}},
+            {"example": schemas.PREDICT_EXAMPLE, "with_ids": {**schemas.PREDICT_EXAMPLE, "user_id": 42}},
         ),
     )
     async def predict(request: Request) -> Response:
@@ -87,7 +88,7 @@ def build_router(
         response_model=schemas.BatchResponse,
         responses=_ERRORS,
         openapi_extra=schemas.request_body(
-            "BatchRequest", {"design_document": schemas.BATCH_EXAMPLE, "ranked_top_k": schemas.RANKED_EXAMPLE}
+            "BatchRequest", {"example": schemas.BATCH_EXAMPLE, "ranked_top_k": schemas.RANKED_EXAMPLE}
         ),
     )
     async def predict_batch(request: Request) -> Response:
@@ -100,6 +101,7 @@ def build_router(
             {
                 "service": SERVICE_NAME,
                 "version": __version__,
+                "answer_scale": {"min": 0.0, "max": API_SCALE_MAX},
                 "model": models.summary(),
                 "models": {
                     "six_features": current.six_report.summary(details=True),

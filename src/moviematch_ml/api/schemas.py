@@ -101,7 +101,9 @@ class BatchResponse(BaseModel):
 class FieldProblem(BaseModel):
     field: str = Field(examples=["movies[3].vote_average"])
     rule: str = Field(examples=["must be a finite number between 0 and 10"])
-    value: Any = Field(examples=[11])
+    value: Any = Field(
+        None, examples=[11], description="The offending value as sent; absent when the field is missing."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -155,13 +157,20 @@ class StatusResponse(BaseModel):
 class RootResponse(BaseModel):
     service: str
     version: str
-    model: dict[str, Any] = Field(description="The six-feature model (or fallback rule) in detail.")
+    answer_scale: dict[str, float] = Field(
+        description="The scale of every predicted_rating: 0 to 10 (TMDB's vote_average scale), whatever the model."
+    )
+    model: dict[str, Any] = Field(
+        description="The six-feature model (or fallback rule) in detail. Its rating_scale is the scale of the ratings "
+        "it was trained on (0.5-5 stars for the bundled model), not the answers': they are multiplied by "
+        "to_answer_scale onto answer_scale."
+    )
     models: ModelStates
     auth: Literal["on", "off"] = Field(description="Whether access keys (API_KEYS) are required.")
     docs: str
 
 
-# The examples are the design document's own requests.
+# The examples: the example request (features.EXAMPLE, the app's typical call) alone, in a batch, and ranked.
 PREDICT_EXAMPLE: Final[dict[str, Any]] = dict(EXAMPLE)
 BATCH_EXAMPLE: Final[dict[str, Any]] = {"movies": [{"movie_id": 1, **EXAMPLE}]}
 RANKED_EXAMPLE: Final[dict[str, Any]] = {

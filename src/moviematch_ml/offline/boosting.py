@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,11 +113,16 @@ def _lgb_params(config: TrainConfig) -> dict[str, Any]:
 
 
 def fit_booster(
-    x: FloatArray, y: FloatArray, times: npt.NDArray[np.int64], config: TrainConfig, progress: bool = False
+    x: FloatArray,
+    y: FloatArray,
+    times: npt.NDArray[np.int64],
+    config: TrainConfig,
+    on_tree: Callable[[str], None] | None = None,
 ) -> FittedBooster:
     """Fit LightGBM with early stopping on the latest ``validation_fraction`` of these rows (by time).
 
     Only the rows given are used: callers pass training rows, so test rows never choose the number of trees.
+    ``on_tree`` is told of each tree fitted while early stopping searches (``tree 12/2000``), then of the refit.
     """
     import lightgbm as lgb
 
@@ -129,31 +134,21 @@ def fit_booster(
     dtrain = lgb.Dataset(x[fit_idx], y[fit_idx], feature_name=names, free_raw_data=False, params={"verbosity": -1})
     dvalid = lgb.Dataset(x[valid_idx], y[valid_idx], reference=dtrain, free_raw_data=False)
     callbacks: list[Any] = [lgb.early_stopping(config.early_stopping_rounds, verbose=False)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.lightgbm.max_rounds, desc="training trees", unit="tree", file=sys.stderr, leave=False)
-
-        def _tick(env: Any) -> None:
-            assert bar is not None
-            bar.update(1)
-
-        callbacks.append(_tick)
-    try:
-        booster = lgb.train(
-            params,
-            dtrain,
-            num_boost_round=config.lightgbm.max_rounds,
-            valid_sets=[dvalid],
-            valid_names=["valid"],
-            callbacks=callbacks,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    if on_tree is not None:
+        tell = on_tree
+        callbacks.append(lambda env: tell(f"tree {env.iteration + 1}/{env.end_iteration}"))
+    booster = lgb.train(
+        params,
+        dtrain,
+        num_boost_round=config.lightgbm.max_rounds,
+        valid_sets=[dvalid],
+        valid_names=["valid"],
+        callbacks=callbacks,
+    )
     best = int(booster.best_iteration) or booster.current_iteration()
     valid_rmse = float(booster.best_score["valid"]["rmse"])
+    if on_tree is not None:
+        on_tree(f"{best} trees, refitted on every row")
     if config.refit_full:
         dall = lgb.Dataset(x, y, feature_name=names, free_raw_data=False, params={"verbosity": -1})
         booster = lgb.train(params, dall, num_boost_round=best)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from moviematch_ml.errors import DataError
-from moviematch_ml.runtime.cards import RatingScale
+from moviematch_ml.runtime.cards import IMDB_GGPLOT2MOVIES, MOVIELENS_SMALL, DataSource, RatingScale
 
 if TYPE_CHECKING:
     from moviematch_ml.online.store import FeedbackStore
@@ -48,7 +48,8 @@ class Dataset:
     ``movies``: one row per movie_id with title, year (float, NaN if unknown), genres (tuple of str), and the
     crowd metadata vote_average (0-10), vote_count, popularity, release_year (NaN where unknown).
     ``source``: where the ratings came from beyond the name (for the feedback store: the last row id read...),
-    copied into the model cards' ``data``.
+    copied into the model cards' ``data``. ``terms``: each data set it was made from and its terms (the cards'
+    ``data_terms``).
     """
 
     name: str
@@ -57,6 +58,7 @@ class Dataset:
     scale: RatingScale
     join: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    terms: tuple[DataSource, ...] = ()
 
     def fingerprint(self) -> str:
         """sha256 of the ratings (ids, values, timestamps in order): identifies the training data in model cards."""
@@ -277,7 +279,19 @@ def load_movielens_small(join_imdb: bool = True) -> Dataset:
     if join_imdb:
         movies, report = join_metadata(movies, load_imdb_metadata())
     scale = NAMED_SCALES["0.5-5"]
-    return Dataset("movielens-small", ratings, movies.loc[:, list(MOVIE_COLUMNS)], scale, report)
+    terms = (MOVIELENS_SMALL, IMDB_GGPLOT2MOVIES) if join_imdb else (MOVIELENS_SMALL,)
+    return Dataset("movielens-small", ratings, movies.loc[:, list(MOVIE_COLUMNS)], scale, report, terms=terms)
+
+
+def own_data(name: str, obtained: str) -> DataSource:
+    """Data the user supplied (files, the service's own store): the tool cannot know its terms, and says so."""
+    return DataSource(
+        name=name,
+        publisher="whoever supplied it",
+        obtained=obtained,
+        terms="not known to the training command: the terms under which you hold this data apply",
+        commercial_use=None,
+    )
 
 
 def _with_empty_metadata(movies: pd.DataFrame) -> pd.DataFrame:
@@ -367,7 +381,10 @@ def load_csv(
     if metadata_path is not None:
         movies, report = _apply_metadata(movies, metadata_path)
     movies = movies.sort_values("movie_id", kind="stable").reset_index(drop=True)
-    return Dataset(Path(ratings_path).stem, _finish_ratings(ratings), movies.loc[:, list(MOVIE_COLUMNS)], scale, report)
+    files = ", ".join(Path(p).name for p in (ratings_path, movies_path, metadata_path) if p is not None)
+    terms = (own_data(f"ratings and movies from {files}", "files given to the training command"),)
+    frame = movies.loc[:, list(MOVIE_COLUMNS)]
+    return Dataset(Path(ratings_path).stem, _finish_ratings(ratings), frame, scale, report, terms=terms)
 
 
 def _load_movies(movies_path: Path) -> pd.DataFrame:
@@ -519,4 +536,12 @@ def load_feedback(
         "unmatched_movie_ids": len(unmatched_ids),
         "superseded_ratings": n_superseded,
     }
-    return Dataset("feedback", ratings, movies.loc[:, list(MOVIE_COLUMNS)], FEEDBACK_SCALE, report, source)
+    files = ", ".join(Path(p).name for p in (movies_path, metadata_path) if p is not None)
+    terms = (
+        own_data(
+            f"the app's own users' ratings (POST /feedback), with the movies of {files}",
+            "the service's feedback store (--from-feedback)",
+        ),
+    )
+    frame = movies.loc[:, list(MOVIE_COLUMNS)]
+    return Dataset("feedback", ratings, frame, FEEDBACK_SCALE, report, source, terms=terms)

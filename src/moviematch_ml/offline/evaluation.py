@@ -17,6 +17,7 @@ from moviematch_ml.offline.candidates import CANDIDATES, Candidate
 from moviematch_ml.offline.data import RATING_COLUMNS, Dataset
 from moviematch_ml.offline.metrics import mae, ndcg_at_k, rmse
 from moviematch_ml.offline.point_in_time import compute_features
+from moviematch_ml.offline.progress import QUIET, Progress
 from moviematch_ml.runtime.cards import RatingScale
 
 FloatArray = npt.NDArray[np.float64]
@@ -79,15 +80,21 @@ def run_fold(
     candidates: Sequence[Candidate],
     scale: RatingScale,
     allow_missing: bool = False,
+    *,
+    progress: Progress = QUIET,
+    stage: str = "",
 ) -> FoldResult:
-    """Fit and predict every candidate on one split of ``frame`` (ratings + six features)."""
+    """Fit and predict every candidate on one split of ``frame`` (ratings + six features); each candidate is one
+    stage of ``progress``, named ``stage`` + its name."""
     train = frame.iloc[train_idx].reset_index(drop=True)
     test = frame.iloc[test_idx].reset_index(drop=True)
     blind = test.drop(columns=["rating"])
     preds, seconds = {}, {}
     for cand in candidates:
         t0 = time.perf_counter()
-        preds[cand.name] = check_predictions(cand.name, cand.fit_predict(train, blind, scale), len(test), allow_missing)
+        with progress.step(f"{stage}{cand.name}"):
+            pred = cand.fit_predict(train, blind, scale)
+        preds[cand.name] = check_predictions(cand.name, pred, len(test), allow_missing)
         seconds[cand.name] = time.perf_counter() - t0
     cold = ~test["user_id"].isin(set(train["user_id"].tolist())).to_numpy()
     return FoldResult(test, preds, cold, seconds)
@@ -129,6 +136,7 @@ def split_frames(
     folds: int = 5,
     seed: int = 42,
     config: TrainConfig | None = None,
+    progress: Progress = QUIET,
 ) -> Iterator[tuple[pd.DataFrame, IntArray, IntArray]]:
     """(feature frame, train rows, test rows) of every split of a protocol.
 
@@ -141,14 +149,19 @@ def split_frames(
     cfg = config or TrainConfig(seed=seed)
     n = len(dataset.ratings)
     splits = temporal_split(n) if protocol == "temporal" else kfold_split(n, folds, seed)
-    online = feature_frame(dataset, cfg) if features == "online" else None
-    for train_idx, test_idx in splits:
+    online = None
+    if features == "online":
+        with progress.step("features"):
+            online = feature_frame(dataset, cfg)
+    for i, (train_idx, test_idx) in enumerate(splits, start=1):
         if online is not None:
             yield online, train_idx, test_idx
         else:
             history = np.zeros(n, dtype=bool)
             history[train_idx] = True
-            yield feature_frame(dataset, cfg, history), train_idx, test_idx
+            with progress.step(f"features of split {i}/{len(splits)}"):
+                frame = feature_frame(dataset, cfg, history)
+            yield frame, train_idx, test_idx
 
 
 def evaluate(
@@ -161,18 +174,26 @@ def evaluate(
     candidates: Sequence[Candidate] | None = None,
     allow_missing: bool = False,
     features: FeatureMode = "online",
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Run a protocol; returns the JSON-ready summary (metrics averaged over folds for k-fold).
 
     ``features``: online (default) = every rating's features from all ratings strictly before it; frozen = from
-    the split's training ratings only (see ``split_frames``). Every candidate gets the same frames.
+    the split's training ratings only (see ``split_frames``). Every candidate gets the same frames. ``progress``
+    shows each stage: the features, then every candidate of every fold.
     """
     cfg = config or TrainConfig(seed=seed)
     cands = list(candidates) if candidates is not None else [make(cfg) for make in CANDIDATES.values()]
     t0 = time.perf_counter()
+    n_splits = folds if protocol == "kfold" else 1
+    progress.expect((1 if features == "online" else n_splits) + n_splits * len(cands))
     per_fold, n_train, n_test, n_cold, secs = [], [], [], [], {c.name: 0.0 for c in cands}
-    for frame, train_idx, test_idx in split_frames(dataset, protocol, features, folds=folds, seed=seed, config=cfg):
-        result = run_fold(frame, train_idx, test_idx, cands, dataset.scale, allow_missing)
+    frames = split_frames(dataset, protocol, features, folds=folds, seed=seed, config=cfg, progress=progress)
+    for i, (frame, train_idx, test_idx) in enumerate(frames, start=1):
+        stage = f"fold {i}/{n_splits}: " if protocol == "kfold" else "temporal split: "
+        result = run_fold(
+            frame, train_idx, test_idx, cands, dataset.scale, allow_missing, progress=progress, stage=stage
+        )
         per_fold.append(fold_metrics(result))
         n_train.append(len(train_idx))
         n_test.append(len(test_idx))

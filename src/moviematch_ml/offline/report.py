@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moviematch_ml.offline.training import TrainResult
+from moviematch_ml.runtime.cards import API_SCALE_MAX, RatingScale
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -18,6 +19,13 @@ PLOTS = {
     "error_by_decile": "error_by_decile.png",
     "rmse_cold_warm": "rmse_cold_warm.png",
 }
+
+
+def scale_label(scale: RatingScale) -> str:
+    """Which scale the report's ratings, predictions and errors are on, next to the API's 0-10."""
+    if scale.min == 0.0 and scale.max == API_SCALE_MAX:
+        return "0–10, the API's scale"
+    return f"{scale.min:g}–{scale.max:g}, the training data's scale; the API answers ×{scale.to_api:g} on 0–10"
 
 
 def _fmt(x: Any) -> str:
@@ -35,6 +43,21 @@ def decile_rmse(pred: FloatArray, truth: FloatArray) -> list[tuple[float, float,
     return out
 
 
+def cold_warm_rmse(
+    predictions: dict[str, FloatArray], truth: FloatArray, cold: npt.NDArray[np.bool_]
+) -> dict[str, list[float] | None]:
+    """Each model's RMSE on the cold users' and on the warm users' test ratings, model by model: None for a group
+    with no test rating (the plot then leaves it out and says so, instead of drawing bars of height 0)."""
+    out: dict[str, list[float] | None] = {}
+    for label, mask in (("cold users", cold), ("warm users", ~cold)):
+        out[label] = (
+            [float(np.sqrt(np.mean((pred[mask] - truth[mask]) ** 2))) for pred in predictions.values()]
+            if mask.any()
+            else None
+        )
+    return out
+
+
 def write_plots(directory: Path, result: TrainResult) -> dict[str, Path]:
     """Draw the four PNGs (matplotlib, Agg backend, no display needed)."""
     import matplotlib
@@ -48,6 +71,7 @@ def write_plots(directory: Path, result: TrainResult) -> dict[str, Path]:
     pred = result.holdout.predictions["six_features"]
     cold = result.holdout.cold
     paths = {k: directory / v for k, v in PLOTS.items()}
+    scale = scale_label(result.card.rating_scale)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(result.importance)
@@ -62,7 +86,7 @@ def write_plots(directory: Path, result: TrainResult) -> dict[str, Path]:
     levels = np.unique(truth)
     ax.boxplot([pred[truth == lv] for lv in levels], positions=list(levels), widths=0.3, showfliers=False)
     ax.plot([levels.min(), levels.max()], [levels.min(), levels.max()], "--", color="grey", label="perfect")
-    ax.set_xlabel("actual rating")
+    ax.set_xlabel(f"actual rating\n({scale})", fontsize=9)
     ax.set_ylabel("predicted rating")
     ax.set_title("Predicted vs actual (temporal hold-out)")
     ax.legend()
@@ -74,27 +98,30 @@ def write_plots(directory: Path, result: TrainResult) -> dict[str, Path]:
     dec = decile_rmse(pred, truth)
     ax.bar(range(1, len(dec) + 1), [d[1] for d in dec], color="#dd8452")
     ax.set_xticks(range(1, len(dec) + 1), [f"{d[0]:.2f}" for d in dec], rotation=45)
-    ax.set_xlabel("decile of prediction (mean prediction)")
+    ax.set_xlabel(f"decile of prediction (mean prediction; {scale})", fontsize=9)
     ax.set_ylabel("RMSE")
     ax.set_title("Error by decile of prediction (temporal hold-out)")
     fig.tight_layout()
     fig.savefig(paths["error_by_decile"], dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     models = list(result.holdout.predictions)
     width = 0.38
     xs = np.arange(len(models))
-    for offset, mask, label in ((-width / 2, cold, "cold users"), (width / 2, ~cold, "warm users")):
-        vals = [
-            float(np.sqrt(np.mean((result.holdout.predictions[m][mask] - truth[mask]) ** 2))) if mask.any() else 0.0
-            for m in models
-        ]
-        ax.bar(xs + offset, vals, width, label=label)
-    ax.set_xticks(xs, models)
-    ax.set_ylabel("RMSE")
-    ax.set_title("RMSE for cold vs warm users (temporal hold-out)")
-    ax.legend()
+    series = cold_warm_rmse(result.holdout.predictions, truth, cold)
+    counts = {"cold users": int(cold.sum()), "warm users": int((~cold).sum())}
+    for offset, label, color in ((-width / 2, "cold users", "#4c72b0"), (width / 2, "warm users", "#dd8452")):
+        vals = series[label]
+        if vals is None:  # no bars of height 0: say there were none
+            ax.text(0.5, 0.5, f"no {label} in the test part", transform=ax.transAxes, ha="center", color="grey")
+            continue
+        ax.bar(xs + offset, vals, width, label=f"{label} ({counts[label]:,} test ratings)", color=color)
+    ax.set_xticks(xs, models, fontsize=9)
+    ax.set_ylabel(f"RMSE ({scale.split(',')[0]})")
+    ax.set_title("RMSE for cold vs warm users (temporal hold-out)", pad=24)
+    # Above the axes, so it never hides the last bars.
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False, fontsize=9)
     fig.tight_layout()
     fig.savefig(paths["rmse_cold_warm"], dpi=100)
     plt.close(fig)
@@ -147,8 +174,14 @@ def render_markdown(result: TrainResult) -> str:
         f"- Data: `{d['dataset']}`, {d['n_ratings']:,} ratings, {d['n_users']:,} users, {d['n_movies']:,} movies; "
         f"fingerprint `{d['fingerprint_sha256'][:16]}…`",
         f"- Rating scale: {card.rating_scale.min:g}–{card.rating_scale.max:g}"
-        + (f" (step {card.rating_scale.step:g})" if card.rating_scale.step else ""),
+        + (f" (step {card.rating_scale.step:g})" if card.rating_scale.step else "")
+        + f"; every rating, prediction and error below and in the plots is on it ({scale_label(card.rating_scale)})",
     ]
+    for source in card.data_terms:
+        use = {False: "no commercial use without permission", None: "commercial use: not stated"}.get(
+            source.commercial_use, "commercial use allowed"
+        )
+        lines.append(f"- Source: {source.name}; {source.publisher} ({use}: the card's `data_terms`)")
     join = d.get("metadata_join") or {}
     if join:
         cov = f"{join.get('joined', 0):,}/{join.get('movies', 0):,} movies ({100 * join.get('coverage', 0):.1f}%)"

@@ -21,6 +21,7 @@ from moviematch_ml.offline.candidates import CANDIDATES, Candidate, Personalized
 from moviematch_ml.offline.data import Dataset
 from moviematch_ml.offline.evaluation import TEMPORAL_TRAIN_FRACTION, FoldResult
 from moviematch_ml.offline.metrics import mae, rmse
+from moviematch_ml.offline.progress import QUIET, Progress
 from moviematch_ml.offline.stacking import fit_frame
 from moviematch_ml.runtime.cards import CARD_NAME, PERSONALIZED_DIR, ModelCard, write_card
 from moviematch_ml.runtime.factors import JSON_NAME, NPZ_NAME, MFConfig
@@ -127,37 +128,43 @@ def train_models(
     personalized: PersonalizedConfig | None = None,
     *,
     created_at: str | None = None,
-    progress: bool = False,
+    progress: Progress = QUIET,
 ) -> TrainResult:
     """Train the six-feature model and, given its config, the personalised model, from the same feature frame.
 
     Both are first evaluated on the temporal split (against every baseline), then fitted on all ratings.
     ``created_at`` defaults to the time of the latest rating, so that the same data and configs give the same
-    files byte for byte; the CLI passes the wall clock.
+    files byte for byte; the CLI passes the wall clock. ``progress`` shows each stage: the features, every model
+    of the hold-out, each final model.
     """
     import lightgbm as lgb
 
     cfg = config or TrainConfig()
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    frame = evaluation.feature_frame(dataset, cfg)
-    seconds["features"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    train_idx, test_idx = evaluation.temporal_split(len(frame))[0]
     candidates: list[Candidate] = [make(cfg) for name, make in CANDIDATES.items() if name != "personalized"]
     pcand = PersonalizedCandidate(personalized, six_config=cfg) if personalized is not None else None
     if pcand is not None:
         candidates.append(pcand)
-    holdout = evaluation.run_fold(frame, train_idx, test_idx, candidates, dataset.scale)
+    progress.expect(1 + len(candidates) + 1 + (pcand is not None))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with progress.step("features"):
+        frame = evaluation.feature_frame(dataset, cfg)
+    seconds["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_idx, test_idx = evaluation.temporal_split(len(frame))[0]
+    holdout = evaluation.run_fold(
+        frame, train_idx, test_idx, candidates, dataset.scale, progress=progress, stage="hold-out: "
+    )
     metrics = evaluation.fold_metrics(holdout)
     seconds["holdout"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
-    fitted = fit_booster(
-        x, frame["rating"].to_numpy(dtype=np.float64), frame["timestamp"].to_numpy(dtype=np.int64), cfg, progress
-    )
+    with progress.step("final six-feature model") as note:
+        fitted = fit_booster(
+            x, frame["rating"].to_numpy(dtype=np.float64), frame["timestamp"].to_numpy(dtype=np.int64), cfg, note
+        )
     booster = lgb.Booster(model_str=fitted.text)
     gains = booster.feature_importance(importance_type="gain")
     importance = {name: round(float(v), 3) for name, v in zip(FEATURE_NAMES, gains, strict=True)}
@@ -189,6 +196,7 @@ def train_models(
         rating_scale=dataset.scale,
         feature_stats=feature_stats(frame),
         data=data,
+        data_terms=list(dataset.terms),
         training={
             "config": cfg.model_dump(mode="json"),
             "config_sha256": cfg.digest(),
@@ -213,7 +221,8 @@ def train_models(
     presult = None
     if personalized is not None and pcand is not None and pcand.last_mask is not None:
         t0 = time.perf_counter()
-        pmodel = fit_frame(frame, dataset.scale, personalized)
+        with progress.step("final personalised model"):
+            pmodel = fit_frame(frame, dataset.scale, personalized)
         seconds["personalized"] = time.perf_counter() - t0
         presult = PersonalizedResult(
             pmodel,
@@ -225,7 +234,7 @@ def train_models(
 
 
 def train_six_feature_model(
-    dataset: Dataset, config: TrainConfig | None = None, *, created_at: str | None = None, progress: bool = False
+    dataset: Dataset, config: TrainConfig | None = None, *, created_at: str | None = None, progress: Progress = QUIET
 ) -> TrainResult:
     """The six-feature model alone (``train_models`` without the personalised model)."""
     return train_models(dataset, config, None, created_at=created_at, progress=progress)
@@ -245,6 +254,7 @@ def write_model(directory: Path, result: TrainResult) -> Path:
             version=p.version,
             created_at=result.card.created_at,
             data=p.data,
+            data_terms=result.card.data_terms,
             metrics=p.metrics,
         )
     return card_file

@@ -20,6 +20,8 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import orjson
 
+from moviematch_ml.errors import MissingExtraError
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
@@ -123,6 +125,7 @@ class RedisCache:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.05, **kwargs: Any) -> RedisCache:
+        MissingExtraError.require("redis", extra="redis", setting="PREDICTION_CACHE_BACKEND=redis")
         import redis.asyncio
 
         client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)

@@ -87,7 +87,7 @@ def row_from_mapping(
         try:
             value = obj[feature.name]
         except KeyError:
-            raise FieldError(prefix + feature.name, "is required", None) from None
+            raise FieldError(prefix + feature.name, "is required") from None
         out[i] = feature.parse(value, prefix + feature.name)
     if len(obj) > N_FEATURES:
         for key in obj:
@@ -202,7 +202,7 @@ def rows_one_by_one(movies: list[object]) -> tuple[FloatArray, list[Id]]:
         try:
             raw_id = obj["movie_id"]
         except KeyError:
-            raise FieldError(loc + ".movie_id", "is required", None) from None
+            raise FieldError(loc + ".movie_id", "is required") from None
         ids[i] = parse_id(raw_id, loc + ".movie_id")
     return x, ids
 
@@ -254,7 +254,7 @@ class BatchDecoder:
             if key not in _BATCH_KEYS:
                 raise FieldError(str(key), "unknown field", obj[key])
         if "movies" not in obj:
-            raise FieldError("movies", "is required", None)
+            raise FieldError("movies", "is required")
         movies = obj["movies"]
         if not isinstance(movies, list):
             raise FieldError("movies", self.movies_rule, movies)

@@ -113,7 +113,7 @@ def parse_feedback(body: object, idempotency_key: str | None, now: float) -> lis
                 raise FieldError(loc + str(name), "unknown field", item[name])
         for name in ("user_id", "movie_id", "rating"):
             if name not in item:
-                raise FieldError(loc + name, "is required", None)
+                raise FieldError(loc + name, "is required")
         user_id = str(parse_id(item["user_id"], loc + "user_id"))
         movie_id = str(parse_id(item["movie_id"], loc + "movie_id"))
         rating = _rating(item["rating"], loc + "rating")

@@ -18,9 +18,9 @@ from typing import Final, Literal
 
 import numpy as np
 
-from moviematch_ml.errors import ModelError
+from moviematch_ml.errors import ModelError, ModelTermsError
 from moviematch_ml.features import example_matrix
-from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, PERSONALIZED_DIR, ModelCard
+from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, PERSONALIZED_DIR, ModelCard, noncommercial_sources
 from moviematch_ml.runtime.fallback import FallbackPredictor
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import Predictor, load_six_features
@@ -114,7 +114,8 @@ class ModelSet:
 
     A six-feature model that cannot be loaded or answered leaves the fallback rule answering, with the reason; a
     personalised model that cannot is left out (the six-feature model answers everyone), with the reason. Either
-    makes the service ``degraded`` in ``/health``.
+    makes the service ``degraded`` in ``/health``. With ``noncommercial=False`` (``SERVE_NONCOMMERCIAL_MODELS``)
+    a model whose card says its training data forbids commercial use is refused the same way.
     """
 
     def __init__(
@@ -123,8 +124,10 @@ class ModelSet:
         *,
         load_six: Callable[[Path], Predictor] = load_six_features,
         load_personal: Callable[[Path], PersonalizedModel | None] = load_personalized,
+        noncommercial: bool = True,
     ) -> None:
         self.path = model_path
+        self.noncommercial = noncommercial
         self._load_six = load_six
         self._load_personal = load_personal
         self.current: Models = _starting()
@@ -158,6 +161,9 @@ class ModelSet:
         path = self.path
         try:
             predictor = self._load_six(path)
+            card = getattr(predictor, "card", None)
+            if isinstance(card, ModelCard):
+                self._check_terms(card)
         except Exception as exc:
             # A ModelError is a refused model; anything else a broken environment (LightGBM's native library missing
             # from the image, say): either way the fallback rule answers rather than the service crash-looping.
@@ -179,6 +185,8 @@ class ModelSet:
     def _personalized(self) -> tuple[PersonalizedModel | None, ModelReport]:
         try:
             model = self._load_personal(self.path)
+            if model is not None and model.card is not None:
+                self._check_terms(model.card)
         except Exception as exc:
             reason = f"personalised model not loaded: {type(exc).__name__}: {exc}"
             log.error("personalised model not loaded", extra={"model_path": str(self.path), "reason": reason})
@@ -205,6 +213,17 @@ class ModelSet:
         for spelling in sorted({str(path), str(self.path)}, key=len, reverse=True):
             reason = reason.replace(spelling, where)
         return reason
+    def _check_terms(self, card: ModelCard) -> None:
+        """Refuse a model trained on data that forbids commercial use, unless such models may be served."""
+        if self.noncommercial:
+            return
+        sources = noncommercial_sources(card)
+        if sources:
+            names = "; ".join(f"{s.name} ({s.publisher})" for s in sources)
+            raise ModelTermsError(
+                f"{card.version} was trained on data whose terms forbid commercial use without permission: {names}; "
+                "SERVE_NONCOMMERCIAL_MODELS is false (train on your own data: docs/training.md#data-and-terms)"
+            )
 
     def summary(self) -> dict[str, object]:
         """What ``GET /`` says of the models: the six-feature model in detail (``model``), and each model."""
@@ -221,7 +240,9 @@ class ModelSet:
             out["name"] = card.name
             out["created_at"] = card.created_at
             out["features"] = card.features
+            # The training ratings' scale, not the answers' (those are on 0-10: GET /'s answer_scale).
             out["rating_scale"] = card.rating_scale.model_dump()
+            out["to_answer_scale"] = card.rating_scale.to_api
             out["metrics"] = card.metrics
         return out
 

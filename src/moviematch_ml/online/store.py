@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from moviematch_ml.errors import ConfigError, StoreError
+from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.tables import feedback_table, movie_state_table
@@ -100,6 +100,8 @@ def make_engine(url: str, *, connect_timeout: float = 3.0, statement_timeout: fl
             cur.close()
 
         return engine
+    # SQLAlchemy would import the driver here and fail with a bare ModuleNotFoundError.
+    MissingExtraError.require("psycopg", extra="postgres", setting="DATABASE_URL=postgresql://...")
     # connect_args replace the URL's own parameters of the same name: the statement timeout joins its options.
     options = " ".join(
         filter(

