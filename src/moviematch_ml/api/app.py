@@ -27,6 +27,7 @@ from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, make_engine
+from moviematch_ml.online.telemetry import PROCESS_SAMPLE_SECONDS, Telemetry
 from moviematch_ml.online.user_views import UserViews, keep_warm
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import ENV_ONLY, Settings
@@ -44,15 +45,23 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     model_set = models if models is not None else ModelSet(settings.model_path or BUNDLED_MODEL_DIR)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = store if store is not None else FeedbackStore(make_engine(settings.database_url))
+    telemetry = (
+        Telemetry(settings.metrics_dir, drift_share=settings.metrics_drift_share) if settings.metrics_enabled else None
+    )
+    if telemetry is not None:
+        feedback_store.calls = telemetry.store_calls
+        telemetry.models_changed(model_set.current)
+        model_set.listeners.append(telemetry.models_changed)
     user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
     service = PredictionService(
         model_set,
         max_batch_size=settings.max_batch_size,
         cache_size=settings.prediction_cache_size,
-        cache=_shared_cache(settings),
+        cache=_shared_cache(settings, telemetry),
         user_views=user_views,
+        telemetry=telemetry,
     )
-    feedback = FeedbackService(feedback_store, user_views.forget)
+    feedback = FeedbackService(feedback_store, user_views.forget, telemetry=telemetry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +78,10 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
             warming = asyncio.create_task(
                 keep_warm(user_views, lambda: model_set.current.personalized, settings.state_warm_share)
             )
+        sampling = None
+        if telemetry is not None and telemetry.registry.directory is not None:
+            # Other workers answer scrapes too: they read this worker's CPU time and memory from its file.
+            sampling = asyncio.create_task(_sample_process(telemetry))
         current = model_set.current
         log.info(
             "service started",
@@ -80,11 +93,14 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
             },
         )
         yield
-        if warming is not None:
-            warming.cancel()
-            with suppress(asyncio.CancelledError):
-                await warming
+        for task in (warming, sampling):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         feedback_store.close()
+        if telemetry is not None:
+            telemetry.close()
         log.info("service stopped")
 
     app = FastAPI(
@@ -101,7 +117,9 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     app.state.service = service
     app.state.store = feedback_store
     app.state.user_views = user_views
-    app.include_router(build_router(model_set, service, feedback, time.monotonic()))
+    app.state.telemetry = telemetry
+    router = build_router(model_set, service, feedback, time.monotonic(), telemetry)
+    app.include_router(router)
     handlers.install(app)
 
     if settings.fast_path:
@@ -117,8 +135,11 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
-    # Added last, so it is the outermost layer: CORS preflights and errors get a request id and a log line too.
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Added last, so it is the outermost layer: CORS preflights and errors get a request id, a log line and their
+    # place in the request metrics too. Every route is static: its path is its metric label, any other is "other".
+    paths = {path for r in (*app.routes, *router.routes) if isinstance(path := getattr(r, "path", None), str)}
+    http_metrics = None if telemetry is None else telemetry.serve_routes(paths)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=http_metrics)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -132,13 +153,22 @@ def create_app(settings: Settings, *, models: ModelSet | None = None, store: Fee
     return app
 
 
-def _shared_cache(settings: Settings) -> AnswerCache | None:
+def _shared_cache(settings: Settings, telemetry: Telemetry | None) -> AnswerCache | None:
     """The Redis answer cache when asked for; None leaves the in-process one (or none) to PredictionService."""
     if settings.prediction_cache_backend != "redis" or settings.redis_url is None or not settings.prediction_cache_size:
         return None
     from moviematch_ml.online.caches import RedisCache
 
-    return RedisCache.from_url(settings.redis_url, encode=encode_answer, decode=decode_answer)
+    cache = RedisCache.from_url(settings.redis_url, encode=encode_answer, decode=decode_answer)
+    if telemetry is not None:
+        cache.calls = telemetry.redis_calls
+    return cache
+
+
+async def _sample_process(telemetry: Telemetry) -> None:
+    while True:
+        telemetry.sample_process()
+        await asyncio.sleep(PROCESS_SAMPLE_SECONDS)
 
 
 def app_from_env() -> FastAPI:

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request id, body size limit, last-resort 500 and one JSON access-log line per request."""
+"""Pure ASGI middleware: request id, body size limit, last-resort 500, one JSON access-log line and the request
+metrics of every request."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moviematch_ml.api.fastpath import route_path
 from moviematch_ml.api.handlers import input_error_response, internal_error_response
 from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.online.contract import new_id
+from moviematch_ml.online.telemetry import HttpMetrics
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
 access_log = DirectLog(logging.getLogger(ACCESS_LOGGER))
@@ -49,12 +52,15 @@ def _request_id_and_length(scope: Scope) -> tuple[str, int | None]:
 class RequestContextMiddleware:
     """Outermost layer of the app, so that every response, errors and CORS preflights included, is covered.
 
-    Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request.
+    Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request. The
+    request metrics are recorded here too, with the status and duration the access log has already measured: one
+    more layer would cost more than the metrics.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: HttpMetrics | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,13 +114,16 @@ class RequestContextMiddleware:
             if not started:
                 await internal_error_response()(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - start
+            if self.metrics is not None:
+                self.metrics.observe(route_path(scope), scope["method"], status, seconds)
             access_log.info(
                 "request",
                 {
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
+                    "latency_ms": round(seconds * 1000.0, 3),
                     "request_id": request_id,
                 },
             )

@@ -19,6 +19,8 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import orjson
 
+from moviematch_ml.online.counters import NO_CALLS, CallTimer
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
@@ -99,8 +101,10 @@ class RedisCache:
         ttl_seconds: int = 3600,
         encode: Callable[[Any], object] = lambda v: v,
         decode: Callable[[Any], Any] = lambda v: v,
+        calls: CallTimer = NO_CALLS,
     ) -> None:
         self._client = client
+        self.calls = calls  # each call's latency and failures (the service's metrics)
         self.ttl_seconds = ttl_seconds
         self._encode = encode
         self._decode = decode
@@ -125,7 +129,8 @@ class RedisCache:
 
     def get(self, key: tuple[str, str, bytes]) -> Any:
         try:
-            raw = self._client.get(cache_key(key))
+            with self.calls.time("get"):
+                raw = self._client.get(cache_key(key))
         except Exception as exc:  # any client error (connection, timeout, protocol) is a miss
             self._failed(exc)
             self.misses += 1
@@ -139,7 +144,8 @@ class RedisCache:
 
     def put(self, key: tuple[str, str, bytes], value: Any, rows: int = 1) -> None:
         try:
-            self._client.set(cache_key(key), orjson.dumps(self._encode(value)), ex=self.ttl_seconds)
+            with self.calls.time("put"):
+                self._client.set(cache_key(key), orjson.dumps(self._encode(value)), ex=self.ttl_seconds)
         except Exception as exc:
             self._failed(exc)
             return

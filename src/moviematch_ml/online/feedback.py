@@ -16,7 +16,8 @@ from moviematch_ml.errors import FieldError, InputError, InvalidJSONError
 from moviematch_ml.features import MAX_ID_LENGTH, parse_id
 
 if TYPE_CHECKING:  # the store imports Feedback from here
-    from moviematch_ml.online.store import FeedbackStore
+    from moviematch_ml.online.store import FeedbackStore, StoreResult
+    from moviematch_ml.online.telemetry import Telemetry
 
 MAX_FEEDBACK_BATCH: Final[int] = 1000
 RATING_RULE: Final[str] = "must be a finite number between 0 and 10"
@@ -133,19 +134,28 @@ class FeedbackService:
     """``POST /feedback`` without HTTP: validates the body, stores its new ratings in one transaction, and tells
     ``on_stored`` which users got new ratings (their views are dropped)."""
 
-    def __init__(self, store: FeedbackStore, on_stored: Callable[[Iterable[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        on_stored: Callable[[Iterable[str]], None] | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.store = store
         self.on_stored = on_stored
+        self.telemetry = telemetry
 
     def record(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
         """(whether any rating was new, the JSON answer). Raises InputError for a refused body and StoreError when
         the store could not write (nothing was stored)."""
         try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
-        ratings = parse_feedback(obj, idempotency_key, time.time())
-        result = self.store.add(ratings)
+            ratings, result = self._store(body, idempotency_key)
+        except Exception as exc:
+            if self.telemetry is not None:
+                self.telemetry.feedback_rejected(exc)
+            raise
+        if self.telemetry is not None:
+            self.telemetry.feedback_stored(result.accepted, result.duplicates)
         if self.on_stored is not None and result.accepted:
             self.on_stored({r.user_id for r, s in zip(ratings, result.stored, strict=True) if s})
         answer = {
@@ -157,3 +167,11 @@ class FeedbackService:
             ],
         }
         return result.accepted > 0, orjson.dumps(answer)
+
+    def _store(self, body: bytes, idempotency_key: str | None) -> tuple[list[Feedback], StoreResult]:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+        ratings = parse_feedback(obj, idempotency_key, time.time())
+        return ratings, self.store.add(ratings)

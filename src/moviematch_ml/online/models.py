@@ -130,6 +130,8 @@ class ModelSet:
         self.current: Models = _starting()
         self.ready = False
         self.loaded_at: float | None = None
+        # Told of every swap, after it (the metrics: each model's info, readiness and drift bins).
+        self.listeners: list[Callable[[Models], None]] = []
 
     def load(self) -> Models:
         """Load, check and swap in the models of the path; never raises for a bad model (see the class)."""
@@ -153,6 +155,11 @@ class ModelSet:
                 "reason": models.reason,
             },
         )
+        for listener in self.listeners:
+            try:
+                listener(models)
+            except Exception:  # the models answer whatever a listener does
+                log.exception("model swap listener failed")
 
     def _six(self) -> tuple[Predictor, ModelReport]:
         path = self.path

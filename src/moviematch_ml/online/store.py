@@ -7,11 +7,12 @@ the totals they change commit together), so a 2xx from /feedback means the ratin
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -20,6 +21,7 @@ from sqlalchemy.pool import QueuePool
 
 from moviematch_ml.errors import ConfigError, StoreError
 from moviematch_ml.online import migrations
+from moviematch_ml.online.counters import NO_CALLS, CallTimer
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.tables import feedback_table, movie_state_table
 
@@ -84,11 +86,34 @@ def _insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+Method = Callable[Concatenate["FeedbackStore", P], R]
+
+
+def _timed(operation: str) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Time the store method as ``operation`` (its latency, and a failure when it raises) with the store's ``calls``."""
+
+    def wrap(method: Method[P, R]) -> Method[P, R]:
+        @functools.wraps(method)
+        def timed(self: FeedbackStore, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self.calls.time(operation):
+                return method(self, *args, **kwargs)
+
+        return cast(Method[P, R], timed)
+
+    return wrap
+
+
 class FeedbackStore:
     """Durable, idempotent storage of feedback ratings and the running per-movie totals."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Each call's latency and failures, by operation (the service's metrics set this; none by default).
+        self.calls: CallTimer = NO_CALLS
         # The one read on the prediction path (a user's ratings, on a cache miss), compiled once for the dialect and
         # run on the driver's cursor: SQLAlchemy's per-execution work costs several times the query itself on
         # SQLite; on PostgreSQL the round trip dominates either way.
@@ -117,6 +142,7 @@ class FeedbackStore:
             store.migrate()
         return store
 
+    @_timed("migrate")
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to run from several replicas at once)."""
         try:
@@ -136,6 +162,7 @@ class FeedbackStore:
             self._readers.pop().close()
         self.engine.dispose()
 
+    @_timed("add")
     def add(self, ratings: Sequence[Feedback], *, received_at: float | None = None) -> StoreResult:
         """Store ratings not seen before (by ``feedback_id``) and the movie totals they change, in one transaction."""
         if not ratings:
@@ -205,6 +232,7 @@ class FeedbackStore:
         )
         conn.execute(stmt, values)  # executemany, in the sorted order (see add())
 
+    @_timed("last_row_id")
     def last_row_id(self) -> int:
         """The highest feedback row id stored so far (0 when empty): where a change feed starts."""
         try:
@@ -213,6 +241,7 @@ class FeedbackStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
+    @_timed("changed_rows")
     def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
         """(row id, user id) of every rating stored after row ``after_id``, by row id: the change feed replicas
         poll to drop (and rebuild) the cached state of users whose ratings another replica stored. Row ids rather
@@ -225,6 +254,7 @@ class FeedbackStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
+    @_timed("movie_counts")
     def all_movie_counts(self) -> dict[str, Counts]:
         """Every rated movie's totals in one query (one row per movie the app's users rated)."""
         t = movie_state_table
@@ -235,6 +265,7 @@ class FeedbackStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read {t.name}: {exc.__class__.__name__}") from exc
 
+    @_timed("user_ratings")
     def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
         """The user's ratings in arrival order (movie_id, rating, rated_at): what the collaborative fold-in needs."""
         if self._own_readers:
