@@ -18,7 +18,7 @@ from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.models import ModelReport, ModelSet
 from moviematch_ml.online.service import PredictionService
-from moviematch_ml.online.telemetry import Telemetry, content_type
+from moviematch_ml.online.telemetry import CONTENT_TYPE, Telemetry
 from moviematch_ml.runtime.drift import feature_bins
 
 # Bodies above this size are parsed and predicted in a worker thread so that one 10 000-movie batch does not stall
@@ -191,7 +191,7 @@ def build_router(
             docs/operations.md lists them with the queries that read them."""
             # Reading every worker's values and formatting them takes a few milliseconds: off the event loop.
             body = await run_in_threadpool(telemetry.render)
-            return Response(body, media_type=content_type())
+            return Response(body, headers={"content-type": CONTENT_TYPE})
 
     return router
 

@@ -56,6 +56,9 @@ REDIS_OPERATIONS: Final[tuple[str, ...]] = ("get", "put")
 # A batch with more rows than this is binned by numpy (a fixed ~15 us); fewer rows one by one (~1 us each).
 DRIFT_NUMPY_ROWS: Final[int] = 12
 PROCESS_SAMPLE_SECONDS: Final[float] = 1.0
+# What ``Telemetry.render`` writes: the classic text format (every name here is a legacy one), which every
+# Prometheus reads; prometheus_client's newest default Content-Type names version 1.0.0 instead.
+CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
 
 # --- the metrics ------------------------------------------------------------------------------------------------------
 
@@ -478,10 +481,3 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         return self._telemetry.collect()
-
-
-def content_type() -> str:
-    """The Content-Type of ``Telemetry.render``'s bytes."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    return str(CONTENT_TYPE_LATEST)
