@@ -74,6 +74,19 @@ def test_requests_and_predictions_after_a_known_sequence(bundled: TestClient) ->
     assert samples(bundled)[(requests, labels(route="/metrics", method="GET", status="2xx"))] == 1
 
 
+def test_the_series_rates_are_taken_of_exist_before_their_first_event(client: TestClient) -> None:
+    # rate() starts from a series' first sample: a series born with its first request would not count it.
+    got = samples(client)
+    for route in ("/predict", "/predict-batch", "/feedback"):
+        for status in ("2xx", "4xx", "5xx"):
+            assert got[("moviematch_http_requests_total", labels(route=route, method="POST", status=status))] == 0
+    for endpoint in ("predict", "predict_batch"):
+        answered = labels(endpoint=endpoint, variant="default", version="fallback-1", source="fallback")
+        assert got[("moviematch_predictions_total", answered)] == 0
+        assert got[("moviematch_prediction_errors_total", labels(endpoint=endpoint, reason="validation_error"))] == 0
+    assert got[("moviematch_feedback_rejected_total", labels(reason="store_unavailable"))] == 0
+
+
 def test_metrics_off_means_no_route_and_nothing_counted(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'm.sqlite3'}", metrics_enabled=False)
     app = create_app(settings)

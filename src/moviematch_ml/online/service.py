@@ -23,14 +23,12 @@ from moviematch_ml.online.contract import (
     render_one,
 )
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.telemetry import Telemetry
+from moviematch_ml.online.telemetry import ENDPOINTS, Telemetry
 from moviematch_ml.online.user_views import UserViews
 
 A = TypeVar("A", OneAnswer, BatchAnswer)
 
-# The endpoint label of the prediction metrics.
-PREDICT: Final[str] = "predict"
-PREDICT_BATCH: Final[str] = "predict_batch"
+PREDICT, PREDICT_BATCH = ENDPOINTS  # the endpoint label of the prediction metrics
 PERSONALIZED: Final[str] = "personalized"
 
 

@@ -44,6 +44,7 @@ DEFAULT_VARIANT: Final[str] = "default"
 OTHER: Final[str] = "other"
 METHODS: Final[frozenset[str]] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SOURCES: Final[tuple[str, ...]] = ("model", "fallback", "personalized")
+ENDPOINTS: Final[tuple[str, ...]] = ("predict", "predict_batch")  # the endpoint label of prediction metrics
 STORE_OPERATIONS: Final[tuple[str, ...]] = (
     "add",
     "user_ratings",
@@ -53,6 +54,13 @@ STORE_OPERATIONS: Final[tuple[str, ...]] = (
     "migrate",
 )
 REDIS_OPERATIONS: Final[tuple[str, ...]] = ("get", "put")
+# Series made at start-up, at 0, rather than at their first event: rate() and increase() take a series' first
+# sample as their starting point, so the events of a series that appears with them would not be counted. These are
+# the ones alerts and dashboards compute rates of; any other appears with its first event.
+WATCHED_ROUTES: Final[tuple[str, ...]] = ("/predict", "/predict-batch", "/feedback")
+WATCHED_STATUSES: Final[tuple[int, ...]] = (200, 400, 500)
+ERROR_REASONS: Final[tuple[str, ...]] = ("invalid_json", "validation_error", "internal_error")
+REJECTED_REASONS: Final[tuple[str, ...]] = ("invalid_json", "validation_error", "store_unavailable")
 # A batch with more rows than this is binned by numpy (a fixed ~15 us); fewer rows one by one (~1 us each).
 DRIFT_NUMPY_ROWS: Final[int] = 12
 PROCESS_SAMPLE_SECONDS: Final[float] = 1.0
@@ -253,6 +261,10 @@ class HttpMetrics:
         self.routes = frozenset(routes)
         # Only known (route, method, status) keys are kept: a scan of random paths must not grow this.
         self._children: dict[tuple[str, str, int], HistogramChild] = {}
+        for path in WATCHED_ROUTES:
+            if path in self.routes:
+                for status in WATCHED_STATUSES:
+                    self._child(path, "POST", status)
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         child = self._children.get((path, method, status))
@@ -357,6 +369,11 @@ class Telemetry:
         self.inference = {source: registry.histogram(INFERENCE_SECONDS, source) for source in SOURCES}
         self.feedback_accepted = registry.counter(FEEDBACK_RATINGS, "accepted")
         self.feedback_duplicate = registry.counter(FEEDBACK_RATINGS, "duplicate")
+        for reason in REJECTED_REASONS:
+            registry.counter(FEEDBACK_REJECTED, reason)
+        for endpoint in ENDPOINTS:
+            for reason in ERROR_REASONS:
+                registry.counter(PREDICTION_ERRORS, endpoint, reason)
         self._predictions: dict[tuple[str, str, str | None], CounterChild] = {}
         self._drift: dict[str, DriftCounter] = {}
         self._drift_of: tuple[object, DriftCounter | None] = (None, None)
@@ -414,6 +431,12 @@ class Telemetry:
             self._set_info(role, report)
             self.registry.gauge(MODEL_READY, role).set(1.0 if report.status == "ok" else 0.0)
         self.drift(models)
+        answering = [(models.six.source, models.six.version)]
+        if models.personalized is not None:
+            answering.append(("personalized", models.personalized.version))
+        for endpoint in ENDPOINTS:
+            for source, version in answering:
+                self.predicted(endpoint, source, version, 0)
 
     def _set_info(self, role: str, report: ModelReport) -> None:
         child = self.registry.gauge(MODEL_INFO, role, report.version or "", report.status)
