@@ -148,7 +148,7 @@ def test_two_workers_every_scrape_counts_both(tmp_path: Path, tiny_model_dir: Pa
 def test_a_worker_replaced_after_a_crash_loses_no_count(tmp_path: Path, tiny_model_dir: Path) -> None:
     directory = tmp_path / "metrics"
     directory.mkdir()
-    (directory / "0-0.slots.json").write_text("{}")  # a previous run's leftovers: removed at start
+    (directory / "0-0.slots.jsonl").write_text('{"pid": 1}\n')  # a previous run's leftovers: removed at start
     env = {"WORKERS": "2", "MODEL_PATH": str(tiny_model_dir), "METRICS_DIR": str(directory)}
     s = start(tmp_path, **env, DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}")
     try:

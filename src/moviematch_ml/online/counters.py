@@ -2,19 +2,20 @@
 
 A metric child (one combination of label values) owns consecutive slots of its process's array: a counter or a
 gauge one, a histogram one per bucket (not cumulative) and one for the sum. An update is one increment of a
-memoryview item, about 60 ns, where prometheus_client's own Counter.inc costs about 500 ns and Histogram.observe
-800 ns (a lock and Python-level bookkeeping each; docs/operations.md has the measurement): a /predict answer costs
-tens of microseconds in all, and it updates several metrics.
+memoryview item: a fraction of what prometheus_client's own Counter.inc and Histogram.observe cost (a lock and
+Python-level bookkeeping each; docs/operations.md has the measurements), which matters because a /predict answer
+costs tens of microseconds in all and updates several metrics.
 
 Updates take no lock. Under CPython's global interpreter lock ``values[i] += x`` on a memoryview is one
 uninterruptible step: no thread switch can fall between its read and its write (no eval-breaker check between
 those bytecodes; tests/online/test_counters.py hammers one slot from threads). Creating a child does take a lock.
 
 Several worker processes (``METRICS_DIR``): each process's array is a memory-mapped file ``<pid>-<n>.slots`` of
-that directory, beside ``<pid>-<n>.slots.json``, the layout that names its slots. The worker that answers a scrape
-reads every process's files: counters and histograms are summed over all of them, those of workers that stopped
-included (so a counter never goes down when a worker is replaced); gauges are taken from the live workers only
-(their maximum, or their sum). The directory is emptied when the server starts (``clear_directory``).
+that directory, beside ``<pid>-<n>.slots.jsonl``, its layout (a line appended per new series). The worker that
+answers a scrape reads every process's files: counters and histograms are summed over all of them, those of
+workers that stopped included (so a counter never goes down when a worker is replaced); gauges are taken from the
+live workers only (their maximum, or their sum). The directory is emptied when the server starts
+(``clear_directory``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 # thousand; each model version loaded adds about a hundred.
 CAPACITY: Final[int] = 1 << 16
 SLOTS_SUFFIX: Final[str] = ".slots"
-LAYOUT_SUFFIX: Final[str] = ".slots.json"
+LAYOUT_SUFFIX: Final[str] = ".slots.jsonl"
 _instances = itertools.count()
 
 
@@ -158,7 +159,7 @@ class Registry:
             with open(self._stem.with_suffix(SLOTS_SUFFIX), "w+b") as file:
                 file.truncate(capacity * 8)
                 self._buffer = mmap.mmap(file.fileno(), capacity * 8)  # the map keeps the file open
-            self._write_layout()
+            self._append_layout({"pid": os.getpid()})
         self.values = cast(FloatSlots, memoryview(self._buffer).cast("d"))
         # The same memory as a numpy array, for updates of many slots at once.
         self.array: FloatArray = _numpy().frombuffer(self._buffer, dtype="float64")
@@ -187,12 +188,12 @@ class Registry:
                     log.warning("metrics capacity reached: new series are not exported", extra={"metric": family.name})
                     self._full_logged = True
                 return None
-            for i, key in enumerate(keys):
-                self._children[key] = base + i * width
-                self._layout.append((key[0], key[1], base + i * width))
+            new = [(name, labels, base + i * width) for i, (name, labels) in enumerate(keys)]
+            self._children.update((key, index) for key, (_, _, index) in zip(keys, new, strict=True))
+            self._layout += new
             self._used = base + width * len(keys)
             if self.directory is not None:
-                self._write_layout()
+                self._append_layout(*({"slot": [*entry, width]} for entry in new))
             return base
 
     def _slot(self, family: Family, labels: tuple[str, ...]) -> tuple[FloatSlots, int]:
@@ -223,17 +224,18 @@ class Registry:
 
     # --- the shared directory ---------------------------------------------------------------------------------------
 
-    def _write_layout(self, closed: bool = False) -> None:
-        doc = {"pid": os.getpid(), "closed": closed, "used": self._used, "slots": self._layout}
-        tmp = self._stem.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc), encoding="utf-8")
-        os.replace(tmp, self._stem.with_suffix(LAYOUT_SUFFIX))  # readers see the old layout or the new, whole
+    def _append_layout(self, *entries: Mapping[str, object]) -> None:
+        """Add lines to this process's layout: appended in one write, so a reader sees each line whole or not at
+        all (a last line still being written is skipped), and a new series costs one short write, not a rewrite."""
+        text = "".join(json.dumps(e) + "\n" for e in entries)
+        with open(self._stem.with_suffix(LAYOUT_SUFFIX), "a", encoding="utf-8") as f:
+            f.write(text)
 
     def close(self) -> None:
         """Mark this process's file as stopped: its gauges leave the scrape, its counters stay (see the module)."""
         if self.directory is not None:
             with self._lock:
-                self._write_layout(closed=True)
+                self._append_layout({"closed": True})
 
     # --- reading ----------------------------------------------------------------------------------------------------
 
@@ -277,17 +279,36 @@ def read_directory(directory: Path) -> list[ProcessValues]:
     """The values of every process that wrote slots into ``directory``."""
     out = []
     for layout_file in sorted(directory.glob("*" + LAYOUT_SUFFIX)):
+        pid, closed, used = None, False, 0
+        layout: list[tuple[str, tuple[str, ...], int]] = []
         try:
-            doc = json.loads(layout_file.read_text(encoding="utf-8"))
-            used = int(doc["used"])
-            slots_file = layout_file.with_name(layout_file.name.removesuffix(LAYOUT_SUFFIX) + SLOTS_SUFFIX)
+            lines = layout_file.read_text(encoding="utf-8").splitlines()
+        except OSError:  # removed meanwhile
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the last line, still being written
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if "slot" in entry:
+                name, labels, index, width = entry["slot"]
+                layout.append((str(name), tuple(labels), int(index)))
+                used = max(used, int(index) + int(width))
+            if "pid" in entry:
+                pid = int(entry["pid"])
+            closed = closed or bool(entry.get("closed"))
+        if pid is None:
+            continue
+        slots_file = layout_file.with_name(layout_file.name.removesuffix(LAYOUT_SUFFIX) + SLOTS_SUFFIX)
+        try:
             values = _numpy().fromfile(slots_file, dtype="float64", count=used)
-        except (OSError, ValueError, KeyError):  # removed meanwhile, or not ours
+        except (OSError, ValueError):
             continue
         if len(values) < used:
             continue
-        layout = [(str(n), tuple(labels), int(i)) for n, labels, i in doc["slots"]]
-        out.append(ProcessValues(int(doc["pid"]), not doc["closed"] and _alive(int(doc["pid"])), layout, values))
+        out.append(ProcessValues(pid, not closed and _alive(pid), layout, values))
     return out
 
 
