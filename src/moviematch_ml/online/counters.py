@@ -55,8 +55,8 @@ def _numpy() -> Any:
 
 Kind = Literal["counter", "gauge", "histogram"]
 
-# 64 Ki slots, 512 KiB per process (a sparse file: only the pages written take memory). The service uses about a
-# thousand; each model version loaded adds about a hundred.
+# 64 Ki slots, 512 KiB per process (a sparse file: only the pages written take memory). The service uses a few
+# hundred; each model version loaded adds about a hundred.
 CAPACITY: Final[int] = 1 << 16
 SLOTS_SUFFIX: Final[str] = ".slots"
 LAYOUT_SUFFIX: Final[str] = ".slots.jsonl"

@@ -61,7 +61,7 @@ WATCHED_ROUTES: Final[tuple[str, ...]] = ("/predict", "/predict-batch", "/feedba
 WATCHED_STATUSES: Final[tuple[int, ...]] = (200, 400, 500)
 ERROR_REASONS: Final[tuple[str, ...]] = ("invalid_json", "validation_error", "internal_error")
 REJECTED_REASONS: Final[tuple[str, ...]] = ("invalid_json", "validation_error", "store_unavailable")
-# A batch with more rows than this is binned by numpy (a fixed ~15 us); fewer rows one by one (~1 us each).
+# A batch with more rows than this is binned by numpy, whose calls cost more than a few rows binned one by one.
 DRIFT_NUMPY_ROWS: Final[int] = 12
 PROCESS_SAMPLE_SECONDS: Final[float] = 1.0
 # What ``Telemetry.render`` writes: the classic text format (every name here is a legacy one), which every
@@ -286,8 +286,8 @@ class DriftCounter:
     """Counts the inputs of one six-feature model version in its card's bins, feature by feature.
 
     Within a time budget: after counting a request's inputs it skips requests for as long as that took, times
-    (1 - share) / share, so that drift takes at most ``share`` of a busy worker's time (binning a 1,000-movie
-    batch costs about as much as 5% of predicting it). A quiet service has every input counted; a busy one a
+    (1 - share) / share, so that drift takes at most ``share`` of a busy worker's time (binning a big batch costs a
+    noticeable part of predicting it: docs/operations.md). A quiet service has every input counted; a busy one a
     sample of whole requests, taken by time and not by content, so the shares per bin (what PSI compares) stay
     unbiased. ``share=1`` counts every input.
     """
