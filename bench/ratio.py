@@ -1,6 +1,6 @@
 """The personalised cost ratios alone, each side driven in turn in short slices: machine drift cancels out.
 
-    python bench/ratio.py [--slices 10] [--seconds 2] [--workers 2]
+    python bench/ratio.py [--slices 10] [--seconds 2] [--workers 2] [--metrics]
 
 ``bench/run.py`` drives each scenario for 10 s, one after the other; on a shared machine whose speed moves by
 5-10% over seconds to minutes (and once by a third for 10 s), a ratio of two such runs moves with it. Here the
@@ -9,6 +9,10 @@ service is started as ``run.py --as-deployed`` starts it, seeded the same way (2
 connections and wrk script as ``run.py``: "predict, unique bodies" against "personalised predict" (64
 connections), and "batch 1000" against "personalised batch 1000" (8 connections). Prints, per pair, the ratio
 of the two sides' total requests, and the spread of the per-slice ratios. Only 127.0.0.1.
+
+``--metrics`` measures what the metrics cost instead: two services, one with METRICS_ENABLED=true (the default,
+as deployed) and one with false, and the same six-feature bodies ("predict, unique bodies" and "batch 1000")
+driven at each in turn; the ratio is metrics on over off (the target: at least 0.95).
 """
 
 from __future__ import annotations
@@ -38,11 +42,55 @@ from run import (
 )
 
 
+def in_turn(
+    sides: list[tuple[str, Path]], conns: int, args: argparse.Namespace, lua: Path
+) -> tuple[list[float], list[float]]:
+    """Drive the two (url, bodies) sides in turn, ``args.slices`` slices of ``args.seconds`` each after a second
+    of warm-up each: the mean requests/s of each side, and the per-slice ratios of the first to the second."""
+    for url, bodies in sides:
+        run_wrk(url, bodies, conns, 1, lua)
+    totals = [0.0, 0.0]
+    ratios = []
+    for _ in range(args.slices):
+        rps = [run_wrk(url, bodies, conns, args.seconds, lua)[0] for url, bodies in sides]
+        totals[0] += rps[0]
+        totals[1] += rps[1]
+        ratios.append(rps[0] / rps[1])
+    return [t / args.slices for t in totals], ratios
+
+
+def compare_metrics(
+    args: argparse.Namespace, env: dict[str, str], tmp: Path, lua: Path, pairs: list[tuple[str, str, int, Path, Path]]
+) -> int:
+    """--metrics: the six-feature workloads against a service with metrics on, and one with metrics off."""
+    procs, bases = [], []
+    try:
+        for enabled in ("true", "false"):
+            port = free_port()
+            cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            side_env = {**env, "METRICS_ENABLED": enabled, "DATABASE_URL": f"sqlite:///{tmp / f'{enabled}.sqlite3'}"}
+            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{enabled}.log"))
+            bases.append(f"http://127.0.0.1:{port}")
+        for base in bases:
+            wait_ready(base + "/health/ready", 60)
+        for name, path, conns, six, _ in pairs:
+            rps, ratios = in_turn([(bases[0] + path, six), (bases[1] + path, six)], conns, args, lua)
+            print(
+                f"{name}: metrics on {rps[0]:,.0f} req/s, off {rps[1]:,.0f} req/s, on/off {rps[0] / rps[1]:.3f} "
+                f"(slices: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f})"
+            )
+    finally:
+        for proc in procs:
+            stop(proc)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=10)
     ap.add_argument("--seconds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--metrics", action="store_true", help="metrics on against off (see above)")
     args = ap.parse_args()
     rng = random.Random(42)
     tmp = Path(tempfile.mkdtemp(prefix="mmratio-"))
@@ -72,6 +120,8 @@ def main() -> int:
     ]
     env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'ratio.sqlite3'}"}
     hide_packages(env, tmp)
+    if args.metrics:
+        return compare_metrics(args, env, tmp, lua, pairs)
     port = free_port()
     cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = start([*cmd, "--workers", str(args.workers)], env, tmp / "service.log")
@@ -82,19 +132,11 @@ def main() -> int:
             ratings = [{"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)]
             post_json(base + "/feedback", {"ratings": ratings})
         for name, path, conns, six, personal in pairs:
-            run_wrk(base + path, six, conns, 1, lua)  # warm-up of both sides
-            run_wrk(base + path, personal, conns, 1, lua)
-            totals = [0.0, 0.0]
-            ratios = []
-            for _ in range(args.slices):
-                rps = [run_wrk(base + path, side, conns, args.seconds, lua)[0] for side in (six, personal)]
-                totals[0] += rps[0]
-                totals[1] += rps[1]
-                ratios.append(rps[0] / rps[1])
+            rps, ratios = in_turn([(base + path, six), (base + path, personal)], conns, args, lua)
             print(
-                f"{name}: six-feature {totals[0] / args.slices:,.0f} req/s, personalised "
-                f"{totals[1] / args.slices:,.0f} req/s, cost ratio {totals[0] / totals[1]:.3f} "
-                f"(slices: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f})"
+                f"{name}: six-feature {rps[0]:,.0f} req/s, personalised {rps[1]:,.0f} req/s, cost ratio "
+                f"{rps[0] / rps[1]:.3f} (slices: median {statistics.median(ratios):.3f}, "
+                f"{min(ratios):.3f}-{max(ratios):.3f})"
             )
     finally:
         stop(proc)

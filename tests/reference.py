@@ -11,12 +11,13 @@ adapted to the new names; ``predict_user`` builds the 20 inputs with ``runtime.i
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,9 @@ import pandas as pd
 import pytest
 
 from moviematch_ml.offline.data import Dataset
+from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime import native
 from moviematch_ml.runtime.cards import RatingScale
 from moviematch_ml.runtime.factors import Id, MFConfig, MFModel, lookup
@@ -348,3 +352,43 @@ def write_csvs(tmp_path: Path, ds: Dataset) -> tuple[Path, Path]:
     )
     movies.to_csv(m, index=False)
     return r, m
+
+
+class Service(PredictionService):
+    """The prediction service answering in one blocking call, each request in its own event loop: for tests of what
+    it answers, not of how it waits."""
+
+    def predict_one(self, body: bytes) -> bytes:  # type: ignore[override]
+        return asyncio.run(super().predict_one(body))
+
+    def predict_batch(self, body: bytes) -> bytes:  # type: ignore[override]
+        return asyncio.run(super().predict_batch(body))
+
+
+class StandIn(UserViews):
+    """Users' views whose answers the test decides (``predict``), asked through the service's seam: ``cached`` (every
+    user is in memory: the store is never read), then ``answer``."""
+
+    def cached(self, model: PersonalizedModel, user_id: str) -> Inputs | bool:
+        return cast(Inputs, (user_id, None))
+
+    def answer(
+        self, model: PersonalizedModel, inputs: Inputs, movie_ids: Sequence[str | int | None], x: FloatArray
+    ) -> tuple[FloatArray, npt.NDArray[np.bool_]] | None:
+        return self.predict(model, cast(str, inputs[0]), movie_ids, x)
+
+
+class Knows(StandIn):
+    """Answers 1.25 for the movies whose id is in ``known`` (every movie when None); counts its calls."""
+
+    def __init__(self, store: FeedbackStore, known: set[object] | None = None) -> None:
+        super().__init__(store, ttl=0)
+        self.known = known
+        self.calls = 0
+
+    def predict(
+        self, model: PersonalizedModel, user_id: str | int, movie_ids: Sequence[str | int | None], x: FloatArray
+    ) -> tuple[FloatArray, npt.NDArray[np.bool_]] | None:
+        self.calls += 1
+        mask = np.array([self.known is None or m in self.known for m in movie_ids], dtype=bool)
+        return (np.where(mask, 1.25, np.nan), mask) if mask.any() else None

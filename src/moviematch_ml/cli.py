@@ -62,12 +62,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     """Run uvicorn on the app factory; each worker reads the settings from the environment once."""
     import math
+    import os
+    import shutil
     import signal
+    import tempfile
     import types
 
     from moviematch_ml.errors import ConfigError
     from moviematch_ml.logs import log_config
-    from moviematch_ml.online import supervisor
+    from moviematch_ml.online import counters, supervisor
     from moviematch_ml.settings import load_settings, require_drivers
 
     settings = load_settings()
@@ -81,23 +84,36 @@ def _serve(args: argparse.Namespace) -> int:
 
     # uvicorn installs its own handler while serving and restores this one afterwards.
     signal.signal(signal.SIGTERM, _graceful_exit)
-    supervisor.run(
-        app="moviematch_ml.api.app:app_from_env",
-        host=args.host if args.host is not None else settings.host,
-        port=args.port if args.port is not None else settings.port,
-        workers=workers,
-        log_config=log_config(settings.log_level),
-        log_level=settings.log_level,
-        access_log=False,  # the request middleware writes one JSON line per request instead
-        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout),
-        proxy_headers=True,
-        server_header=False,  # no "server: uvicorn": the answers need not name the software behind them
-        loop="auto",  # uvloop when installed, else asyncio
-        http="auto",  # httptools with request deadlines (supervisor.DeadlineProtocol)
-        header_timeout=settings.header_timeout,
-        body_timeout=settings.body_timeout,
-        drain_seconds=settings.drain_seconds,
-    )
+    # Several workers keep their metrics in files of one directory, so that a scrape of any worker shows all of
+    # them (online/counters.py): emptied here, before any worker starts; a temporary one unless METRICS_DIR names it.
+    metrics_dir = settings.metrics_dir
+    temporary = None
+    if settings.metrics_enabled and (metrics_dir is not None or workers > 1):
+        if metrics_dir is None:
+            metrics_dir = temporary = Path(tempfile.mkdtemp(prefix="moviematch-metrics-"))
+            os.environ["METRICS_DIR"] = str(metrics_dir)  # the workers read their settings from the environment
+        counters.clear_directory(metrics_dir)
+    try:
+        supervisor.run(
+            app="moviematch_ml.api.app:app_from_env",
+            host=args.host if args.host is not None else settings.host,
+            port=args.port if args.port is not None else settings.port,
+            workers=workers,
+            log_config=log_config(settings.log_level),
+            log_level=settings.log_level,
+            access_log=False,  # the request middleware writes one JSON line per request instead
+            timeout_graceful_shutdown=math.ceil(settings.graceful_timeout),
+            proxy_headers=True,
+            server_header=False,  # no "server: uvicorn": the answers need not name the software behind them
+            loop="auto",  # uvloop when installed, else asyncio
+            http="auto",  # httptools with request deadlines (supervisor.DeadlineProtocol)
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            drain_seconds=settings.drain_seconds,
+        )
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     return 0
 
 

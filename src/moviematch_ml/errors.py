@@ -23,6 +23,21 @@ import importlib.util
 import reprlib
 from typing import Any, Final
 
+# The error code (the ``error`` of the JSON body) of each HTTP status, for errors that do not name their own.
+CODE_BY_STATUS: Final[dict[int, str]] = {
+    400: "invalid_json",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "not_ready",
+}
+
 
 class MovieMatchError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -39,6 +54,11 @@ class InputError(MovieMatchError):
         self.message = message
         if status is not None:
             self.status = status
+
+    @property
+    def error_code(self) -> str:
+        """The ``error`` of the answer's JSON body: the error's own code, else its status's."""
+        return self.code or CODE_BY_STATUS.get(self.status, "bad_request")
 
 
 class _Missing:

@@ -134,6 +134,25 @@ class Settings(BaseSettings):
         "at most 32 MB, bodies up to 16 KB, personalised answers never cached. See docs/performance.md.",
     )
 
+    metrics_enabled: bool = Field(
+        True,
+        description="Count requests, predictions, drift and calls, and serve them at GET /metrics (Prometheus text "
+        "format); false: no /metrics and nothing counted.",
+    )
+    metrics_drift_share: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Most of a busy worker's time counting inputs for drift: requests are skipped for a while after "
+        "each counted one (a sample by time, unbiased); 1: count every input.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory where each worker process keeps its metric values, so that a scrape of any worker "
+        "shows all of them; `moviematch-ml serve` with several workers makes a temporary one when unset, and empties "
+        "it at start.",
+    )
+
     prediction_cache_backend: Literal["memory", "redis"] = Field(
         "memory",
         description="Where answers are cached: in each process, or in Redis (REDIS_URL) shared by all replicas; "

@@ -98,6 +98,10 @@ def test_feature_stats_by_hand() -> None:
     stats = feature_stats(frame)["vote_average"]
     assert (stats.min, stats.max, stats.mean) == (0.0, 100.0, 50.0)
     assert stats.quantiles == {"p01": 1.0, "p05": 5.0, "p25": 25.0, "p50": 50.0, "p75": 75.0, "p95": 95.0, "p99": 99.0}
+    # The drift bins' training shares: of the 101 values 0..100, [0,1) holds 0, [1,5) holds 1-4, ..., [100,100] 100.
+    counts = {"[0,1)": 1, "[1,5)": 4, "[5,25)": 20, "[25,50)": 25, "[50,75)": 25, "[75,95)": 20, "[95,99)": 4}
+    counts |= {"[99,100)": 1, "[100,100]": 1, "below": 0, "above": 0}
+    assert stats.bin_shares == {k: round(v / 101, 6) for k, v in counts.items()}
 
 
 def test_cli_train_and_evaluate_on_csv_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,11 +15,10 @@ from moviematch_ml.errors import FieldError, InvalidJSONError
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.caches import CACHE_MAX_BODY_BYTES, LRUCache
 from moviematch_ml.online.models import ModelReport, Models, ModelSet
-from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, make_engine
-from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 from moviematch_ml.runtime.personalized import PersonalizedModel
+from reference import Knows, Service, StandIn
 
 MOVIE = {"movie_id": 1, **EXAMPLE}
 FloatArray = npt.NDArray[np.float64]
@@ -52,45 +50,6 @@ def _model_set(tmp_path: Path, six: Fixed, personalized: PersonalizedModel | Non
     models = ModelSet(tmp_path / "missing")
     models.swap(_models(six, personalized))
     return models
-
-
-class Service(PredictionService):
-    """The service, answering in one call: each request in its own event loop."""
-
-    def predict_one(self, body: bytes) -> bytes:  # type: ignore[override]
-        return asyncio.run(super().predict_one(body))
-
-    def predict_batch(self, body: bytes) -> bytes:  # type: ignore[override]
-        return asyncio.run(super().predict_batch(body))
-
-
-class StandIn(UserViews):
-    """Users' views whose answers the test decides (``predict``), asked through the service's seam: ``cached`` (every
-    user is in memory: the store is never read), then ``answer``."""
-
-    def cached(self, model: PersonalizedModel, user_id: str) -> Inputs | bool:
-        return cast(Inputs, (user_id, None))
-
-    def answer(
-        self, model: PersonalizedModel, inputs: Inputs, movie_ids: Sequence[str | int | None], x: FloatArray
-    ) -> tuple[FloatArray, npt.NDArray[np.bool_]] | None:
-        return self.predict(model, cast(str, inputs[0]), movie_ids, x)
-
-
-class Knows(StandIn):
-    """Answers 1.25 for the movies whose id is in ``known`` (every movie when None); counts its calls."""
-
-    def __init__(self, store: FeedbackStore, known: set[object] | None = None) -> None:
-        super().__init__(store, ttl=0)
-        self.known = known
-        self.calls = 0
-
-    def predict(
-        self, model: PersonalizedModel, user_id: str | int, movie_ids: Sequence[str | int | None], x: FloatArray
-    ) -> tuple[FloatArray, npt.NDArray[np.bool_]] | None:
-        self.calls += 1
-        mask = np.array([self.known is None or m in self.known for m in movie_ids], dtype=bool)
-        return (np.where(mask, 1.25, np.nan), mask) if mask.any() else None
 
 
 @pytest.fixture

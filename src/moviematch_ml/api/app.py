@@ -27,11 +27,13 @@ from moviematch_ml.logs import configure_logging
 from moviematch_ml.online.access import AccessKeys, RateLimiter
 from moviematch_ml.online.caches import AsyncAnswerCache, RedisCache
 from moviematch_ml.online.contract import decode_answer, encode_answer
+from moviematch_ml.online.counters import NO_CALLS
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.lifecycle import PROCESS, Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
+from moviematch_ml.online.telemetry import PROCESS_SAMPLE_SECONDS, Telemetry
 from moviematch_ml.online.user_views import UserViews, maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.settings import Settings, load_settings, parse_rate, require_drivers
@@ -74,8 +76,15 @@ def create_app(
         )
     )
     health = StoreHealth.of(settings.database_url, ephemeral=settings.ephemeral_store)
+    telemetry = (
+        Telemetry(settings.metrics_dir, drift_share=settings.metrics_drift_share) if settings.metrics_enabled else None
+    )
+    if telemetry is not None:
+        feedback_store.calls = telemetry.store_calls
+        telemetry.models_changed(model_set.current)
+        model_set.listeners.append(telemetry.models_changed)
     user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
-    cache = _shared_cache(settings)
+    cache = _shared_cache(settings, telemetry)
     service = PredictionService(
         model_set,
         max_batch_size=settings.max_batch_size,
@@ -83,9 +92,14 @@ def create_app(
         cache=cache,
         user_views=user_views,
         store_read_timeout=settings.store_read_timeout,
+        telemetry=telemetry,
     )
     feedback = FeedbackService(
-        feedback_store, user_views.forget, write_timeout=settings.store_write_timeout, health=health
+        feedback_store,
+        user_views.forget,
+        write_timeout=settings.store_write_timeout,
+        health=health,
+        telemetry=telemetry,
     )
     keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
 
@@ -102,6 +116,9 @@ def create_app(
             timeout = max(settings.store_statement_timeout, 1.0)
             keep = maintain(user_views, lambda: model_set.current.personalized, warm_share=share, timeout=timeout)
             tasks.append(_task(keep))
+        if telemetry is not None and telemetry.registry.directory is not None:
+            # Other workers answer scrapes too: they read this worker's CPU time and memory from its file.
+            tasks.append(_task(_sample_process(telemetry)))
         current = model_set.current
         log.info(
             "service started",
@@ -129,6 +146,8 @@ def create_app(
         if isinstance(cache, RedisCache):
             await cache.aclose()
         feedback_store.close()
+        if telemetry is not None:
+            telemetry.close()
         log.info("service stopped")
 
     app = FastAPI(
@@ -148,18 +167,19 @@ def create_app(
     app.state.store = feedback_store
     app.state.store_health = health
     app.state.user_views = user_views
-    app.include_router(
-        build_router(
-            model_set,
-            service,
-            feedback,
-            time.monotonic(),
-            store_health=health,
-            lifecycle=lifecycle,
-            require_model=settings.require_model,
-            auth=keys.enabled,
-        )
+    app.state.telemetry = telemetry
+    router = build_router(
+        model_set,
+        service,
+        feedback,
+        time.monotonic(),
+        telemetry,
+        store_health=health,
+        lifecycle=lifecycle,
+        require_model=settings.require_model,
+        auth=keys.enabled,
     )
+    app.include_router(router)
     docs.install(app)
     handlers.install(app)
 
@@ -183,12 +203,16 @@ def create_app(
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
-    # Added last, so it is the outermost layer: CORS preflights and errors get a request id and a log line too.
+    # Added last, so it is the outermost layer: CORS preflights and errors get a request id, a log line and their
+    # place in the request metrics too. Every route is static: its path is its metric label, any other is "other".
+    paths = {path for r in (*app.routes, *router.routes) if isinstance(path := getattr(r, "path", None), str)}
+    http_metrics = None if telemetry is None else telemetry.serve_routes(paths)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_concurrency=settings.max_concurrency,
         lifecycle=lifecycle,
+        metrics=http_metrics,
     )
 
     def openapi() -> dict[str, Any]:
@@ -232,13 +256,23 @@ def _redis(settings: Settings) -> Any:
     return redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
-def _shared_cache(settings: Settings) -> AsyncAnswerCache | None:
+def _shared_cache(settings: Settings, telemetry: Telemetry | None) -> AsyncAnswerCache | None:
     """The Redis answer cache when asked for; None leaves the in-process one (or none) to PredictionService."""
     if settings.prediction_cache_backend != "redis" or settings.redis_url is None or not settings.prediction_cache_size:
         return None
     return RedisCache.from_url(
-        settings.redis_url, timeout=settings.redis_timeout, encode=encode_answer, decode=decode_answer
+        settings.redis_url,
+        timeout=settings.redis_timeout,
+        encode=encode_answer,
+        decode=decode_answer,
+        calls=NO_CALLS if telemetry is None else telemetry.redis_calls,
     )
+
+
+async def _sample_process(telemetry: Telemetry) -> None:
+    while True:
+        telemetry.sample_process()
+        await asyncio.sleep(PROCESS_SAMPLE_SECONDS)
 
 
 def app_from_env() -> FastAPI:

@@ -28,7 +28,7 @@ def check_content_type(scope: Scope) -> None:
             return
 
 
-def _route(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path the router matches: without the root path when served under a prefix (as Starlette does)."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
@@ -74,7 +74,10 @@ class FastPathMiddleware:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or (handler := self.routes.get(_route(scope))) is None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if (handler := self.routes.get(route_path(scope))) is None:
             await self.app(scope, receive, send)
             return
         try:

@@ -12,23 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from moviematch_ml.errors import MISSING, FieldError, InputError, StoreError
+from moviematch_ml.errors import CODE_BY_STATUS, MISSING, FieldError, InputError, StoreError
 
 log = logging.getLogger("moviematch_ml.api")
-
-CODE_BY_STATUS: Final[dict[int, str]] = {
-    400: "invalid_json",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "rate_limited",
-    500: "internal_error",
-    503: "not_ready",
-}
 
 _MAX_VALUE_CHARS: Final[int] = 200
 
@@ -78,8 +64,7 @@ def input_error_response(exc: InputError) -> Response:
     """Any refused request: 422 for a broken field rule, else the error's own status and code."""
     if isinstance(exc, FieldError):
         return field_error_response([exc])
-    code = exc.code or CODE_BY_STATUS.get(exc.status, "bad_request")
-    return error_response(exc.status, code, exc.message)
+    return error_response(exc.status, exc.error_code, exc.message)
 
 
 def internal_error_response() -> Response:

@@ -1,7 +1,10 @@
-"""Pure ASGI middleware: request id, body limit, overload, security headers, last-resort 500, one access-log line.
+"""Pure ASGI middleware: request id, body limit, overload, security headers, last-resort 500, one access-log line
+and the request metrics of every request.
 
 Written as plain ASGI rather than BaseHTTPMiddleware: no extra task and no body buffering per request. It is the
 outermost layer of the app, so every response (errors, CORS preflights, refusals of the access guard) is covered.
+The request metrics are recorded here too, with the status and duration the access log has already measured: one
+more layer would cost more than the metrics.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Final
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moviematch_ml.api.fastpath import route_path
 from moviematch_ml.api.handlers import error_response, input_error_response, internal_error_response
 from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.online.contract import new_id
 from moviematch_ml.online.lifecycle import Lifecycle
+from moviematch_ml.online.telemetry import HttpMetrics
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
 access_log = DirectLog(logging.getLogger(ACCESS_LOGGER))
@@ -84,11 +89,20 @@ class RequestContextMiddleware:
     Retry-After, at once), security headers on every answer (and ``Connection: close`` while the process drains),
     and one JSON access-log line per request."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_concurrency: int, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_concurrency: int,
+        lifecycle: Lifecycle,
+        metrics: HttpMetrics | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.lifecycle = lifecycle
+        self.metrics = metrics
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,13 +180,17 @@ class RequestContextMiddleware:
                 self.in_flight -= 1
             if not started:
                 status = CLIENT_CLOSED  # the app ended without an answer: the client went away
-            access_log.info(
-                "request",
-                {
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
-                    "request_id": request_id,
-                },
-            )
+            seconds = time.perf_counter() - start
+            if self.metrics is not None:
+                self.metrics.observe(route_path(scope), scope["method"], status, seconds)
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "latency_ms": round(seconds * 1000.0, 3),
+                "request_id": request_id,
+            }
+            key = state.get("key")
+            if key is not None:  # set by the access guard: a short hash of the key, never the secret
+                fields["key"] = key
+            access_log.info("request", fields)

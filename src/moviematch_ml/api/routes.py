@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from moviematch_ml import SERVICE_NAME, __version__
@@ -16,12 +17,17 @@ from moviematch_ml.api.handlers import not_ready_response
 from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.lifecycle import Lifecycle
-from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.models import ModelReport, ModelSet
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import StoreHealth
+from moviematch_ml.online.telemetry import CONTENT_TYPE, Telemetry
 from moviematch_ml.runtime.cards import API_SCALE_MAX
+from moviematch_ml.runtime.drift import feature_bins
 
 IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
+# The operators' routes: the access keys' rules (a metrics or admin scope) match /metrics by this path.
+METRICS_PATH: Final[str] = "/metrics"
+MODELS_PATH: Final[str] = "/models"
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON (NaN, Infinity and 1e999 too)."},
@@ -57,6 +63,7 @@ def build_router(
     service: PredictionService,
     ratings: FeedbackService,
     started_at: float,
+    telemetry: Telemetry | None = None,
     *,
     store_health: StoreHealth,
     lifecycle: Lifecycle,
@@ -65,8 +72,8 @@ def build_router(
 ) -> APIRouter:
     """The routes, bound to one model set and its services (no globals, so tests can build many apps).
 
-    ``require_model``: not ready while the trained model is not loaded; ``auth``: whether access keys are on (said
-    in ``GET /``)."""
+    /metrics only with ``telemetry`` (METRICS_ENABLED); ``require_model``: not ready while the trained model is not
+    loaded; ``auth``: whether access keys are on (said in ``GET /``)."""
     router = APIRouter()
 
     @router.post(
@@ -173,7 +180,66 @@ def build_router(
         new, payload = await ratings.record(body, request.headers.get(IDEMPOTENCY_HEADER))
         return Response(payload, status_code=201 if new else 200, media_type="application/json")
 
+    @router.get(
+        MODELS_PATH,
+        summary="The loaded models: each one's status, version, model card and drift bins",
+        response_model=schemas.ModelsResponse,
+    )
+    async def loaded_models() -> Response:
+        current = models.current
+        return _json(
+            {
+                "six_features": _loaded(current.six_report, with_drift=current.six.source == "model"),
+                "personalized": _loaded(current.personalized_report, with_drift=False),
+            }
+        )
+
+    if telemetry is not None:
+
+        @router.get(
+            METRICS_PATH,
+            summary="Every metric of every worker process, in the Prometheus text format",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "The Prometheus text format (0.0.4)."}},
+        )
+        async def metrics() -> Response:
+            """Requests, predictions, errors, models, drift, cache, store and Redis calls, feedback, CPU and memory:
+            docs/operations.md lists them with the queries that read them."""
+            # Reading every worker's values and formatting them takes a few milliseconds: off the event loop.
+            body = await run_in_threadpool(telemetry.render)
+            return Response(body, headers={"content-type": CONTENT_TYPE})
+
     return router
+
+
+def _names_only(value: object) -> object:
+    """A card's content with any file path cut to its file name (a training machine's directories are nobody's
+    business): a string with a slash or backslash and no space is taken for a path."""
+    if isinstance(value, dict):
+        return {k: _names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_names_only(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value) and not any(c.isspace() for c in value):
+        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value
+
+
+def _loaded(report: ModelReport, *, with_drift: bool) -> dict[str, object]:
+    """What ``GET /models`` says of one model (``schemas.LoadedModel``)."""
+    card = report.card
+    bins = feature_bins(card.feature_stats) if card is not None and with_drift and card.feature_stats else None
+    drift = None
+    if bins is not None:
+        drift = {
+            b.feature: [{"bin": k, "training_share": v} for k, v in zip(b.labels, b.shares, strict=True)] for b in bins
+        }
+    return {
+        "status": report.status,
+        "version": report.version,
+        "card": None if card is None else _names_only(card.model_dump(mode="json")),
+        "drift_bins": drift,
+        "drift_shares_exact": None if bins is None else all(b.exact for b in bins),
+    }
 
 
 async def _answer(request: Request, handle: Callable[[bytes], Awaitable[bytes]]) -> Response:

@@ -154,6 +154,34 @@ class StatusResponse(BaseModel):
     status: str
 
 
+class DriftBin(BaseModel):
+    bin: str = Field(description="below, [a,b) between two training quantiles, [max,max], or above.")
+    training_share: float = Field(description="The share of training inputs in the bin.")
+
+
+class LoadedModel(BaseModel):
+    """One model as loaded: its status and version, its card, and (six-feature model) its drift bins."""
+
+    status: Literal["ok", "fallback", "absent", "refused", "starting"]
+    version: str | None
+    card: dict[str, Any] | None = Field(
+        description="The model card (what the model is, its data, training and metrics); file paths by their name "
+        "only. Null for the fallback rule and when there is no model."
+    )
+    drift_bins: dict[str, list[DriftBin]] | None = Field(
+        description="Per feature, the bins /metrics counts inputs in (moviematch_drift_inputs_total), with their "
+        "training shares; null without feature statistics in the card."
+    )
+    drift_shares_exact: bool | None = Field(
+        description="Whether the training shares were counted at training time (else read off the quantile levels)."
+    )
+
+
+class ModelsResponse(BaseModel):
+    six_features: LoadedModel
+    personalized: LoadedModel
+
+
 class RootResponse(BaseModel):
     service: str
     version: str

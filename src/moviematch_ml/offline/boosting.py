@@ -16,18 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.point_in_time import FeatureConfig
 from moviematch_ml.runtime.cards import FeatureStats
+from moviematch_ml.runtime.drift import QUANTILE_LEVELS, DriftBins, training_shares
 
 FloatArray = npt.NDArray[np.float64]
 
-QUANTILES: tuple[tuple[str, float], ...] = (
-    ("p01", 0.01),
-    ("p05", 0.05),
-    ("p25", 0.25),
-    ("p50", 0.50),
-    ("p75", 0.75),
-    ("p95", 0.95),
-    ("p99", 0.99),
-)
+# The quantiles a card records: the drift bins' edges (runtime/drift.py), named there once.
+QUANTILES: tuple[tuple[str, float], ...] = tuple(QUANTILE_LEVELS.items())
 
 
 class LightGBMParams(BaseModel):
@@ -162,15 +156,19 @@ def fit_booster(
 
 
 def feature_stats(frame: pd.DataFrame) -> dict[str, FeatureStats]:
-    """min, max, mean and quantiles of each feature: the training distribution drift detection compares with."""
+    """min, max, mean and quantiles of each feature, and the share of its values in each drift bin: the training
+    distribution drift detection compares with (runtime/drift.py)."""
     out = {}
     for name in FEATURE_NAMES:
         col = frame[name].to_numpy(dtype=np.float64)
         qs = np.quantile(col, [q for _, q in QUANTILES])
-        out[name] = FeatureStats(
+        stats = FeatureStats(
             min=float(col.min()),
             max=float(col.max()),
             mean=round(float(col.mean()), 6),
             quantiles={k: round(float(v), 6) for (k, _), v in zip(QUANTILES, qs, strict=True)},
         )
+        # The bins of the card's own (rounded) numbers: the ones the service will count inputs in.
+        shares = training_shares(DriftBins.of(name, stats), col)
+        out[name] = stats.model_copy(update={"bin_shares": shares})
     return out

@@ -21,6 +21,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 import orjson
 
 from moviematch_ml.errors import MissingExtraError
+from moviematch_ml.online.counters import NO_CALLS, CallTimer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,10 @@ class RedisCache:
         timeout: float = 0.05,
         breaker_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        calls: CallTimer = NO_CALLS,
     ) -> None:
         self._client = client
+        self.calls = calls  # each call's latency and failures (the service's metrics)
         self.ttl_seconds = ttl_seconds
         self._encode = encode
         self._decode = decode
@@ -147,7 +150,8 @@ class RedisCache:
             self.skipped += 1
             return None
         try:
-            raw = await asyncio.wait_for(self._client.get(cache_key(key)), self.timeout)
+            with self.calls.time("get"):
+                raw = await asyncio.wait_for(self._client.get(cache_key(key)), self.timeout)
         except Exception as exc:  # any client error (connection, timeout, protocol) is a miss
             self._failed(exc)
             self.misses += 1
@@ -168,7 +172,8 @@ class RedisCache:
 
     async def _put(self, name: str, raw: bytes) -> None:
         try:
-            await asyncio.wait_for(self._client.set(name, raw, ex=self.ttl_seconds), self.timeout)
+            with self.calls.time("put"):
+                await asyncio.wait_for(self._client.set(name, raw, ex=self.ttl_seconds), self.timeout)
         except Exception as exc:
             self._failed(exc)
 

@@ -18,7 +18,8 @@ from moviematch_ml.errors import FieldError, InputError, InvalidJSONError, Store
 from moviematch_ml.features import MAX_ID_LENGTH, parse_id
 
 if TYPE_CHECKING:  # the store imports Feedback from here
-    from moviematch_ml.online.store import FeedbackStore, StoreHealth
+    from moviematch_ml.online.store import FeedbackStore, StoreHealth, StoreResult
+    from moviematch_ml.online.telemetry import Telemetry
 
 MAX_FEEDBACK_BATCH: Final[int] = 1000
 RATING_RULE: Final[str] = "must be a finite number between 0 and 10"
@@ -144,11 +145,13 @@ class FeedbackService:
         *,
         write_timeout: float = 10.0,
         health: StoreHealth | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.on_stored = on_stored
         self.write_timeout = write_timeout
         self.health = health
+        self.telemetry = telemetry
 
     async def record(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
         """(whether any rating was new, the JSON answer). Raises InputError for a refused body and StoreError when
@@ -157,26 +160,27 @@ class FeedbackService:
             with anyio.fail_after(self.write_timeout):
                 return await anyio.to_thread.run_sync(self.record_now, body, idempotency_key, abandon_on_cancel=True)
         except TimeoutError:
-            reason = f"the store did not commit within {self.write_timeout} s"
+            error = StoreError(f"the store did not commit within {self.write_timeout} s")
             if self.health is not None:
-                self.health.failed(reason)
-            raise StoreError(reason) from None
+                self.health.failed(str(error))
+            if self.telemetry is not None:
+                self.telemetry.feedback_rejected(error)
+            raise error from None
 
     def record_now(self, body: bytes, idempotency_key: str | None) -> tuple[bool, bytes]:
         """``record``, blocking, without the timeout."""
         try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
-        ratings = parse_feedback(obj, idempotency_key, time.time())
-        try:
-            result = self.store.add(ratings)
-        except StoreError as exc:
-            if self.health is not None:
+            ratings, result = self._store(body, idempotency_key)
+        except Exception as exc:
+            if self.telemetry is not None:
+                self.telemetry.feedback_rejected(exc)
+            if isinstance(exc, StoreError) and self.health is not None:
                 self.health.failed(str(exc))
             raise
         if self.health is not None:
             self.health.ok()
+        if self.telemetry is not None:
+            self.telemetry.feedback_stored(result.accepted, result.duplicates)
         if self.on_stored is not None and result.accepted:
             self.on_stored({r.user_id for r, s in zip(ratings, result.stored, strict=True) if s})
         answer = {
@@ -188,3 +192,11 @@ class FeedbackService:
             ],
         }
         return result.accepted > 0, orjson.dumps(answer)
+
+    def _store(self, body: bytes, idempotency_key: str | None) -> tuple[list[Feedback], StoreResult]:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+        ratings = parse_feedback(obj, idempotency_key, time.time())
+        return ratings, self.store.add(ratings)

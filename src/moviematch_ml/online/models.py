@@ -133,6 +133,8 @@ class ModelSet:
         self.current: Models = _starting()
         self.ready = False
         self.loaded_at: float | None = None
+        # Told of every swap, after it (the metrics: each model's info, readiness and drift bins).
+        self.listeners: list[Callable[[Models], None]] = []
 
     def load(self) -> Models:
         """Load, check and swap in the models of the path; never raises for a bad model (see the class)."""
@@ -156,6 +158,11 @@ class ModelSet:
                 "reason": models.reason,
             },
         )
+        for listener in self.listeners:
+            try:
+                listener(models)
+            except Exception:  # the models answer whatever a listener does
+                log.exception("model swap listener failed")
 
     def _six(self) -> tuple[Predictor, ModelReport]:
         path = self.path
@@ -213,6 +220,7 @@ class ModelSet:
         for spelling in sorted({str(path), str(self.path)}, key=len, reverse=True):
             reason = reason.replace(spelling, where)
         return reason
+
     def _check_terms(self, card: ModelCard) -> None:
         """Refuse a model trained on data that forbids commercial use, unless such models may be served."""
         if self.noncommercial:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import Final, TypeVar
 
 import anyio
@@ -30,6 +31,7 @@ from moviematch_ml.online.contract import (
     render_one,
 )
 from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.telemetry import ENDPOINTS, Telemetry
 from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime.personalized import PersonalizedModel
 
@@ -44,6 +46,8 @@ THREAD_BODY_BYTES: Final[int] = 1024 * 1024
 # After a store read fails or times out, the next ones are not even tried for this long (the six-feature model
 # answers at once): a database that hangs must not cost every request the whole timeout.
 STORE_BACKOFF_SECONDS: Final[float] = 2.0
+PREDICT, PREDICT_BATCH = ENDPOINTS  # the endpoint label of the prediction metrics
+PERSONALIZED: Final[str] = "personalized"
 
 
 def _read(users: UserViews, model: PersonalizedModel, user_id: str) -> Inputs | None:
@@ -67,6 +71,7 @@ class PredictionService:
         cache: LRUCache | AsyncAnswerCache | None = None,
         store_read_timeout: float = 0.5,
         store_threads: int = 4,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.models = models
         self.user_views = user_views
@@ -80,6 +85,10 @@ class PredictionService:
         self._limiters: dict[str, anyio.CapacityLimiter] = {}  # created in the event loop that uses them
         self._store_down_until = 0.0
         self.store_failures = 0
+        self.telemetry = telemetry
+        if telemetry is not None and self.cache is not None:
+            backend = "memory" if isinstance(self.cache, LRUCache) else "redis"
+            self._hits, self._misses = telemetry.cache_lookups(backend)
 
     def _limiter(self, name: str, tokens: int) -> anyio.CapacityLimiter:
         limiter = self._limiters.get(name)
@@ -89,43 +98,88 @@ class PredictionService:
 
     async def predict_one(self, body: bytes) -> bytes:
         """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
-        cached = await self._cached_answer(body)
-        if isinstance(cached, OneAnswer):
-            return render_one(cached)
-        request = decode_one(body)
-        users = self.user_views
-        models = self.models.current
-        personal = models.personalized
-        six = models.six
-        if request.user_id is not None and users is not None and personal is not None:
-            inputs = await self._personal_inputs(users, personal, request.user_id)
-            answered = None if inputs is None else users.answer(personal, inputs, [request.movie_id], request.x)
-            if answered is not None and answered[1][0]:
-                # The six-feature model is not needed at all. A personalised answer changes with the user's
-                # feedback: it is never cached.
-                rating = round(float(answered[0][0]), 3)
-                return render_one(OneAnswer(rating, "personalized", False, personal.version))
-        y = float(six.predict(request.x)[0])
-        answer = OneAnswer(round(y, 3), six.source, request.user_id is None or users is None, six.version)
-        await self._store(body, answer, answer.cacheable, 1)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return render_one(await self._predict_one(body))
+        try:
+            answer = await self._predict_one(body)
+        except Exception as exc:
+            telemetry.prediction_failed(PREDICT, exc)
+            raise
+        telemetry.predicted(PREDICT, answer.source, answer.version, 1)
         return render_one(answer)
 
     async def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
+        telemetry = self.telemetry
+        if telemetry is None:
+            return render_batch(await self._predict_batch(body))
+        try:
+            answer = await self._predict_batch(body)
+        except Exception as exc:
+            telemetry.prediction_failed(PREDICT_BATCH, exc)
+            raise
+        n = len(answer.ids)
+        telemetry.batch_size.observe(n)
+        if answer.sources is None:  # one source for every row
+            version = answer.personalized_version if answer.source == PERSONALIZED else answer.version
+            telemetry.predicted(PREDICT_BATCH, answer.source, version, n)
+        else:
+            personal = answer.sources.count(PERSONALIZED)
+            telemetry.predicted(PREDICT_BATCH, PERSONALIZED, answer.personalized_version, personal)
+            telemetry.predicted(PREDICT_BATCH, answer.source, answer.version, n - personal)
+        return render_batch(answer)
+
+    async def _predict_one(self, body: bytes) -> OneAnswer:
+        cached = await self._cached_answer(body)
+        if isinstance(cached, OneAnswer):
+            return cached
+        request = decode_one(body)
+        users = self.user_views
+        models = self.models.current
+        telemetry = self.telemetry
+        if telemetry is not None and (drift := telemetry.drift(models)) is not None:
+            drift.add(request.x)
+        personal = models.personalized
+        six = models.six
+        if request.user_id is not None and users is not None and personal is not None:
+            inputs = await self._personal_inputs(users, personal, request.user_id)
+            start = perf_counter() if telemetry is not None else 0.0
+            answered = None if inputs is None else users.answer(personal, inputs, [request.movie_id], request.x)
+            if answered is not None and answered[1][0]:
+                if telemetry is not None:
+                    telemetry.inference[PERSONALIZED].observe(perf_counter() - start)
+                # The six-feature model is not needed at all. A personalised answer changes with the user's
+                # feedback: it is never cached.
+                return OneAnswer(round(float(answered[0][0]), 3), PERSONALIZED, False, personal.version)
+        if telemetry is None:
+            y = float(six.predict(request.x)[0])
+        else:
+            start = perf_counter()
+            y = float(six.predict(request.x)[0])
+            telemetry.inference[six.source].observe(perf_counter() - start)
+        answer = OneAnswer(round(y, 3), six.source, request.user_id is None or users is None, six.version)
+        await self._store(body, answer, answer.cacheable, 1)
+        return answer
+
+    async def _predict_batch(self, body: bytes) -> BatchAnswer:
         cached = await self._cached_answer(body)
         if isinstance(cached, BatchAnswer):
-            return render_batch(cached)
+            return cached
         big = len(body) > THREAD_BODY_BYTES
         request = await self._maybe_in_thread(big, self.decode_batch, body)
         users = self.user_views
         models = self.models.current
+        telemetry = self.telemetry
+        if telemetry is not None and (drift := telemetry.drift(models)) is not None:
+            drift.add(request.x)
         inputs = None
         personal = models.personalized
         if request.user_id is not None and users is not None and personal is not None:
             inputs = await self._personal_inputs(users, personal, request.user_id)
         answer = await self._maybe_in_thread(big, self._answer_batch, request, personal, inputs)
         await self._store(body, answer, answer.cacheable, len(answer.order))
-        return render_batch(answer)
+        return answer
 
     async def _maybe_in_thread(self, big: bool, call: Callable[..., T], *args: object) -> T:
         if not big:
@@ -142,21 +196,28 @@ class PredictionService:
         sources: list[str] | None = None
         personalized_version: str | None = None
         answered = None
+        telemetry = self.telemetry
         if personal is not None and inputs is not None and self.user_views is not None:
+            start = perf_counter() if telemetry is not None else 0.0
             answered = self.user_views.answer(personal, inputs, ids, x)
+            if answered is not None and telemetry is not None:
+                telemetry.inference[PERSONALIZED].observe(perf_counter() - start)
+        start = perf_counter() if telemetry is not None else 0.0
         if personal is None or answered is None:
             y = six.predict(x)
         else:
             ratings, mask = answered
             if mask.all():
                 y = ratings  # only read below (np.round makes a new array)
-                source = "personalized"  # every row: one source for all, no per-row list
+                source = PERSONALIZED  # every row: one source for all, no per-row list
             else:  # only the rows the personalised model did not answer need the six-feature model
                 y = np.array(ratings, dtype=np.float64)
                 rest = ~mask
                 y[rest] = six.predict(x[rest])
-                sources = ["personalized" if m else six.source for m in mask.tolist()]
+                sources = [PERSONALIZED if m else six.source for m in mask.tolist()]
             personalized_version = personal.version
+        if telemetry is not None and source != PERSONALIZED:  # the six-feature model answered rows
+            telemetry.inference[six.source].observe(perf_counter() - start)
         rounded: list[float] = np.round(y, 3).tolist()
 
         ranked = request.rank or request.top_k is not None
@@ -205,10 +266,10 @@ class PredictionService:
             return None
         six = self.models.current.six
         key = (six.version, six.source, body)
-        if isinstance(cache, LRUCache):
-            hit: OneAnswer | BatchAnswer | None = cache.get(key)
-            return hit
-        return await cache.aget(key)  # type: ignore[no-any-return]
+        hit: OneAnswer | BatchAnswer | None = cache.get(key) if isinstance(cache, LRUCache) else await cache.aget(key)
+        if self.telemetry is not None:
+            (self._misses if hit is None else self._hits).inc()
+        return hit
 
     async def _store(self, body: bytes, answer: OneAnswer | BatchAnswer, cacheable: bool, rows: int) -> None:
         cache = self.cache

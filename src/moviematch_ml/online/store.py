@@ -8,12 +8,13 @@ the totals they change commit together), so a 2xx from /feedback means the ratin
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -25,6 +26,7 @@ from sqlalchemy.pool import QueuePool
 
 from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
+from moviematch_ml.online.counters import NO_CALLS, CallTimer
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.tables import feedback_table, movie_state_table
 
@@ -123,11 +125,34 @@ def _insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+Method = Callable[Concatenate["FeedbackStore", P], R]
+
+
+def _timed(operation: str) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Time the store method as ``operation`` (its latency, and a failure when it raises) with the store's ``calls``."""
+
+    def wrap(method: Method[P, R]) -> Method[P, R]:
+        @functools.wraps(method)
+        def timed(self: FeedbackStore, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self.calls.time(operation):
+                return method(self, *args, **kwargs)
+
+        return cast(Method[P, R], timed)
+
+    return wrap
+
+
 class FeedbackStore:
     """Durable, idempotent storage of feedback ratings and the running per-movie totals."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Each call's latency and failures, by operation (the service's metrics set this; none by default).
+        self.calls: CallTimer = NO_CALLS
         # The one read on the prediction path (a user's ratings, on a cache miss), compiled once for the dialect and
         # run on the driver's cursor: SQLAlchemy's per-execution work costs several times the query itself on
         # SQLite; on PostgreSQL the round trip dominates either way.
@@ -156,6 +181,7 @@ class FeedbackStore:
             store.migrate()
         return store
 
+    @_timed("migrate")
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to run from several replicas at once)."""
         try:
@@ -175,6 +201,7 @@ class FeedbackStore:
             self._readers.pop().close()
         self.engine.dispose()
 
+    @_timed("add")
     def add(self, ratings: Sequence[Feedback], *, received_at: float | None = None) -> StoreResult:
         """Store ratings not seen before (by ``feedback_id``) and the movie totals they change, in one transaction."""
         if not ratings:
@@ -244,6 +271,7 @@ class FeedbackStore:
         )
         conn.execute(stmt, values)  # executemany, in the sorted order (see add())
 
+    @_timed("ping")
     def ping(self) -> None:
         """Raise StoreError unless the database answers a query."""
         try:
@@ -252,6 +280,7 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"the feedback store does not answer: {exc.__class__.__name__}") from exc
 
+    @_timed("last_row_id")
     def last_row_id(self) -> int:
         """The highest feedback row id stored so far (0 when empty): where a change feed starts."""
         try:
@@ -260,6 +289,7 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
+    @_timed("changed_rows")
     def changed_rows(self, after_id: int) -> list[tuple[int, str]]:
         """(row id, user id) of every rating stored after row ``after_id``, by row id: the change feed replicas
         poll to drop (and rebuild) the cached state of users whose ratings another replica stored. Row ids rather
@@ -272,6 +302,7 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
 
+    @_timed("movie_counts")
     def all_movie_counts(self) -> dict[str, Counts]:
         """Every rated movie's totals in one query (one row per movie the app's users rated)."""
         t = movie_state_table
@@ -282,6 +313,7 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"could not read {t.name}: {exc.__class__.__name__}") from exc
 
+    @_timed("user_ratings")
     def user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
         """The user's ratings in arrival order (movie_id, rating, rated_at): what the collaborative fold-in needs."""
         if self._own_readers:

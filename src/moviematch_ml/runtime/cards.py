@@ -47,6 +47,9 @@ class FeatureStats(BaseModel):
     max: float
     mean: float
     quantiles: dict[str, float]
+    bin_shares: dict[str, float] | None = Field(
+        None, description="The share of training inputs in each drift bin (runtime/drift.py), by the bin's label."
+    )
 
 
 class DataSource(BaseModel):
