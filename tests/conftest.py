@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.runtime.cards import ModelCard, RatingScale, write_card
+from moviematch_ml.runtime.cards import ModelCard, RatingScale, content_versioned, model_version, read_card, write_card
 from moviematch_ml.runtime.personalized import PersonalizedModel
 
-TINY_MODEL_VERSION = "tiny-1"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -99,7 +99,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "model.txt").write_text(booster.model_to_string(), encoding="utf-8")
     card = ModelCard(
         name="tiny",
-        version=TINY_MODEL_VERSION,
+        version="",
         created_at="2026-01-01T00:00:00+00:00",
         model_file="model.txt",
         model_format="lightgbm-text",
@@ -108,7 +108,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rating_scale=RatingScale(min=0.5, max=5.0, step=0.5),
         metrics={"note": "synthetic test model"},
     )
-    write_card(directory, card)
+    write_card(directory, content_versioned(card))
     return directory
 
 
@@ -152,8 +152,25 @@ def tiny_personalized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
         config,
         RatingScale(min=0.5, max=5.0, step=0.5),
     )
-    model.save(directory / "personalized", version="tiny-personalized-1", created_at="2026-01-01T00:00:00Z")
+    model.save(directory / "personalized", created_at="2026-01-01T00:00:00Z")
     return directory
+
+
+@dataclass(frozen=True)
+class TinyVersions:
+    """The versions of the tiny models (content-addressed: computed from their cards, never written down)."""
+
+    six: str  # the six-feature model's card
+    personalized: str  # the personalised model's card
+    model: str  # tiny_model_dir's: what its answers report
+    model_with_personalized: str  # tiny_personalized_dir's
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path, tiny_personalized_dir: Path) -> TinyVersions:
+    six = read_card(tiny_model_dir).version
+    personal = read_card(tiny_personalized_dir / "personalized").version
+    return TinyVersions(six, personal, model_version(six, None), model_version(six, personal))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The ``moviematch-ml`` command: a thin shell over the library (serve, train, evaluate).
+"""The ``moviematch-ml`` command: a thin shell over the library (serve, train, evaluate, models, prune-log).
 
 Exit codes: 0 success, 1 a known error (bad data, bad model, bad settings), 2 bad command-line usage.
 """
@@ -56,7 +56,125 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _add_quiet(evaluate)
     evaluate.set_defaults(func=_evaluate)
+    _add_models(sub)
+    prune = sub.add_parser(
+        "prune-log",
+        help="delete old rows of the prediction log",
+        description="Delete prediction-log rows older than the retention (DATABASE_URL's store).",
+    )
+    prune.add_argument(
+        "--older-than-days", type=float, help="default: PREDICTION_LOG_RETENTION_DAYS (90); 0 deletes every row"
+    )
+    prune.set_defaults(func=_prune_log)
     return parser
+
+
+def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    models = sub.add_parser(
+        "models",
+        help="the model registry: list, register, promote, rollback, challenge, end",
+        description="The model registry (MODEL_REGISTRY, or --registry). The service picks every change up by itself "
+        "within REGISTRY_POLL_SECONDS, or at once on POST /admin/reload.",
+    )
+    models.add_argument("--registry", type=Path, help="the registry directory (default: MODEL_REGISTRY)")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every registered model, the champion and the challengers")
+    listing.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    register = actions.add_parser("register", help="copy a trained model directory into the registry")
+    register.add_argument("model_dir", type=Path, help="a directory written by `moviematch-ml train`")
+    register.add_argument("--challenger", metavar="NAME", help="also serve it as challenger NAME")
+    register.add_argument("--weight", type=float, default=0.1, help="the challenger's share of users (default 0.1)")
+    promote = actions.add_parser("promote", help="make a model (a version, its prefix, or a variant) the champion")
+    promote.add_argument("model", help="a version (or a unique prefix of it), or a challenger's name")
+    actions.add_parser("rollback", help="make the previous champion the champion again")
+    challenge = actions.add_parser("challenge", help="serve a model to a share of the users as a named variant")
+    challenge.add_argument("name", help="the variant's name (letters, digits, - and _)")
+    challenge.add_argument("model", help="a version (or a unique prefix of it)")
+    challenge.add_argument("--weight", type=float, required=True, help="its share of the users, between 0 and 1")
+    end = actions.add_parser("end", help="stop serving a challenger (its users go back to the champion)")
+    end.add_argument("name")
+    models.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    from moviematch_ml.runtime.registry import Registry
+    from moviematch_ml.settings import load_settings
+
+    root = args.registry or load_settings().model_registry
+    if root is None:
+        print("moviematch-ml models: no registry: set MODEL_REGISTRY or pass --registry DIR", file=sys.stderr)
+        return 2
+    registry = Registry(root)
+    if args.action == "register":
+        version, new = registry.register(args.model_dir)
+        print(f"{'registered' if new else 'already registered'}: {version}")
+        if args.challenger:
+            registry.challenge(args.challenger, version, args.weight)
+            print(f"serving it as challenger {args.challenger} to {args.weight:.0%} of the users")
+    elif args.action == "promote":
+        assignment = registry.promote(args.model)
+        print(f"champion: {assignment.champion} (registry revision {assignment.revision})")
+    elif args.action == "rollback":
+        assignment = registry.rollback()
+        print(f"champion: {assignment.champion} (registry revision {assignment.revision})")
+    elif args.action == "challenge":
+        assignment = registry.challenge(args.name, args.model, args.weight)
+        print(f"challenger {args.name}: {assignment.challengers[args.name].version} to {args.weight:.0%} of the users")
+    elif args.action == "end":
+        registry.end(args.name)
+        print(f"challenger {args.name} ended: its users go back to the champion")
+    assignment = registry.read()
+    roles = {version: name for name, version, _ in assignment.variants()}
+    if args.action == "list" and getattr(args, "json", False):
+        out = {
+            "revision": assignment.revision,
+            "variants": [{"name": n, "model_version": v, "weight": round(w, 6)} for n, v, w in assignment.variants()],
+            "models": [
+                {
+                    "version": m.version,
+                    "role": roles.get(m.version),
+                    "six_features": m.six.version,
+                    "personalized": None if m.personalized is None else m.personalized.version,
+                    "created_at": m.six.created_at,
+                    "data": m.six.data.get("dataset"),
+                }
+                for m in registry.models()
+            ],
+        }
+        print(json.dumps(out))
+    elif args.action == "list":
+        print(f"registry revision {assignment.revision}")
+        for m in registry.models():
+            role = roles.get(m.version, "")
+            weight = next((f" {w:.0%}" for n, v, w in assignment.variants() if v == m.version), "")
+            print(f"{m.version}  {role}{weight}  trained {m.six.created_at} on {m.six.data.get('dataset', '?')}")
+    return 0
+
+
+def _prune_log(args: argparse.Namespace) -> int:
+    import time
+
+    from moviematch_ml.online.journal import prune
+    from moviematch_ml.online.store import FeedbackStore
+    from moviematch_ml.settings import load_settings
+
+    settings = load_settings()
+    if args.older_than_days is None and settings.prediction_log_retention_days == 0:
+        print("PREDICTION_LOG_RETENTION_DAYS is 0: the log is kept; nothing deleted")
+        return 0
+    days = settings.prediction_log_retention_days if args.older_than_days is None else args.older_than_days
+    if days < 0:
+        print("moviematch-ml prune-log: --older-than-days must be >= 0", file=sys.stderr)
+        return 2
+    store = FeedbackStore.from_url(settings.database_url)
+    try:
+        deleted = prune(store, time.time() - days * 86400.0)
+    finally:
+        store.close()
+    print(f"deleted {deleted} prediction-log rows older than {days:g} days")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -242,7 +360,7 @@ def _train(args: argparse.Namespace) -> int:
         train_models,
         write_model,
     )
-    from moviematch_ml.runtime.cards import PERSONALIZED_DIR
+    from moviematch_ml.runtime.cards import PERSONALIZED_DIR, model_version
 
     progress = _progress(args)
     progress.expect(3)  # loading data, writing the models, the report; training announces its own stages
@@ -274,9 +392,11 @@ def _train(args: argparse.Namespace) -> int:
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         own = p.metrics["models"]["personalized"]
         print(
-            f"wrote the personalised model into {folder} ({size / 1e6:.1f} MB)\nversion {p.version}; temporal "
+            f"wrote the personalised model into {folder} ({size / 1e6:.1f} MB)\nversion {p.model.version}; temporal "
             f"hold-out RMSE {own['rmse']} (six_features {six['rmse']}), NDCG@10 {own['ndcg@10']}"
         )
+    served = model_version(result.card.version, None if p is None else p.model.version)
+    print(f"model version {served} (what answers, the registry and ab-report name this model by)")
     done = time.perf_counter()
     stages = {"loading data": loaded, **result.seconds, "writing files and report": done - trained}
     total = done - started

@@ -153,6 +153,10 @@ class ModelTermsError(ModelError):
     """The model was trained on data whose terms forbid commercial use, and SERVE_NONCOMMERCIAL_MODELS is false."""
 
 
+class RegistryError(MovieMatchError):
+    """A model registry operation was refused (an unknown version, a broken model, an invalid weight...)."""
+
+
 class DataError(MovieMatchError):
     """A training data file is malformed; the message names the file, line and column."""
 

@@ -48,6 +48,26 @@ def parse_api_keys(text: str | None) -> list[tuple[bytes, frozenset[str]]]:
     return list(keys.items())
 
 
+def parse_weights(text: str | None) -> dict[str, float]:
+    """``VARIANT_WEIGHTS`` (comma-separated ``name=weight``) as a dict; ConfigError naming the entry and the rule."""
+    weights: dict[str, float] = {}
+    for n, entry in enumerate((text or "").split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, sep, value = entry.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name.strip() or not 0.0 <= weight < 1.0:
+            raise ConfigError(f"VARIANT_WEIGHTS entry {n}: must be name=weight with 0 <= weight < 1 (got {entry!r})")
+        weights[name.strip()] = weight
+    if sum(weights.values()) >= 1.0:
+        raise ConfigError("VARIANT_WEIGHTS: the weights must add up to less than 1 (the champion keeps the rest)")
+    return weights
+
+
 def parse_rate(text: str | None) -> tuple[int, float] | None:
     """``RATE_LIMIT`` (``N/second``, ``N/minute`` or ``N/hour``) as (requests, window seconds); None when unset."""
     if not text:
@@ -200,6 +220,34 @@ class Settings(BaseSettings):
         0.05, gt=0, le=10, description="Seconds a Redis call may take; failures open a circuit breaker for 5 s."
     )
 
+    # --- models: registry, A/B variants, reloads, the prediction log ---------------------------------------------
+    model_registry: Path | None = Field(
+        None,
+        description="A model registry directory (moviematch-ml models ...): its champion answers, its challengers "
+        "answer their share of users; it overrides MODEL_PATH once it has a champion.",
+    )
+    variant_weights: str | None = Field(
+        None, description="Overrides of the challengers' weights: comma-separated name=weight (0 <= weight < 1)."
+    )
+    experiment_salt: str | None = Field(
+        None, description="Overrides the registry's salt: which users each variant gets (change it to reshuffle)."
+    )
+    registry_poll_seconds: float = Field(
+        5.0, ge=0, le=3600, description="How often a worker checks the registry file for a change (0: never)."
+    )
+    prediction_log: bool = Field(
+        True, description="Write every prediction served to the store's prediction_log (off the request path)."
+    )
+    prediction_log_queue: int = Field(
+        100_000, ge=1, le=10_000_000, description="Most predictions a worker queues for the log; past it, dropped."
+    )
+    prediction_log_share: float = Field(
+        0.05, gt=0, le=1, description="Most of a worker's time spent writing the prediction log; past it, dropped."
+    )
+    prediction_log_retention_days: float = Field(
+        90.0, ge=0, le=36_500, description="Prediction-log rows older than this are deleted (hourly); 0: kept."
+    )
+
     # --- health and shutdown ------------------------------------------------------------------------------------
     require_model: bool = Field(
         False, description="/health/ready is 503 while the trained model is not loaded (the fallback rule answers)."
@@ -226,6 +274,15 @@ class Settings(BaseSettings):
     def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
         try:
             parse_api_keys(None if value is None else value.get_secret_value())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("variant_weights")
+    @classmethod
+    def _weights_parse(cls, value: str | None) -> str | None:
+        try:
+            parse_weights(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return value

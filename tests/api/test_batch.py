@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import TinyVersions
 from moviematch_ml.api.app import create_app
 from moviematch_ml.errors import MISSING
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES, ID_RULE
@@ -109,10 +110,10 @@ def test_large_batch_matches_the_rule_row_by_row(client: TestClient) -> None:
     assert [p["predicted_rating"] for p in preds] == expected
 
 
-def test_the_model_answers_batches_like_single_predictions(model_client: TestClient) -> None:
+def test_the_model_answers_batches_like_single_predictions(model_client: TestClient, tiny: TinyVersions) -> None:
     movies = [movie(1), movie(2, vote_average=3.0), movie(3, vote_average=9.0, n_shared_genres=4)]
     batch = model_client.post("/predict-batch", json={"movies": movies}).json()
-    assert batch["model_version"] == "tiny-1"
+    assert (batch["model_version"], batch["variant"]) == (tiny.model, "champion")
     for m, p in zip(movies, batch["predictions"], strict=True):
         single = model_client.post("/predict", json={k: v for k, v in m.items() if k != "movie_id"}).json()
         assert p["source"] == "model"

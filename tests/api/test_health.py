@@ -14,15 +14,19 @@ import numpy.typing as npt
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import TinyVersions
 from moviematch_ml import __version__
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.models import ModelSet
-from moviematch_ml.runtime.cards import PERSONALIZED_DIR
+from moviematch_ml.runtime.cards import PERSONALIZED_DIR, ModelCard, content_versioned
 from moviematch_ml.settings import Settings
 
 ABSENT = {"status": "absent", "version": None, "reason": None}
-TINY_OK = {"status": "ok", "version": "tiny-1", "reason": None}
+
+
+def _ok(version: str) -> dict[str, object]:
+    return {"status": "ok", "version": version, "reason": None}
 
 
 def test_root(client: TestClient) -> None:
@@ -41,10 +45,10 @@ def test_root(client: TestClient) -> None:
     }
 
 
-def test_root_with_a_model(model_client: TestClient) -> None:
+def test_root_with_a_model(model_client: TestClient, tiny: TinyVersions) -> None:
     body = model_client.get("/").json()
     model = body["model"]
-    assert model["version"] == "tiny-1"
+    assert model["version"] == tiny.model
     assert model["source"] == "model"
     assert model["status"] == "ok"
     assert model["reason"] is None
@@ -52,39 +56,39 @@ def test_root_with_a_model(model_client: TestClient) -> None:
     assert model["rating_scale"] == {"min": 0.5, "max": 5.0, "step": 0.5}
     assert model["features"] == list(EXAMPLE)
     assert body["models"] == {
-        "six_features": {**TINY_OK, "name": "tiny", "created_at": "2026-01-01T00:00:00+00:00"},
+        "six_features": {**_ok(tiny.six), "name": "tiny", "created_at": "2026-01-01T00:00:00+00:00"},
         "personalized": ABSENT,  # none next to it: normal, the six-feature model answers everyone
     }
 
 
-def test_health_ok_with_a_model(model_client: TestClient) -> None:
+def test_health_ok_with_a_model(model_client: TestClient, tiny: TinyVersions) -> None:
     body = model_client.get("/health").json()
     assert body["status"] == "ok"
     assert body["source"] == "model"
-    assert body["model_version"] == "tiny-1"
+    assert body["model_version"] == tiny.model
     assert body["reason"] is None
     assert 0 <= body["uptime_seconds"] < 600
-    assert body["models"] == {"six_features": TINY_OK, "personalized": ABSENT}
+    assert body["models"] == {"six_features": _ok(tiny.six), "personalized": ABSENT}
 
 
-def test_health_and_root_with_both_models(tiny_personalized_dir: Path, tmp_path: Path) -> None:
+def test_health_and_root_with_both_models(tiny_personalized_dir: Path, tmp_path: Path, tiny: TinyVersions) -> None:
     settings = Settings(model_path=tiny_personalized_dir, database_url=f"sqlite:///{tmp_path / 'h.sqlite3'}")
     with TestClient(create_app(settings)) as c:
         health = c.get("/health").json()
         root = c.get("/").json()
-    personalized = {"status": "ok", "version": "tiny-personalized-1", "reason": None}
+    personalized = {"status": "ok", "version": tiny.personalized, "reason": None}
     assert (health["status"], health["reason"]) == ("ok", None)
-    assert health["models"] == {"six_features": TINY_OK, "personalized": personalized}
+    assert health["models"] == {"six_features": _ok(tiny.six), "personalized": personalized}
     assert root["models"]["personalized"] == {
         **personalized,
         "name": "moviematch-personalized",
         "created_at": "2026-01-01T00:00:00Z",
     }
-    assert root["model"]["version"] == "tiny-1"  # "model" stays the six-feature model
+    assert root["model"]["version"] == tiny.model_with_personalized  # the directory's
 
 
 def test_a_refused_personalised_model_makes_the_service_degraded(
-    tiny_personalized_dir: Path, tmp_path: Path, logs: Any
+    tiny_personalized_dir: Path, tmp_path: Path, logs: Any, tiny: TinyVersions
 ) -> None:
     model_dir = Path(shutil.copytree(tiny_personalized_dir, tmp_path / "model"))
     with (model_dir / PERSONALIZED_DIR / "state.npz").open("ab") as f:
@@ -100,14 +104,14 @@ def test_a_refused_personalised_model_makes_the_service_degraded(
     assert reason.startswith("personalised model not loaded: ModelChecksumError: ")
     assert "state.npz" in reason
     assert health["status"] == "degraded"
-    assert (health["source"], health["model_version"]) == ("model", "tiny-1")
+    assert (health["source"], health["model_version"]) == ("model", tiny.model_with_personalized)
     assert health["models"] == {
-        "six_features": TINY_OK,
+        "six_features": _ok(tiny.six),
         "personalized": {"status": "refused", "version": None, "reason": reason},
     }
     assert (root["model"]["status"], root["model"]["reason"]) == ("degraded", reason)
     assert root["models"]["personalized"] == {"status": "refused", "version": None, "reason": reason}
-    assert (prediction["source"], prediction["model_version"]) == ("model", "tiny-1")
+    assert (prediction["source"], prediction["model_version"]) == ("model", tiny.model_with_personalized)
     [failure] = [r for r in logs.records() if r["message"] == "personalised model not loaded"]
     # The log names the file; /health, which a public URL shows anyone, names the directory MODEL_PATH.
     assert (failure["level"], failure["reason"].replace(str(model_dir), "MODEL_PATH")) == ("error", reason)
@@ -179,10 +183,23 @@ def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 
 def _edit_card(directory: Path, **changes: object) -> None:
+    """Change fields of a card, and its version to the one its new content gives (what a careful forger would do:
+    the files' checksums must still catch it)."""
     card_file = directory / "model_card.json"
     card = json.loads(card_file.read_text())
     card.update(changes)
+    card_file.write_text(content_versioned(ModelCard.model_validate(card)).model_dump_json())
+
+
+def test_a_card_edited_by_hand_is_refused(model_copy: Path, logs: Any) -> None:
+    # Its version no longer names its content: it would be served, and A/B-tested, under another model's name.
+    card_file = model_copy / "model_card.json"
+    card = json.loads(card_file.read_text())
+    card["metrics"] = {"rmse": 0.1}
     card_file.write_text(json.dumps(card))
+    health, prediction = _degraded(Settings(model_path=model_copy), logs)
+    _assert_fallback(health, prediction)
+    assert "is not the one its content gives" in str(health["reason"])
 
 
 def test_checksum_mismatch_is_refused(model_copy: Path, logs: Any) -> None:
@@ -244,17 +261,19 @@ def test_a_model_whose_canned_prediction_fails_is_replaced_by_the_fallback(tmp_p
     assert failure["reason"] == health["reason"]
 
 
-def test_swap_changes_the_answering_model(tiny_model_dir: Path, fallback_settings: Settings) -> None:
+def test_swap_changes_the_answering_model(
+    tiny_model_dir: Path, fallback_settings: Settings, tiny: TinyVersions
+) -> None:
     assert fallback_settings.model_path is not None
     models = ModelSet(fallback_settings.model_path)
     with TestClient(create_app(fallback_settings, models=models)) as c:
         assert c.post("/predict", json=EXAMPLE).json()["source"] == "fallback"
         models.swap(ModelSet(tiny_model_dir).load())
         body = c.post("/predict", json=EXAMPLE).json()
-        assert (body["source"], body["model_version"]) == ("model", "tiny-1")
+        assert (body["source"], body["model_version"]) == ("model", tiny.model)
         health = c.get("/health").json()
         assert health["status"] == "ok"
-        assert health["models"]["six_features"] == TINY_OK
+        assert health["models"]["six_features"] == _ok(tiny.six)
 
 
 def test_a_broken_environment_also_falls_back(fallback_settings: Settings, logs: Any) -> None:
@@ -293,8 +312,7 @@ def test_without_noncommercial_models_the_bundled_ones_are_refused(tmp_path: Pat
     six, personal = health["models"]["six_features"], health["models"]["personalized"]
     assert (six["status"], personal["status"]) == ("fallback", "refused")
     assert (
-        "ModelTermsError: six-6e9651e63d-969ebfae was trained on data whose terms forbid commercial use"
-        in (six["reason"])
+        "ModelTermsError: six-edb2f18623060178 was trained on data whose terms forbid commercial use" in (six["reason"])
     )
     assert "MovieLens ml-latest-small" in personal["reason"]
     assert (prediction["source"], prediction["model_version"], prediction["predicted_rating"]) == (
@@ -304,9 +322,11 @@ def test_without_noncommercial_models_the_bundled_ones_are_refused(tmp_path: Pat
     )
 
 
-def test_without_noncommercial_models_a_model_of_the_apps_own_data_answers(tiny_model_dir: Path) -> None:
+def test_without_noncommercial_models_a_model_of_the_apps_own_data_answers(
+    tiny_model_dir: Path, tiny: TinyVersions
+) -> None:
     with TestClient(create_app(Settings(model_path=tiny_model_dir, serve_noncommercial_models=False))) as c:
         health = c.get("/health").json()
         prediction = c.post("/predict", json=EXAMPLE).json()
-    assert (health["status"], health["models"]) == ("ok", {"six_features": TINY_OK, "personalized": ABSENT})
-    assert (prediction["source"], prediction["model_version"]) == ("model", "tiny-1")
+    assert (health["status"], health["models"]) == ("ok", {"six_features": _ok(tiny.six), "personalized": ABSENT})
+    assert (prediction["source"], prediction["model_version"]) == ("model", tiny.model)

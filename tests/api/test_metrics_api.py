@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
-from moviematch_ml.runtime.cards import read_card, write_card
+from moviematch_ml.runtime.cards import content_versioned, read_card, write_card
 from moviematch_ml.settings import Settings
 from realserver import free_port
 
@@ -59,12 +59,15 @@ def test_requests_and_predictions_after_a_known_sequence(bundled: TestClient) ->
     assert got[(requests, labels(route="other", method="other", status="4xx"))] == 1
     version = bundled.get("/").json()["model"]["version"]
     predictions = "moviematch_predictions_total"
-    assert got[(predictions, labels(endpoint="predict", variant="default", version=version, source="model"))] == 3
-    assert got[(predictions, labels(endpoint="predict_batch", variant="default", version=version, source="model"))] == 4
+    assert got[(predictions, labels(endpoint="predict", variant="champion", version=version, source="model"))] == 3
+    assert (
+        got[(predictions, labels(endpoint="predict_batch", variant="champion", version=version, source="model"))] == 4
+    )
     errors = "moviematch_prediction_errors_total"
     assert got[(errors, labels(endpoint="predict", reason="validation_error"))] == 1
     assert got[(errors, labels(endpoint="predict", reason="invalid_json"))] == 1
-    assert got[("moviematch_model_info", labels(model="six_features", version=version, status="ok"))] == 1
+    six = bundled.get("/health").json()["models"]["six_features"]["version"]
+    assert got[("moviematch_model_info", labels(model="six_features", version=six, status="ok"))] == 1
     assert got[("moviematch_model_ready", labels(model="personalized"))] == 1
     assert got[("moviematch_workers", ())] == 1
     assert got[("process_resident_memory_bytes", ())] > 10e6
@@ -81,7 +84,7 @@ def test_the_series_rates_are_taken_of_exist_before_their_first_event(client: Te
         for status in ("2xx", "4xx", "5xx"):
             assert got[("moviematch_http_requests_total", labels(route=route, method="POST", status=status))] == 0
     for endpoint in ("predict", "predict_batch"):
-        answered = labels(endpoint=endpoint, variant="default", version="fallback-1", source="fallback")
+        answered = labels(endpoint=endpoint, variant="champion", version="fallback-1", source="fallback")
         assert got[("moviematch_predictions_total", answered)] == 0
         assert got[("moviematch_prediction_errors_total", labels(endpoint=endpoint, reason="validation_error"))] == 0
     assert got[("moviematch_feedback_rejected_total", labels(reason="store_unavailable"))] == 0
@@ -114,7 +117,7 @@ def test_models_shows_file_names_not_paths(tmp_path: Path, tiny_model_dir: Path)
     shutil.copytree(tiny_model_dir, model)
     card = read_card(model)
     data = {"dataset": "ratings", "metadata_join": {"source": "/home/someone/data/tmdb.csv", "note": "a / b"}}
-    write_card(model, card.model_copy(update={"data": data}))
+    write_card(model, content_versioned(card.model_copy(update={"data": data})))
     with TestClient(create_app(Settings(model_path=model, database_url=f"sqlite:///{tmp_path / 'm.db'}"))) as client:
         body = client.get("/models").json()
     assert body["six_features"]["card"]["data"]["metadata_join"] == {"source": "tmdb.csv", "note": "a / b"}

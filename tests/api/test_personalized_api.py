@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import TinyVersions
 from moviematch_ml.api.app import create_app
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.feedback import Feedback
@@ -38,7 +39,7 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def test_third_prediction_reflects_the_first_two_ratings(pclient: TestClient) -> None:
+def test_third_prediction_reflects_the_first_two_ratings(pclient: TestClient, tiny: TinyVersions) -> None:
     body = {**EXAMPLE, "user_id": 77, "movie_id": 5}
     first = pclient.post("/predict", json=body).json()
     assert first["source"] == "model"
@@ -47,31 +48,33 @@ def test_third_prediction_reflects_the_first_two_ratings(pclient: TestClient) ->
     pclient.post("/feedback", json={"user_id": 77, "movie_id": 2, "rating": 10})
     third = pclient.post("/predict", json=body).json()
     assert second["source"] == third["source"] == "personalized"
-    assert first["model_version"] == "tiny-1"
-    assert third["model_version"] == "tiny-personalized-1"
+    # One model, whichever of its parts answered: its version names both parts' bytes.
+    assert first["model_version"] == third["model_version"] == tiny.model_with_personalized
+    assert first["variant"] == third["variant"] == "champion"
     # Two ratings of 10 pull the prediction up further than one.
     assert third["predicted_rating"] > second["predicted_rating"]
 
 
-def test_batch_mixes_sources_and_keeps_order(pclient: TestClient) -> None:
+def test_batch_mixes_sources_and_keeps_order(pclient: TestClient, tiny: TinyVersions) -> None:
     pclient.post("/feedback", json={"ratings": [{"user_id": "u1", "movie_id": m, "rating": 2} for m in range(5)]})
     movies = [{"movie_id": m, **EXAMPLE} for m in (3, 4, 5)]
     known = pclient.post("/predict-batch", json={"user_id": "u1", "movies": movies}).json()
     assert [p["movie_id"] for p in known["predictions"]] == [3, 4, 5]
     assert {p["source"] for p in known["predictions"]} == {"personalized"}
-    assert (known["model_version"], known["personalized_model_version"]) == ("tiny-1", "tiny-personalized-1")
+    assert (known["model_version"], known["variant"]) == (tiny.model_with_personalized, "champion")
+    assert "personalized_model_version" not in known
     anonymous = pclient.post("/predict-batch", json={"movies": movies}).json()
     assert {p["source"] for p in anonymous["predictions"]} == {"model"}
-    assert "personalized_model_version" not in anonymous
+    assert anonymous["model_version"] == tiny.model_with_personalized
     # A harsh user is predicted below what the six features alone say.
     for k, a in zip(known["predictions"], anonymous["predictions"], strict=True):
         assert k["predicted_rating"] < a["predicted_rating"]
 
 
-def test_root_reports_the_personalised_model(pclient: TestClient) -> None:
+def test_root_reports_the_personalised_model(pclient: TestClient, tiny: TinyVersions) -> None:
     personalized = pclient.get("/").json()["models"]["personalized"]
-    assert (personalized["status"], personalized["version"]) == ("ok", "tiny-personalized-1")
-    assert pclient.get("/health").json()["models"]["personalized"]["version"] == "tiny-personalized-1"
+    assert (personalized["status"], personalized["version"]) == ("ok", tiny.personalized)
+    assert pclient.get("/health").json()["models"]["personalized"]["version"] == tiny.personalized
 
 
 class WatchedStore(FeedbackStore):

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from moviematch_ml.errors import MISSING
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES, FEATURES, ID_RULE, Feature
-from moviematch_ml.runtime.cards import read_card
+from moviematch_ml.runtime.cards import model_version, read_card
 from moviematch_ml.runtime.fallback import fallback_rating
 
 
@@ -28,7 +28,8 @@ def test_the_example_request_uses_the_fallback_rule(client: TestClient) -> None:
     assert body["source"] == "fallback"
     assert body["model_version"] == "fallback-1"
     assert re.fullmatch(r"[0-9a-f]{32}", body["prediction_id"])
-    assert set(body) == {"predicted_rating", "model_version", "source", "prediction_id"}
+    assert body["variant"] == "champion"
+    assert set(body) == {"predicted_rating", "model_version", "variant", "source", "prediction_id"}
     assert r.headers["content-type"] == "application/json"
 
 
@@ -64,7 +65,7 @@ def test_model_answers_on_the_0_to_10_scale(model_client: TestClient, tiny_model
     for row in rows:
         body = model_client.post("/predict", json=row).json()
         assert body["source"] == "model"
-        assert body["model_version"] == read_card(tiny_model_dir).version == "tiny-1"
+        assert body["model_version"] == model_version(read_card(tiny_model_dir).version, None)
         # The tiny model predicts stars (max 5): the API doubles them onto 0-10.
         stars = float(booster.predict(np.array([[float(row[n]) for n in FEATURE_NAMES]]))[0])
         assert body["predicted_rating"] == pytest.approx(round(stars * 2.0, 3), abs=1e-9)

@@ -39,7 +39,7 @@ def test_replayed_feedback_brings_predictions_closer_to_held_out_ratings(tmp_pat
     for name in (CARD_NAME, card.model_file):
         shutil.copy(BUNDLED_MODEL_DIR / name, model_dir / name)
     model = fit_frame(frame[~frame["user_id"].isin(users)], dataset.scale)
-    model.save(model_dir / "personalized", version="replay-test")
+    model.save(model_dir / "personalized")
 
     server = start(
         tmp_path,

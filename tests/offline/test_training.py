@@ -19,7 +19,6 @@ from moviematch_ml.offline.stacking import predict_pairs
 from moviematch_ml.offline.training import (
     min_training_ratings,
     personalized_config,
-    personalized_version,
     remove_personalized,
     train_models,
     train_six_feature_model,
@@ -27,7 +26,14 @@ from moviematch_ml.offline.training import (
 )
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.store import FeedbackStore
-from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, CARD_NAME, PERSONALIZED_DIR, RatingScale, read_card
+from moviematch_ml.runtime.cards import (
+    BUNDLED_MODEL_DIR,
+    CARD_NAME,
+    PERSONALIZED_DIR,
+    RatingScale,
+    content_version,
+    read_card,
+)
 from moviematch_ml.runtime.inputs import MODEL_FEATURES
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import load_six_features
@@ -65,7 +71,10 @@ def test_card_describes_the_model(tmp_path: Path) -> None:
     assert card.features == list(FEATURE_NAMES)
     assert card.rating_scale == ds.scale
     assert card.data["fingerprint_sha256"] == ds.fingerprint()
-    assert card.version == f"six-{ds.fingerprint()[:10]}-{TrainConfig(seed=1).digest()[:8]}"
+    # Named by its content (every file it loads, by checksum, and its card), not by the clock.
+    assert card.version == content_version(card)
+    assert card.version.startswith("six-")
+    assert card.format_version == 2
     assert set(card.metrics["models"]) >= {"global_mean", "movie_mean", "bias", "fallback", "six_features"}
     assert set(card.feature_stats) == set(FEATURE_NAMES)
     assert card.training["num_trees"] >= 1
@@ -162,8 +171,8 @@ def test_train_models_writes_both_models_and_they_load(tmp_path: Path) -> None:
     assert card is not None
     assert card.kind == "personalized"
     assert card.features == list(MODEL_FEATURES)
-    assert card.version == personalized_version(ds, pcfg, cfg)
-    assert card.version == f"personalized-{ds.fingerprint()[:10]}-{card.version.rsplit('-', 1)[1]}"
+    assert card.version == content_version(card)
+    assert card.version.startswith("personalized-")
     assert card.created_at == six.card.created_at == "2026-01-01T00:00:00Z"
     assert card.data == six.card.data
     assert card.data["fingerprint_sha256"] == ds.fingerprint()
@@ -204,11 +213,11 @@ def test_personalized_files_are_the_same_byte_for_byte_for_the_same_data_and_see
     assert names == ["cf.json", "cf.npz", "model_card.json", "personalized.txt", "state.npz"]
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    # Another seed is another model, with another version (the data are the same: the fingerprint part is too).
+    # Another seed is another model, with another version; the data are the same (their fingerprint too).
     assert (a / "personalized.txt").read_bytes() != (c / "personalized.txt").read_bytes()
-    va, vc = read_card(a).version, read_card(c).version
-    assert va != vc
-    assert va.rsplit("-", 1)[0] == vc.rsplit("-", 1)[0]
+    ca, cc = read_card(a), read_card(c)
+    assert ca.version != cc.version
+    assert ca.data["fingerprint_sha256"] == cc.data["fingerprint_sha256"]
 
 
 def test_remove_personalized_only_removes_a_personalised_model(tmp_path: Path) -> None:
@@ -367,7 +376,7 @@ def test_bundled_personalized_model_loads_and_is_small() -> None:
     # Trained from the same data as the six-feature model next to it, in the same run.
     assert card.data == six.data
     assert card.created_at == six.created_at
-    assert card.version == f"personalized-{six.data['fingerprint_sha256'][:10]}-{card.version.rsplit('-', 1)[1]}"
+    assert card.version == content_version(card)
     assert sum(p.stat().st_size for p in folder.iterdir()) < 5_000_000
     # On its own hold-out it beats the six-feature model and the bias model it is measured against.
     models = card.metrics["models"]
@@ -383,8 +392,8 @@ def test_bundled_model_was_trained_on_the_built_in_data() -> None:
     card = load_six_features(BUNDLED_MODEL_DIR).card
     ds = load_movielens_small()
     assert card.data["fingerprint_sha256"] == ds.fingerprint()
-    assert card.version == f"six-{card.data['fingerprint_sha256'][:10]}-{TrainConfig().digest()[:8]}"
+    assert card.training["config_sha256"] == TrainConfig().digest()
     personalized = read_card(BUNDLED_MODEL_DIR / PERSONALIZED_DIR)
-    assert personalized.version == personalized_version(ds, personalized_config(), TrainConfig())
+    assert personalized.training["config"] == personalized_config().model_dump(mode="json")
     # Training on the built-in data states the terms the bundled cards state.
     assert list(ds.terms) == card.data_terms == personalized.data_terms

@@ -22,6 +22,7 @@ from moviematch_ml.online.contract import (
     decode_one,
     encode_answer,
     matrix_from_mappings,
+    new_id,
     render_batch,
     render_one,
     rows_one_by_one,
@@ -228,39 +229,56 @@ def test_decode_one_reads_the_features_and_the_optional_ids() -> None:
 # --- answers -------------------------------------------------------------------------------------------------------
 
 
-def test_render_one_gives_a_fresh_prediction_id_each_time() -> None:
-    answer = OneAnswer(7.912, "model", True, "v1")
-    first, second = orjson.loads(render_one(answer)), orjson.loads(render_one(answer))
-    assert list(first) == ["predicted_rating", "model_version", "source", "prediction_id"]
-    assert (first["predicted_rating"], first["model_version"], first["source"]) == (7.912, "v1", "model")
-    assert HEX32.fullmatch(first["prediction_id"])
-    assert first["prediction_id"] != second["prediction_id"]
+def test_render_one_says_which_model_and_variant_answered() -> None:
+    answer = OneAnswer(7.912, "model", True, "v1", "b")
+    first = orjson.loads(render_one(answer, "0123456789abcdef0123456789abcdef"))
+    assert first == {
+        "predicted_rating": 7.912,
+        "model_version": "v1",
+        "variant": "b",
+        "source": "model",
+        "prediction_id": "0123456789abcdef0123456789abcdef",
+    }
+    assert list(first) == ["predicted_rating", "model_version", "variant", "source", "prediction_id"]
+    assert orjson.loads(render_one(OneAnswer(1.0, "model", True, "v1"), new_id()))["variant"] == "champion"
+
+
+def test_new_ids_are_fresh_32_hex() -> None:
+    first, second = new_id(), new_id()
+    assert HEX32.fullmatch(first)
+    assert HEX32.fullmatch(second)
+    assert first != second
 
 
 def test_render_batch_ranked_and_in_request_order() -> None:
     ranked = BatchAnswer([1, "m2", 3], [5.0, 9.5, 7.25], "model", None, [1, 2], True, "v1", True)
-    out = orjson.loads(render_batch(ranked))
+    out = orjson.loads(render_batch(ranked, "0123456789abcdef0123456789abcdef"))
     assert [(p["movie_id"], p["predicted_rating"], p["source"]) for p in out["predictions"]] == [
         ("m2", 9.5, "model"),
         (3, 7.25, "model"),
     ]
-    assert {k: v for k, v in out.items() if k != "predictions"} == {"model_version": "v1", "count": 2, "ranked": True}
-    # One prefix for the whole answer, then the movie's place in the request.
-    prefix = out["predictions"][0]["prediction_id"].rpartition("-")[0]
-    assert HEX32.fullmatch(prefix)
+    assert {k: v for k, v in out.items() if k != "predictions"} == {
+        "model_version": "v1",
+        "variant": "champion",
+        "count": 2,
+        "ranked": True,
+    }
+    # The request's id, then the movie's place in the request.
+    prefix = "0123456789abcdef0123456789abcdef"
     assert [p["prediction_id"] for p in out["predictions"]] == [f"{prefix}-1", f"{prefix}-2"]
-    # Unranked: request order, whatever ``order`` says; per-row sources and the personalised model's version.
-    mixed = BatchAnswer([1, 2], [4.0, 6.0], "model", ["personalized", "model"], [1, 0], False, "v1", False, "p-1")
-    out = orjson.loads(render_batch(mixed))
+    # Unranked: request order, whatever ``order`` says; per-row sources, one model version and variant.
+    mixed = BatchAnswer([1, 2], [4.0, 6.0], "model", ["personalized", "model"], [1, 0], False, "v1", False, "b")
+    out = orjson.loads(render_batch(mixed, prefix))
     assert [(p["movie_id"], p["source"]) for p in out["predictions"]] == [(1, "personalized"), (2, "model")]
-    assert (out["ranked"], out["count"], out["personalized_model_version"]) == (False, 2, "p-1")
+    assert (out["ranked"], out["count"], out["model_version"], out["variant"]) == (False, 2, "v1", "b")
+    assert "personalized_model_version" not in out
 
 
 def test_answers_survive_a_trip_through_json() -> None:
     # What the Redis cache stores: plain JSON data, no pickle.
     one = OneAnswer(7.912, "fallback", True, "fallback-1")
     batch = BatchAnswer([1, "m2"], [5.0, 9.5], "model", None, [1, 0], True, "v1", True)
-    mixed = BatchAnswer([1, 2], [4.0, 6.0], "model", ["personalized", "model"], [0, 1], False, "v1", False, "p-1")
+    mixed = BatchAnswer([1, 2], [4.0, 6.0], "model", ["personalized", "model"], [0, 1], False, "v1", False, "b")
     for answer in (one, batch, mixed):
         assert decode_answer(orjson.loads(orjson.dumps(encode_answer(answer)))) == answer
 
@@ -270,7 +288,7 @@ def test_answers_survive_a_trip_through_json() -> None:
     [
         OneAnswer(7.912, "model", True, "v1"),
         BatchAnswer([1, "b"], [7.5, 6.25], "model", None, [1, 0], True, "v1", True),
-        BatchAnswer(["a", 2], [9.5, 7.909], "model", ["personalized", "fallback"], [0, 1], False, "v1", False, "p-1"),
+        BatchAnswer(["a", 2], [9.5, 7.909], "model", ["personalized", "fallback"], [0, 1], False, "v1", False, "b"),
     ],
 )
 def test_answers_survive_the_json_codec(answer: OneAnswer | BatchAnswer) -> None:

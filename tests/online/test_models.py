@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from conftest import TinyVersions
 from moviematch_ml.errors import ModelChecksumError
 from moviematch_ml.features import example_matrix
 from moviematch_ml.online.models import NOT_LOADED, ModelReport, Models, ModelSet, load_personalized
@@ -19,6 +20,7 @@ from moviematch_ml.runtime.cards import (
     IMDB_GGPLOT2MOVIES,
     MOVIELENS_SMALL,
     DataSource,
+    content_versioned,
     noncommercial_sources,
     read_card,
     write_card,
@@ -54,21 +56,21 @@ def test_nothing_answers_but_the_rule_before_load(tiny_personalized_dir: Path) -
     }
 
 
-def test_both_models_of_a_directory_are_loaded(tiny_personalized_dir: Path) -> None:
+def test_both_models_of_a_directory_are_loaded(tiny_personalized_dir: Path, tiny: TinyVersions) -> None:
     models = ModelSet(tiny_personalized_dir)
     loaded = models.load()
     assert models.ready
     assert models.current is loaded
-    assert (loaded.six.source, loaded.six.version, loaded.status, loaded.reason) == ("model", "tiny-1", "ok", None)
+    assert (loaded.six.source, loaded.six.version, loaded.status, loaded.reason) == ("model", tiny.six, "ok", None)
     assert loaded.personalized is not None
-    assert loaded.personalized.version == "tiny-personalized-1"
-    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+    assert loaded.personalized.version == tiny.personalized
+    assert loaded.reports() == {"six_features": _ok(tiny.six), "personalized": _ok(tiny.personalized)}
     # The six-feature model answers as the predictor of its directory does.
     x = example_matrix()
     np.testing.assert_array_equal(loaded.six.predict(x), load_six_features(tiny_personalized_dir).predict(x))
     summary = models.summary()
     assert (summary["version"], summary["source"], summary["status"], summary["name"]) == (
-        "tiny-1",
+        tiny.model_with_personalized,
         "model",
         "ok",
         "tiny",
@@ -80,11 +82,11 @@ def test_both_models_of_a_directory_are_loaded(tiny_personalized_dir: Path) -> N
     assert by_card.reports() == loaded.reports()
 
 
-def test_no_personalised_directory_is_absent_and_ok(tiny_model_dir: Path) -> None:
+def test_no_personalised_directory_is_absent_and_ok(tiny_model_dir: Path, tiny: TinyVersions) -> None:
     assert load_personalized(tiny_model_dir) is None
     loaded = ModelSet(tiny_model_dir).load()
     assert (loaded.personalized, loaded.status, loaded.reason) == (None, "ok", None)
-    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": ABSENT}
+    assert loaded.reports() == {"six_features": _ok(tiny.six), "personalized": ABSENT}
 
 
 def test_a_missing_model_directory_leaves_the_fallback_with_the_reason(
@@ -118,7 +120,7 @@ def _copy(directory: Path, tmp_path: Path) -> Path:
 
 
 def test_a_corrupt_personalised_model_is_refused_and_the_six_feature_model_answers(
-    tiny_personalized_dir: Path, tmp_path: Path
+    tiny_personalized_dir: Path, tmp_path: Path, tiny: TinyVersions
 ) -> None:
     directory = _copy(tiny_personalized_dir, tmp_path)
     state = directory / "personalized" / "state.npz"
@@ -135,10 +137,10 @@ def test_a_corrupt_personalised_model_is_refused_and_the_six_feature_model_answe
     assert "state.npz" in reason
     assert (loaded.status, loaded.reason) == ("degraded", reason)
     assert loaded.reports() == {
-        "six_features": _ok("tiny-1"),
+        "six_features": _ok(tiny.six),
         "personalized": {"status": "refused", "version": None, "reason": reason},
     }
-    assert (loaded.six.source, loaded.six.version) == ("model", "tiny-1")  # still answers
+    assert (loaded.six.source, loaded.six.version) == ("model", tiny.six)  # still answers
     x = example_matrix()
     np.testing.assert_array_equal(loaded.six.predict(x), load_six_features(tiny_personalized_dir).predict(x))
 
@@ -157,7 +159,7 @@ class RaisingBooster:
 
 @pytest.mark.parametrize("booster", [NaNBooster(), RaisingBooster()], ids=["nan", "raises"])
 def test_a_personalised_model_whose_canned_prediction_fails_is_refused(
-    tiny_personalized_dir: Path, booster: object
+    tiny_personalized_dir: Path, booster: object, tiny: TinyVersions
 ) -> None:
     good = PersonalizedModel.load(tiny_personalized_dir / "personalized")
 
@@ -169,9 +171,9 @@ def test_a_personalised_model_whose_canned_prediction_fails_is_refused(
     loaded = ModelSet(tiny_personalized_dir, load_personal=broken).load()
     reason = "personalised model loaded but its canned prediction failed"
     assert loaded.personalized is None
-    assert loaded.personalized_report == ModelReport("refused", "tiny-personalized-1", reason)
+    assert loaded.personalized_report == ModelReport("refused", tiny.personalized, reason)
     assert (loaded.status, loaded.reason) == ("degraded", reason)
-    assert loaded.reports()["six_features"] == _ok("tiny-1")
+    assert loaded.reports()["six_features"] == _ok(tiny.six)
 
 
 class Answers:
@@ -212,7 +214,7 @@ def test_a_loader_that_fails_unexpectedly_leaves_the_fallback(tiny_model_dir: Pa
     )
 
 
-def test_swap_replaces_both_models_at_once(tiny_personalized_dir: Path) -> None:
+def test_swap_replaces_both_models_at_once(tiny_personalized_dir: Path, tiny: TinyVersions) -> None:
     models = ModelSet(tiny_personalized_dir)
     first = models.load()
     held = models.current  # what a request in flight read
@@ -233,7 +235,7 @@ def test_swap_replaces_both_models_at_once(tiny_personalized_dir: Path) -> None:
     # The snapshot read before the swap still holds the pair it was read with.
     assert held is first
     assert held.personalized is not None
-    assert (held.six.version, held.personalized.version) == ("tiny-1", "tiny-personalized-1")
+    assert (held.six.version, held.personalized.version) == (tiny.six, tiny.personalized)
     # Loading again (a reload) swaps in fresh models of the directory, both of them.
     again = models.load()
     assert models.current is again
@@ -242,16 +244,16 @@ def test_swap_replaces_both_models_at_once(tiny_personalized_dir: Path) -> None:
     assert again.reports() == first.reports()
 
 
-def test_model_set_states(tiny_model_dir: Path) -> None:
+def test_model_set_states(tiny_model_dir: Path, tiny: TinyVersions) -> None:
     m = ModelSet(tiny_model_dir)
     assert (m.current.status, m.ready, m.current.six.source) == ("degraded", False, "fallback")
     assert str(m.current.reason).startswith("starting")
     loaded = m.load()  # loads, checks each model with a canned prediction, swaps them in
     assert m.current is loaded
-    assert (m.current.status, m.current.reason, m.current.six.version) == ("ok", None, "tiny-1")
+    assert (m.current.status, m.current.reason, m.current.six.version) == ("ok", None, tiny.six)
     assert m.ready is True
     assert m.current.reports() == {
-        "six_features": {"status": "ok", "version": "tiny-1", "reason": None},
+        "six_features": {"status": "ok", "version": tiny.six, "reason": None},
         "personalized": {"status": "absent", "version": None, "reason": None},
     }
     again = ModelSet(tiny_model_dir).load()
@@ -271,7 +273,8 @@ def _with_terms(directory: Path, tmp_path: Path, six: list[DataSource], personal
     """A copy of both tiny models whose cards name the given training data (the model files are unchanged)."""
     copy = _copy(directory, tmp_path)
     for folder, terms in ((copy, six), (copy / "personalized", personal)):
-        write_card(folder, read_card(folder).model_copy(update={"data_terms": terms}))
+        # A card names its model by its content: other terms, another version.
+        write_card(folder, content_versioned(read_card(folder).model_copy(update={"data_terms": terms})))
     return copy
 
 
@@ -294,26 +297,31 @@ def test_a_card_from_before_data_terms_that_names_movielens_counts_as_movielens(
     assert noncommercial_sources(own) == []  # stated terms win over the data set's name
 
 
-def test_models_of_noncommercial_data_are_served_by_default(tiny_personalized_dir: Path, tmp_path: Path) -> None:
+def test_models_of_noncommercial_data_are_served_by_default(
+    tiny_personalized_dir: Path, tmp_path: Path, tiny: TinyVersions
+) -> None:
     directory = _with_terms(tiny_personalized_dir, tmp_path, [MOVIELENS_SMALL], [MOVIELENS_SMALL])
     loaded = ModelSet(directory).load()
-    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+    six, personal = read_card(directory).version, read_card(directory / "personalized").version
+    assert (six, personal) != (tiny.six, tiny.personalized)  # other cards, other versions
+    assert loaded.reports() == {"six_features": _ok(six), "personalized": _ok(personal)}
 
 
 def test_without_noncommercial_models_both_are_refused_and_the_rule_answers(
     tiny_personalized_dir: Path, tmp_path: Path
 ) -> None:
     directory = _with_terms(tiny_personalized_dir, tmp_path, [MOVIELENS_SMALL, IMDB_GGPLOT2MOVIES], [MOVIELENS_SMALL])
+    six_version, personal_version = read_card(directory).version, read_card(directory / "personalized").version
     loaded = ModelSet(directory, noncommercial=False).load()
     assert (loaded.six.source, loaded.personalized, loaded.status) == ("fallback", None, "degraded")
     six_reason, personal_reason = loaded.six_report.reason, loaded.personalized_report.reason
     assert six_reason == (
-        "model not loaded, answering with the fallback rule: ModelTermsError: tiny-1 was trained on data whose terms "
-        f"forbid commercial use without permission: {MOVIELENS_SMALL.name} ({MOVIELENS_SMALL.publisher}); "
+        f"model not loaded, answering with the fallback rule: ModelTermsError: {six_version} was trained on data "
+        f"whose terms forbid commercial use without permission: {MOVIELENS_SMALL.name} ({MOVIELENS_SMALL.publisher}); "
         "SERVE_NONCOMMERCIAL_MODELS is false (train on your own data: docs/training.md#data-and-terms)"
     )
     assert personal_reason is not None
-    assert personal_reason.startswith("personalised model not loaded: ModelTermsError: tiny-personalized-1 was ")
+    assert personal_reason.startswith(f"personalised model not loaded: ModelTermsError: {personal_version} was ")
     assert loaded.reports() == {
         "six_features": {"status": "fallback", "version": FallbackPredictor.version, "reason": six_reason},
         "personalized": {"status": "refused", "version": None, "reason": personal_reason},
@@ -324,9 +332,11 @@ def test_without_noncommercial_models_both_are_refused_and_the_rule_answers(
 def test_without_noncommercial_models_the_apps_own_models_answer(tiny_personalized_dir: Path, tmp_path: Path) -> None:
     # A model trained with --from-feedback (or on the app's CSVs) states its data, with no commercial restriction.
     directory = _with_terms(tiny_personalized_dir, tmp_path, [OWN_DATA], [OWN_DATA])
+    six_version, personal_version = read_card(directory).version, read_card(directory / "personalized").version
     loaded = ModelSet(directory, noncommercial=False).load()
-    assert loaded.reports() == {"six_features": _ok("tiny-1"), "personalized": _ok("tiny-personalized-1")}
+    assert loaded.reports() == {"six_features": _ok(six_version), "personalized": _ok(personal_version)}
     # Only the personalised model restricted: it alone is refused, the six-feature model answers everyone.
     mixed = _with_terms(tiny_personalized_dir, tmp_path / "mixed", [OWN_DATA], [MOVIELENS_SMALL])
     loaded = ModelSet(mixed, noncommercial=False).load()
-    assert (loaded.six.version, loaded.personalized, loaded.personalized_report.status) == ("tiny-1", None, "refused")
+    assert (loaded.six.version, loaded.personalized_report.status) == (read_card(mixed).version, "refused")
+    assert loaded.personalized is None

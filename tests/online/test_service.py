@@ -11,12 +11,13 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from conftest import TinyVersions
 from moviematch_ml.errors import FieldError, InvalidJSONError
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.caches import CACHE_MAX_BODY_BYTES, LRUCache
 from moviematch_ml.online.models import ModelReport, Models, ModelSet
 from moviematch_ml.online.store import FeedbackStore, make_engine
-from moviematch_ml.runtime.cards import PERSONALIZED_DIR
+from moviematch_ml.runtime.cards import PERSONALIZED_DIR, model_version
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from reference import Knows, Service, StandIn
 
@@ -68,11 +69,12 @@ def test_answers_come_from_the_current_six_feature_model(tmp_path: Path) -> None
     six = Fixed("v1", 6.0)
     service = Service(_model_set(tmp_path, six), max_batch_size=2)
     one = orjson.loads(service.predict_one(orjson.dumps(EXAMPLE)))
-    assert (one["predicted_rating"], one["model_version"], one["source"]) == (6.0, "v1", "model")
+    # The model set's version: a hash of its parts' (here a six-feature model "v1" alone).
+    assert (one["predicted_rating"], one["model_version"], one["source"]) == (6.0, model_version("v1", None), "model")
     body = orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": "m2"}]})
     batch = orjson.loads(service.predict_batch(body))
     assert [(p["movie_id"], p["predicted_rating"]) for p in batch["predictions"]] == [(1, 6.0), ("m2", 6.0)]
-    assert (batch["count"], batch["ranked"], batch["model_version"]) == (2, False, "v1")
+    assert (batch["count"], batch["ranked"], batch["model_version"]) == (2, False, model_version("v1", None))
     assert (six.calls, six.rows) == (2, 3)  # one model call per request, never row by row
     with pytest.raises(FieldError, match="1 to 2 movies"):
         service.predict_batch(orjson.dumps({"movies": [MOVIE] * 3}))  # max_batch_size
@@ -103,7 +105,7 @@ def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) 
     body = orjson.dumps(EXAMPLE)
     a, b = orjson.loads(service.predict_one(body)), orjson.loads(service.predict_one(body))
     assert first.calls == 1  # the second answer came from the cache
-    assert (a["predicted_rating"], b["predicted_rating"], b["model_version"]) == (6.0, 6.0, "v1")
+    assert (a["predicted_rating"], b["predicted_rating"], b["model_version"]) == (6.0, 6.0, model_version("v1", None))
     assert a["prediction_id"] != b["prediction_id"]
     batch = orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": 2}], "top_k": 1})
     c, d = orjson.loads(service.predict_batch(batch)), orjson.loads(service.predict_batch(batch))
@@ -142,7 +144,7 @@ def test_personalised_answers_are_not_cached(
     body = orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 1})
     for _ in range(2):
         out = orjson.loads(service.predict_one(body))
-        want = (1.25, "personalized", personalized.version)
+        want = (1.25, "personalized", model_version("v1", personalized.version))
         assert (out["predicted_rating"], out["source"], out["model_version"]) == want
     assert personal.calls == 2
     assert six.calls == 0  # a personalised answer does not need the six-feature model at all
@@ -173,7 +175,8 @@ def test_a_batch_mixes_personal_and_six_feature_rows(
         (1, 1.25, "personalized"),
         (3, 1.25, "personalized"),
     ]
-    assert (out["model_version"], out["personalized_model_version"]) == ("v1", personalized.version)
+    assert out["model_version"] == model_version("v1", personalized.version)
+    assert "personalized_model_version" not in out
     assert (six.calls, six.rows) == (1, 2)  # only the rows the personalised model left
     personal.known = None  # every row: one source for the answer, and the six-feature model is not called
     every = orjson.loads(service.predict_batch(orjson.dumps({"movies": movies, "user_id": "u"})))
@@ -210,7 +213,7 @@ def test_one_request_reads_the_models_once(
     service = Service(models, max_batch_size=10, user_views=SwapsMidway(store, known={1}))
     out = orjson.loads(service.predict_batch(orjson.dumps({"movies": [MOVIE, {**MOVIE, "movie_id": 2}], "user_id": 1})))
     assert [p["predicted_rating"] for p in out["predictions"]] == [1.25, 6.0]
-    assert (out["model_version"], out["personalized_model_version"]) == ("v1", personalized.version)
+    assert out["model_version"] == model_version("v1", personalized.version)
     assert (old.calls, new.calls) == (1, 0)
     assert models.current.six is new  # the swap did happen, for the next request
 
@@ -275,7 +278,9 @@ def test_errors_are_exceptions_not_responses(fallback_models: ModelSet) -> None:
     assert (info.value.loc, info.value.value) == ("movies[0].vote_count", -3)
 
 
-def test_personalizer_answers_the_rows_it_knows(with_personalized: ModelSet, tmp_path: Path) -> None:
+def test_personalizer_answers_the_rows_it_knows(
+    with_personalized: ModelSet, tmp_path: Path, tiny: TinyVersions
+) -> None:
     hook = LikesEvenMovies(tmp_path)
     service = Service(with_personalized, max_batch_size=10, user_views=hook)
     movies = [{"movie_id": i, **EXAMPLE} for i in (1, 2, 3, 4)]
@@ -286,9 +291,11 @@ def test_personalizer_answers_the_rows_it_knows(with_personalized: ModelSet, tmp
         (1, 7.909, "fallback"),
         (3, 7.909, "fallback"),
     ]
-    assert body["personalized_model_version"] == "tiny-personalized-1"
+    # One version for the whole answer: the model set's (its personalised part answered some rows).
+    assert (body["model_version"], body["variant"]) == (with_personalized.current.version, "champion")
+    assert "personalized_model_version" not in body
     # One call for the whole batch, with the model the set holds.
-    assert hook.calls == [("tiny-personalized-1", "7", [1, 2, 3, 4], (4, 6))]
+    assert hook.calls == [(tiny.personalized, "7", [1, 2, 3, 4], (4, 6))]
 
 
 def test_personalizer_is_not_asked_without_a_user(with_personalized: ModelSet, tmp_path: Path) -> None:
@@ -313,7 +320,7 @@ def test_personalizer_on_single_predictions(with_personalized: ModelSet, tmp_pat
     assert (known["predicted_rating"], known["source"], known["model_version"]) == (
         9.5,
         "personalized",
-        "tiny-personalized-1",
+        with_personalized.current.version,
     )
     odd = orjson.loads(service.predict_one(orjson.dumps({**EXAMPLE, "user_id": 7, "movie_id": 3})))
     assert (odd["predicted_rating"], odd["source"]) == (7.909, "fallback")

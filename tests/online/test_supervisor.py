@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
+from conftest import TinyVersions
 from moviematch_ml.errors import ConfigError
 from moviematch_ml.features import EXAMPLE, FEATURE_NAMES
 from moviematch_ml.online import supervisor
@@ -128,13 +129,13 @@ def _expected_rating(tiny_model_dir: Path, row: dict[str, Any]) -> float:
     return round(stars * 10.0 / 5.0, 3)  # the tiny model's scale tops at 5 stars
 
 
-def test_real_server_answers_every_endpoint(model_server: Server, tiny_model_dir: Path) -> None:
+def test_real_server_answers_every_endpoint(model_server: Server, tiny_model_dir: Path, tiny: TinyVersions) -> None:
     port = model_server.port
     status, _, root = request(port, "GET", "/")
-    assert (status, root["service"], root["model"]["version"]) == (200, "moviematch-ml", "tiny-1")
+    assert (status, root["service"], root["model"]["version"]) == (200, "moviematch-ml", tiny.model)
     status, _, health = request(port, "GET", "/health")
     assert (status, health["status"], health["source"]) == (200, "ok", "model")
-    assert health["models"]["six_features"] == {"status": "ok", "version": "tiny-1", "reason": None}
+    assert health["models"]["six_features"] == {"status": "ok", "version": tiny.six, "reason": None}
     assert health["models"]["personalized"] == {"status": "absent", "version": None, "reason": None}
     assert request(port, "GET", "/health/live")[2] == {"status": "alive"}
     status, headers, body = request(port, "POST", "/predict", EXAMPLE, {"X-Request-ID": "real-1"})
@@ -159,7 +160,7 @@ def test_real_server_answers_every_endpoint(model_server: Server, tiny_model_dir
         ("/predict-batch", 200),
         ("/predict", 422),
     ]
-    assert any(e["message"] == "models loaded" and e["model_version"] == "tiny-1" for e in entries)
+    assert any(e["message"] == "models loaded" and e["model_version"] == tiny.model for e in entries)
 
 
 @linux_only

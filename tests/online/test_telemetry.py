@@ -19,7 +19,7 @@ from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.models import ModelReport, Models, ModelSet
 from moviematch_ml.online.store import FeedbackStore
 from moviematch_ml.online.telemetry import DRIFT_INPUTS, EXPORTED, DriftCounter, Telemetry
-from moviematch_ml.runtime.cards import FeatureStats, ModelCard, RatingScale
+from moviematch_ml.runtime.cards import FeatureStats, ModelCard, RatingScale, model_version
 from moviematch_ml.runtime.drift import DriftBins, feature_bins
 from moviematch_ml.runtime.fallback import FallbackPredictor
 from moviematch_ml.runtime.personalized import PersonalizedModel
@@ -101,8 +101,9 @@ def test_predictions_cache_and_batch_sizes(telemetry: Telemetry) -> None:
     movies = [{"movie_id": m, **EXAMPLE} for m in range(3)]
     service.predict_batch(orjson.dumps({"movies": movies, "top_k": 1}))  # 3 movies predicted, 1 returned
     got = scrape(telemetry)
-    one = labels(endpoint="predict", variant="default", version="v1", source="model")
-    batch = labels(endpoint="predict_batch", variant="default", version="v1", source="model")
+    v1 = service.models.current.version  # the model set's: a hash of its six-feature model's version, "v1"
+    one = labels(endpoint="predict", variant="champion", version=v1, source="model")
+    batch = labels(endpoint="predict_batch", variant="champion", version=v1, source="model")
     assert (got[("moviematch_predictions_total", one)], got[("moviematch_predictions_total", batch)]) == (3, 3)
     assert got[("moviematch_answer_cache_lookups_total", labels(backend="memory", result="hit"))] == 1
     assert got[("moviematch_answer_cache_lookups_total", labels(backend="memory", result="miss"))] == 3
@@ -132,7 +133,7 @@ def test_prediction_errors_by_reason(telemetry: Telemetry) -> None:
     assert got[(errors, labels(endpoint="predict", reason="internal_error"))] == 1
     assert (
         "moviematch_predictions_total",
-        labels(endpoint="predict", variant="default", version="v1", source="model"),
+        labels(endpoint="predict", variant="champion", version=service.models.current.version, source="model"),
     ) not in got
 
 
@@ -155,10 +156,11 @@ def test_personalised_rows_are_counted_with_the_personalised_version(
     service.predict_batch(orjson.dumps({"movies": movies, "user_id": "u"}))  # two rows each
     got = scrape(telemetry)
     p = "moviematch_predictions_total"
-    v = personal.version
-    assert got[(p, labels(endpoint="predict", variant="default", version=v, source="personalized"))] == 1
-    assert got[(p, labels(endpoint="predict_batch", variant="default", version=v, source="personalized"))] == 2
-    assert got[(p, labels(endpoint="predict_batch", variant="default", version="v1", source="model"))] == 2
+    v = service.models.current.version  # one version for the model set, whichever of its parts answered
+    assert v == model_version("v1", personal.version)
+    assert got[(p, labels(endpoint="predict", variant="champion", version=v, source="personalized"))] == 1
+    assert got[(p, labels(endpoint="predict_batch", variant="champion", version=v, source="personalized"))] == 2
+    assert got[(p, labels(endpoint="predict_batch", variant="champion", version=v, source="model"))] == 2
     assert got[("moviematch_inference_seconds_count", labels(source="personalized"))] == 2
     assert got[("moviematch_inference_seconds_count", labels(source="model"))] == 1  # the batch's other rows
 

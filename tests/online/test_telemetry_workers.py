@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import TinyVersions
 from moviematch_ml.features import EXAMPLE
 from moviematch_ml.online.counters import ProcessValues, aggregate, read_directory
 from moviematch_ml.online.telemetry import FAMILIES, HTTP_SECONDS
@@ -64,20 +65,20 @@ def send_the_sequence(port: int, user: str = "u") -> None:
         assert request(port, "POST", "/feedback", {"user_id": user, "movie_id": m, "rating": 7})[0] == 201
 
 
-def check_the_sequence(got: Samples, times: int = 1) -> None:
+def check_the_sequence(got: Samples, tiny: TinyVersions, times: int = 1) -> None:
     requests = "moviematch_http_requests_total"
     assert got[(requests, labels(route="/predict", method="POST", status="2xx"))] == 40 * times
     assert got[(requests, labels(route="/predict", method="POST", status="4xx"))] == 10 * times
     assert got[(requests, labels(route="/predict-batch", method="POST", status="2xx"))] == 5 * times
-    one = labels(endpoint="predict", variant="default", version="tiny-1", source="model")
-    batch = labels(endpoint="predict_batch", variant="default", version="tiny-1", source="model")
+    one = labels(endpoint="predict", variant="champion", version=tiny.model, source="model")
+    batch = labels(endpoint="predict_batch", variant="champion", version=tiny.model, source="model")
     assert got[("moviematch_predictions_total", one)] == 40 * times
     assert got[("moviematch_predictions_total", batch)] == 15 * times
     refused = labels(endpoint="predict", reason="validation_error")
     assert got[("moviematch_prediction_errors_total", refused)] == 10 * times
     assert got[("moviematch_batch_size_count", ())] == 5 * times
     assert got[("moviematch_feedback_ratings_total", labels(outcome="accepted"))] == 3 * times
-    assert got[("moviematch_model_info", labels(model="six_features", version="tiny-1", status="ok"))] == 1
+    assert got[("moviematch_model_info", labels(model="six_features", version=tiny.six, status="ok"))] == 1
 
 
 def predictions_of(process: ProcessValues) -> float:
@@ -108,12 +109,12 @@ def stop_gracefully(server: Server) -> None:
     assert server.proc.wait(timeout=30) == 0
 
 
-def test_one_worker_counts_in_memory(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_one_worker_counts_in_memory(tmp_path: Path, tiny_model_dir: Path, tiny: TinyVersions) -> None:
     s = start(tmp_path, MODEL_PATH=str(tiny_model_dir), DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}")
     try:
         send_the_sequence(s.port)
         got = scrape(s.port)
-        check_the_sequence(got)
+        check_the_sequence(got, tiny)
         assert got[("moviematch_workers", ())] == 1
         stop_gracefully(s)
     finally:
@@ -122,7 +123,7 @@ def test_one_worker_counts_in_memory(tmp_path: Path, tiny_model_dir: Path) -> No
 
 
 @linux_only
-def test_two_workers_every_scrape_counts_both(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_two_workers_every_scrape_counts_both(tmp_path: Path, tiny_model_dir: Path, tiny: TinyVersions) -> None:
     s = start(tmp_path, WORKERS="2", MODEL_PATH=str(tiny_model_dir), DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}")
     try:
         s.wait_for_log("service started", count=2)
@@ -130,7 +131,7 @@ def test_two_workers_every_scrape_counts_both(tmp_path: Path, tiny_model_dir: Pa
         send_the_sequence(s.port)
         for _ in range(6):  # each on a new connection: both workers answer some of them
             got = scrape(s.port)
-            check_the_sequence(got)
+            check_the_sequence(got, tiny)
             assert got[("moviematch_workers", ())] == 2
         processes = read_directory(directory)
         assert len(processes) == 2
@@ -145,7 +146,9 @@ def test_two_workers_every_scrape_counts_both(tmp_path: Path, tiny_model_dir: Pa
 
 
 @linux_only
-def test_a_worker_replaced_after_a_crash_loses_no_count(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_worker_replaced_after_a_crash_loses_no_count(
+    tmp_path: Path, tiny_model_dir: Path, tiny: TinyVersions
+) -> None:
     directory = tmp_path / "metrics"
     directory.mkdir()
     (directory / "0-0.slots.jsonl").write_text('{"pid": 1}\n')  # a previous run's leftovers: removed at start
@@ -154,16 +157,16 @@ def test_a_worker_replaced_after_a_crash_loses_no_count(tmp_path: Path, tiny_mod
     try:
         s.wait_for_log("service started", count=2)
         send_the_sequence(s.port)
-        check_the_sequence(scrape(s.port))
+        check_the_sequence(scrape(s.port), tiny)
         victim = max(read_directory(directory), key=predictions_of)
         os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer would
         s.wait_for_log("service started", count=3)  # uvicorn's supervisor starts a new worker
         wait_until(lambda: scrape(s.port)[("moviematch_workers", ())] == 2, 15, "two live workers again")
         got = scrape(s.port)
-        check_the_sequence(got)  # the dead worker's counts are still there
+        check_the_sequence(got, tiny)  # the dead worker's counts are still there
         assert len(read_directory(directory)) == 3  # two live workers and the dead one's file
         send_the_sequence(s.port, user="v")
-        check_the_sequence(scrape(s.port), times=2)
+        check_the_sequence(scrape(s.port), tiny, times=2)
         stop_gracefully(s)
     finally:
         if s.proc.poll() is None:

@@ -17,7 +17,7 @@ from conftest import tiny_training_data
 from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.runtime import native
-from moviematch_ml.runtime.cards import CARD_NAME, ModelCard, RatingScale, read_card, write_card
+from moviematch_ml.runtime.cards import CARD_NAME, ModelCard, RatingScale, content_versioned, read_card, write_card
 from moviematch_ml.runtime.predictor import SixFeaturePredictor, load_six_features
 from moviematch_ml.runtime.trees import TreeEnsemble, UnsupportedModelError
 
@@ -73,7 +73,7 @@ def test_the_service_model_runs_in_our_evaluator(tiny_model_dir: Path) -> None:
     assert predictor.runtime == runtime
     assert predictor.ensemble is not None
     assert predictor.ensemble.runtime == runtime
-    assert predictor.version == "tiny-1"
+    assert predictor.version == read_card(tiny_model_dir).version
     assert predictor.source == "model"
     x, _ = tiny_training_data(200, seed=3)
     text = (tiny_model_dir / "model.txt").read_text(encoding="utf-8")
@@ -103,7 +103,7 @@ def test_a_model_of_other_features_is_refused(tiny_model_dir: Path) -> None:
 def test_load_checks_the_card(tiny_model_dir: Path, tmp_path: Path) -> None:
     directory = tmp_path / "model"
     shutil.copytree(tiny_model_dir, directory)
-    assert load_six_features(directory / CARD_NAME).version == "tiny-1"  # the card file itself is accepted too
+    assert load_six_features(directory / CARD_NAME).version == read_card(directory).version  # the card file too
     card = read_card(directory)
     write_card(directory, card.model_copy(update={"kind": "personalized"}))
     with pytest.raises(ModelFormatError, match="not a six-feature"):
@@ -114,7 +114,9 @@ def test_load_checks_the_card(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelChecksumError):
         load_six_features(directory)
     (directory / "model.txt").write_bytes(b"\xff" + text)
-    write_card(directory, card.model_copy(update={"sha256": hashlib.sha256(b"\xff" + text).hexdigest()}))
+    write_card(
+        directory, content_versioned(card.model_copy(update={"sha256": hashlib.sha256(b"\xff" + text).hexdigest()}))
+    )
     with pytest.raises(ModelFormatError, match="UTF-8"):
         load_six_features(directory)
     with pytest.raises(ModelNotFoundError):

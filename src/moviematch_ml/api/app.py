@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -26,17 +26,20 @@ from moviematch_ml.errors import StoreError
 from moviematch_ml.logs import configure_logging
 from moviematch_ml.online.access import AccessKeys, RateLimiter
 from moviematch_ml.online.caches import AsyncAnswerCache, RedisCache
-from moviematch_ml.online.contract import decode_answer, encode_answer
+from moviematch_ml.online.contract import BatchDecoder, FloatArray, decode_answer, decode_one, encode_answer
 from moviematch_ml.online.counters import NO_CALLS
 from moviematch_ml.online.feedback import FeedbackService
+from moviematch_ml.online.journal import PredictionLog
 from moviematch_ml.online.lifecycle import PROCESS, Lifecycle
 from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.reloads import Reloader
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
 from moviematch_ml.online.telemetry import PROCESS_SAMPLE_SECONDS, Telemetry
 from moviematch_ml.online.user_views import UserViews, maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
-from moviematch_ml.settings import Settings, load_settings, parse_rate, require_drivers
+from moviematch_ml.runtime.registry import Registry
+from moviematch_ml.settings import Settings, load_settings, parse_rate, parse_weights, require_drivers
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
     require_drivers(settings)
-    model_set = (
-        models
-        if models is not None
-        else ModelSet(settings.model_path or BUNDLED_MODEL_DIR, noncommercial=settings.serve_noncommercial_models)
-    )
+    model_set = models if models is not None else model_set_of(settings)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
     feedback_store = (
         store
@@ -85,6 +84,7 @@ def create_app(
         model_set.listeners.append(telemetry.models_changed)
     user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
     cache = _shared_cache(settings, telemetry)
+    prediction_log = _prediction_log(settings, telemetry)
     service = PredictionService(
         model_set,
         max_batch_size=settings.max_batch_size,
@@ -93,6 +93,7 @@ def create_app(
         user_views=user_views,
         store_read_timeout=settings.store_read_timeout,
         telemetry=telemetry,
+        log=prediction_log,
     )
     feedback = FeedbackService(
         feedback_store,
@@ -102,6 +103,7 @@ def create_app(
         telemetry=telemetry,
     )
     keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
+    reloader = Reloader(model_set, on_outcome=None if telemetry is None else telemetry.reload_done)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,8 +116,22 @@ def create_app(
         if settings.state_ttl_seconds > 0 and settings.state_cache_users > 0:
             share = settings.state_warm_share
             timeout = max(settings.store_statement_timeout, 1.0)
-            keep = maintain(user_views, lambda: model_set.current.personalized, warm_share=share, timeout=timeout)
+            keep = maintain(
+                user_views,
+                lambda: model_set.lineup.personalized_models(),
+                warm_share=share,
+                timeout=timeout,
+                model_of=lambda user: model_set.lineup.pick(user)[1].personalized,
+            )
             tasks.append(_task(keep))
+        if prediction_log is not None:
+            days = settings.prediction_log_retention_days
+            retention = days * 86400.0 if days > 0 else None
+            tasks.append(_task(prediction_log.run(feedback_store, retention_seconds=retention)))
+        reloader.attach()
+        lifecycle.on_reload(reloader.signal)
+        if model_set.registry is not None and settings.registry_poll_seconds > 0:
+            tasks.append(_task(reloader.poll(settings.registry_poll_seconds)))
         if telemetry is not None and telemetry.registry.directory is not None:
             # Other workers answer scrapes too: they read this worker's CPU time and memory from its file.
             tasks.append(_task(_sample_process(telemetry)))
@@ -124,7 +140,8 @@ def create_app(
             "service started",
             extra={
                 "status": current.status,
-                "model_version": current.six.version,
+                "model_version": current.version,
+                "variants": model_set.lineup.variants(),
                 "reason": current.reason,
                 "ready": model_set.ready,
                 "store": health.kind,
@@ -139,10 +156,13 @@ def create_app(
                 "set DATABASE_URL to a PostgreSQL database (docs/api.md, Deploying on Railway)"
             )
         yield
+        lifecycle.off_reload(reloader.signal)
         for task in tasks:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        if prediction_log is not None:
+            await prediction_log.flush(feedback_store)
         if isinstance(cache, RedisCache):
             await cache.aclose()
         feedback_store.close()
@@ -168,12 +188,14 @@ def create_app(
     app.state.store_health = health
     app.state.user_views = user_views
     app.state.telemetry = telemetry
+    app.state.prediction_log = prediction_log
     router = build_router(
         model_set,
         service,
         feedback,
         time.monotonic(),
         telemetry,
+        reloader=reloader,
         store_health=health,
         lifecycle=lifecycle,
         require_model=settings.require_model,
@@ -267,6 +289,37 @@ def _shared_cache(settings: Settings, telemetry: Telemetry | None) -> AsyncAnswe
         decode=decode_answer,
         calls=NO_CALLS if telemetry is None else telemetry.redis_calls,
     )
+
+
+def model_set_of(settings: Settings) -> ModelSet:
+    """The model set the settings describe: MODEL_PATH (or the bundled model), or the registry MODEL_REGISTRY."""
+    return ModelSet(
+        settings.model_path or BUNDLED_MODEL_DIR,
+        registry=None if settings.model_registry is None else Registry(settings.model_registry),
+        weights=parse_weights(settings.variant_weights),
+        salt=settings.experiment_salt,
+        noncommercial=settings.serve_noncommercial_models,
+    )
+
+
+def _prediction_log(settings: Settings, telemetry: Telemetry | None) -> PredictionLog | None:
+    if not settings.prediction_log:
+        return None
+    batch = BatchDecoder(settings.max_batch_size)
+
+    def decode(body: bytes) -> tuple[FloatArray, Sequence[str | int | None]]:
+        # A cached answer's body, decoded when it is written: its features and movie ids.
+        if b'"movies"' in body:
+            request = batch(body)
+            return request.x, request.ids
+        one = decode_one(body)
+        return one.x, [one.movie_id]
+
+    log_ = PredictionLog(max_rows=settings.prediction_log_queue, share=settings.prediction_log_share, decode=decode)
+    if telemetry is not None:
+        log_.on_written = telemetry.log_written.inc
+        log_.on_dropped = telemetry.log_dropped.inc
+    return log_
 
 
 async def _sample_process(telemetry: Telemetry) -> None:

@@ -13,11 +13,12 @@ from starlette.responses import Response
 
 from moviematch_ml import SERVICE_NAME, __version__
 from moviematch_ml.api import schemas
-from moviematch_ml.api.handlers import not_ready_response
+from moviematch_ml.api.handlers import error_response, not_ready_response
 from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.lifecycle import Lifecycle
 from moviematch_ml.online.models import ModelReport, ModelSet
+from moviematch_ml.online.reloads import Reloader
 from moviematch_ml.online.service import PredictionService
 from moviematch_ml.online.store import StoreHealth
 from moviematch_ml.online.telemetry import CONTENT_TYPE, Telemetry
@@ -28,6 +29,7 @@ IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
 # The operators' routes: the access keys' rules (a metrics or admin scope) match /metrics by this path.
 METRICS_PATH: Final[str] = "/metrics"
 MODELS_PATH: Final[str] = "/models"
+RELOAD_PATH: Final[str] = "/admin/reload"
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON (NaN, Infinity and 1e999 too)."},
@@ -65,6 +67,7 @@ def build_router(
     started_at: float,
     telemetry: Telemetry | None = None,
     *,
+    reloader: Reloader,
     store_health: StoreHealth,
     lifecycle: Lifecycle,
     require_model: bool = False,
@@ -114,6 +117,7 @@ def build_router(
                     "six_features": current.six_report.summary(details=True),
                     "personalized": current.personalized_report.summary(details=True),
                 },
+                "variants": models.lineup.variants(),
                 "auth": "on" if auth else "off",
                 "docs": "/docs",
             }
@@ -129,11 +133,12 @@ def build_router(
         return _json(
             {
                 "status": current.status,
-                "model_version": current.six.version,
+                "model_version": current.version,
                 "source": current.six.source,
                 "reason": current.reason,
                 "uptime_seconds": round(time.monotonic() - started_at, 3),
                 "models": current.reports(),
+                "variants": models.lineup.variants(),
                 "store": store_health.kind,
                 "store_status": store_health.status,
                 "store_reason": store_health.reason,
@@ -193,6 +198,32 @@ def build_router(
                 "personalized": _loaded(current.personalized_report, with_drift=False),
             }
         )
+
+    @router.post(
+        RELOAD_PATH,
+        summary="Load the registry's current assignment (or MODEL_PATH) again, in this worker; admin key",
+        response_model=schemas.ReloadResponse,
+        responses={
+            401: {"model": schemas.ErrorResponse, "description": "No valid key."},
+            403: {"model": schemas.ErrorResponse, "description": "Not an admin key, or no API_KEYS at all."},
+            409: {"model": schemas.ReloadResponse, "description": "A new model did not load: the old ones serve."},
+        },
+    )
+    async def admin_reload() -> Response:
+        """Every model of the new lineup is loaded and checked (checksums, a canned prediction) in a worker thread
+        while the old one answers, then swapped in whole; if any fails, nothing changes (409, with the reason).
+        The other workers and replicas pick a registry change up within REGISTRY_POLL_SECONDS."""
+        if not auth:  # admin routes need an admin key: without API_KEYS, nobody has one
+            return error_response(403, "forbidden", "admin routes need an admin key: set API_KEYS")
+        outcome = await reloader.reload()
+        lineup = outcome.lineup
+        body = {
+            "reloaded": outcome.reloaded,
+            "reason": outcome.reason,
+            "revision": lineup.revision,
+            "variants": lineup.variants(),
+        }
+        return _json(body, 200 if outcome.reloaded else 409)
 
     if telemetry is not None:
 

@@ -74,8 +74,13 @@ class PredictResponse(BaseModel):
 
     predicted_rating: float = Field(ge=0, le=10, description="Rounded to 3 decimals.", examples=[7.912])
     model_version: str = Field(
-        description="The model (or fallback rule) that answered; the personalised model's when source says so.",
+        description="The model that answered: a hash of every file it loads (its six-feature and personalised "
+        "parts; `source` says which part answered), or fallback-1 for the fallback rule.",
         examples=["fallback-1"],
+    )
+    variant: str = Field(
+        description="The A/B variant that answered: champion, or a challenger's name (from the model registry).",
+        examples=["champion"],
     )
     source: Source = Field(description="Which predictor answered.")
     prediction_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="Quote it when sending feedback.")
@@ -90,12 +95,13 @@ class BatchPrediction(BaseModel):
 
 class BatchResponse(BaseModel):
     predictions: list[BatchPrediction]
-    model_version: str
+    model_version: str = Field(
+        description="The model that answered every row (each row's `source` says which of its parts).",
+        examples=["fallback-1"],
+    )
+    variant: str = Field(description="The A/B variant that answered.", examples=["champion"])
     count: int = Field(description="Number of predictions returned (top_k may keep fewer than sent).")
     ranked: bool = Field(description="True when sorted best-first (rank or top_k).")
-    personalized_model_version: str | None = Field(
-        None, description="Present when some rows came from the personalised model: its version."
-    )
 
 
 class FieldProblem(BaseModel):
@@ -136,11 +142,12 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"] = Field(
         description="ok when the six-feature model answers and no personalised model was refused."
     )
-    model_version: str = Field(description="The six-feature model's version (fallback-1 for the fallback rule).")
+    model_version: str = Field(description="The champion model's version (fallback-1 for the fallback rule).")
     source: Literal["model", "fallback"]
     reason: str | None = Field(description="Why the service is degraded (null when ok).")
     uptime_seconds: float
     models: ModelStates
+    variants: list[VariantState] = Field(description="The champion and the A/B challengers in service.")
     store: str = Field(
         description="sqlite, postgresql, or 'sqlite (ephemeral)': a SQLite file in a container that a redeploy loses."
     )
@@ -182,6 +189,22 @@ class ModelsResponse(BaseModel):
     personalized: LoadedModel
 
 
+class VariantState(BaseModel):
+    """An A/B variant: its share of the users (with a user id) and its model."""
+
+    name: str = Field(examples=["champion"])
+    weight: float = Field(ge=0, le=1)
+    model_version: str
+    status: Literal["ok", "degraded"]
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool = Field(description="False: the new models were refused and the ones in service kept (409).")
+    reason: str | None = Field(description="Why the reload was refused (null when reloaded).")
+    revision: int | None = Field(description="The registry revision in service (null without a registry).")
+    variants: list[VariantState] = Field(description="The variants in service after the reload.")
+
+
 class RootResponse(BaseModel):
     service: str
     version: str
@@ -194,6 +217,7 @@ class RootResponse(BaseModel):
         "to_answer_scale onto answer_scale."
     )
     models: ModelStates
+    variants: list[VariantState] = Field(description="The champion and the A/B challengers in service.")
     auth: Literal["on", "off"] = Field(description="Whether access keys (API_KEYS) are required.")
     docs: str
 

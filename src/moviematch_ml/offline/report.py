@@ -137,7 +137,7 @@ def _personalized_section(result: TrainResult) -> list[str]:
     m = p.metrics
     lines = [
         "",
-        f"## Personalised model: {p.version}",
+        f"## Personalised model: {p.model.version}",
         "",
         f"- Model: LightGBM, {cfg.n_estimators} trees of up to {cfg.num_leaves} leaves over the six features plus "
         f"user and movie state and the collaborative-filtering score ({cfg.mf.factors} factors, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from moviematch_ml.offline.evaluation import TEMPORAL_TRAIN_FRACTION, FoldResult
 from moviematch_ml.offline.metrics import mae, rmse
 from moviematch_ml.offline.progress import QUIET, Progress
 from moviematch_ml.offline.stacking import fit_frame
-from moviematch_ml.runtime.cards import CARD_NAME, PERSONALIZED_DIR, ModelCard, write_card
+from moviematch_ml.runtime.cards import CARD_NAME, PERSONALIZED_DIR, ModelCard, content_versioned, write_card
 from moviematch_ml.runtime.factors import JSON_NAME, NPZ_NAME, MFConfig
 from moviematch_ml.runtime.personalized import MODEL_FILE as PERSONALIZED_FILE
 from moviematch_ml.runtime.personalized import STATE_FILE, PersonalizedConfig, PersonalizedModel
@@ -31,25 +30,9 @@ from moviematch_ml.runtime.personalized import STATE_FILE, PersonalizedConfig, P
 FloatArray = npt.NDArray[np.float64]
 
 
-def model_version(dataset: Dataset, config: TrainConfig) -> str:
-    """Reproducible version: the same data and config always give the same version, whatever the clock says."""
-    return f"six-{dataset.fingerprint()[:10]}-{config.digest()[:8]}"
-
-
 def personalized_config(seed: int = 42) -> PersonalizedConfig:
     """The personalised model's config for a ``--seed``: its inner folds, trees and factorisation all follow it."""
     return PersonalizedConfig(seed=seed, mf=MFConfig(seed=seed))
-
-
-def personalized_digest(config: PersonalizedConfig, six: TrainConfig) -> str:
-    """sha256 of both configs: the personalised model reads the six features, so their config is part of it."""
-    both = {"personalized": config.model_dump(mode="json"), "six_features": six.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(both, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def personalized_version(dataset: Dataset, config: PersonalizedConfig, six: TrainConfig) -> str:
-    """Reproducible version of the personalised model: data fingerprint + hash of the configs, never the clock."""
-    return f"personalized-{dataset.fingerprint()[:10]}-{personalized_digest(config, six)[:8]}"
 
 
 def min_training_ratings(config: TrainConfig) -> int:
@@ -62,10 +45,10 @@ def min_training_ratings(config: TrainConfig) -> int:
 
 @dataclass(frozen=True)
 class PersonalizedResult:
-    """The trained personalised model, its version and the card fields (data, hold-out metrics) it is saved with."""
+    """The trained personalised model and the card fields (data, hold-out metrics) it is saved with (its version is
+    its content's: ``model.version`` once written)."""
 
     model: PersonalizedModel
-    version: str
     data: dict[str, Any]
     metrics: dict[str, Any]
 
@@ -184,39 +167,42 @@ def train_models(
         "metadata_join": dataset.join,
         **dataset.source,
     }
-    card = ModelCard(
-        name=MODEL_NAME,
-        version=model_version(dataset, cfg),
-        kind="six_features",
-        created_at=when,
-        model_file=MODEL_FILE,
-        model_format="lightgbm-text",
-        sha256=sha,
-        features=list(FEATURE_NAMES),
-        rating_scale=dataset.scale,
-        feature_stats=feature_stats(frame),
-        data=data,
-        data_terms=list(dataset.terms),
-        training={
-            "config": cfg.model_dump(mode="json"),
-            "config_sha256": cfg.digest(),
-            "lightgbm_version": lgb.__version__,
-            "best_iteration": fitted.best_iteration,
-            "num_trees": fitted.num_trees,
-            "num_leaves_total": fitted.num_leaves_total,
-            "early_stopping_valid_rmse": round(fitted.valid_rmse, 4),
-            "n_fit": fitted.n_train,
-            "n_early_stopping": fitted.n_valid,
-            "feature_importance_gain": importance,
-        },
-        metrics={
-            "protocol": "temporal",
-            "note": "models fitted on the first 80% of ratings by time, scored on the last 20%, on the data's scale",
-            "n_train": len(train_idx),
-            "n_test": len(test_idx),
-            "cold_user_test_ratings": int(holdout.cold.sum()),
-            "models": {name: _rounded(m) for name, m in metrics.items()},
-        },
+    card = content_versioned(
+        ModelCard(
+            name=MODEL_NAME,
+            version="",  # named by its content below: the data's fingerprint is provenance (data), not the name
+            kind="six_features",
+            created_at=when,
+            model_file=MODEL_FILE,
+            model_format="lightgbm-text",
+            sha256=sha,
+            features=list(FEATURE_NAMES),
+            rating_scale=dataset.scale,
+            feature_stats=feature_stats(frame),
+            data=data,
+            data_terms=list(dataset.terms),
+            training={
+                "config": cfg.model_dump(mode="json"),
+                "config_sha256": cfg.digest(),
+                "lightgbm_version": lgb.__version__,
+                "best_iteration": fitted.best_iteration,
+                "num_trees": fitted.num_trees,
+                "num_leaves_total": fitted.num_leaves_total,
+                "early_stopping_valid_rmse": round(fitted.valid_rmse, 4),
+                "n_fit": fitted.n_train,
+                "n_early_stopping": fitted.n_valid,
+                "feature_importance_gain": importance,
+            },
+            metrics={
+                "protocol": "temporal",
+                "note": "models fitted on the first 80% of ratings by time, scored on the last 20%, "
+                "on the data's scale",
+                "n_train": len(train_idx),
+                "n_test": len(test_idx),
+                "cold_user_test_ratings": int(holdout.cold.sum()),
+                "models": {name: _rounded(m) for name, m in metrics.items()},
+            },
+        )
     )
     presult = None
     if personalized is not None and pcand is not None and pcand.last_mask is not None:
@@ -226,7 +212,6 @@ def train_models(
         seconds["personalized"] = time.perf_counter() - t0
         presult = PersonalizedResult(
             pmodel,
-            personalized_version(dataset, personalized, cfg),
             dict(data),
             _personalized_metrics(holdout, pcand.last_mask, len(train_idx)),
         )
@@ -251,7 +236,6 @@ def write_model(directory: Path, result: TrainResult) -> Path:
         p.model.save(
             directory / PERSONALIZED_DIR,
             name=PERSONALIZED_NAME,
-            version=p.version,
             created_at=result.card.created_at,
             data=p.data,
             data_terms=result.card.data_terms,

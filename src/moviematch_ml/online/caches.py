@@ -220,6 +220,11 @@ class TTLCache(Generic[K, V]):
         with self._lock:
             return list(self._data)
 
+    def items(self) -> list[tuple[K, V]]:
+        """The entries held, least recently stored first (expired ones included)."""
+        with self._lock:
+            return [(k, v) for k, (_, v) in self._data.items()]
+
     def discard(self, keys: Iterable[K]) -> None:
         with self._lock:
             for k in keys:

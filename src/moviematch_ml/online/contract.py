@@ -284,7 +284,8 @@ class OneAnswer:
     rating: float  # rounded to 3 decimals
     source: str
     cacheable: bool  # depends on the body alone
-    version: str
+    version: str  # the model directory's (Models.version)
+    variant: str = "champion"
 
 
 @dataclass(slots=True)
@@ -297,30 +298,36 @@ class BatchAnswer:
     sources: list[str] | None  # per row, when the rows came from more than one source
     order: list[int]
     ranked: bool
-    version: str
+    version: str  # the model directory's (Models.version)
     cacheable: bool
-    personalized_version: str | None = None
+    variant: str = "champion"
 
 
-def render_one(answer: OneAnswer) -> bytes:
+def render_one(answer: OneAnswer, prediction_id: str) -> bytes:
     return orjson.dumps(
         {
             "predicted_rating": answer.rating,
             "model_version": answer.version,
+            "variant": answer.variant,
             "source": answer.source,
-            "prediction_id": new_id(),
+            "prediction_id": prediction_id,
         }
     )
 
 
-def render_batch(answer: BatchAnswer) -> bytes:
-    tail: dict[str, object] = {"model_version": answer.version, "count": len(answer.order), "ranked": answer.ranked}
-    if answer.personalized_version is not None:
-        # Rows with "source": "personalized" came from this model; model_version is the six-feature model's.
-        tail["personalized_model_version"] = answer.personalized_version
+def render_batch(answer: BatchAnswer, request_id: str) -> bytes:
+    """The answer; row i's prediction id is ``<request_id>-<i>`` (i: its place in the request)."""
+    tail = {
+        "model_version": answer.version,
+        "variant": answer.variant,
+        "count": len(answer.order),
+        "ranked": answer.ranked,
+    }
     sources = None if answer.sources is None else list(map(_json_text, answer.sources))
     order = answer.order if answer.ranked else None  # unranked answers are in request order
-    rows = native.rows(answer.ids, answer.rounded, order, _json_text(answer.source), sources, new_id().encode("ascii"))
+    rows = native.rows(
+        answer.ids, answer.rounded, order, _json_text(answer.source), sources, request_id.encode("ascii")
+    )
     return b'{"predictions":[' + rows + b"]," + orjson.dumps(tail)[1:]
 
 
@@ -341,5 +348,5 @@ def decode_answer(data: dict[str, Any]) -> OneAnswer | BatchAnswer:
     """The inverse of ``encode_answer``."""
     if "batch" in data:
         return BatchAnswer(*data["batch"])
-    rating, source, cacheable, version = data["one"]
-    return OneAnswer(float(rating), str(source), bool(cacheable), str(version))
+    rating, source, cacheable, version, variant = data["one"]
+    return OneAnswer(float(rating), str(source), bool(cacheable), str(version), str(variant))

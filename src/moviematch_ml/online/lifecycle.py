@@ -28,6 +28,11 @@ class Lifecycle:
         """Run ``callback`` on SIGHUP."""
         self._reloads.append(callback)
 
+    def off_reload(self, callback: Callable[[], None]) -> None:
+        """Stop running ``callback`` on SIGHUP (an app that stops)."""
+        if callback in self._reloads:
+            self._reloads.remove(callback)
+
     def reload(self) -> bool:
         """Run the reload callbacks (a SIGHUP); False when there is none."""
         if not self._reloads:

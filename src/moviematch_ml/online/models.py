@@ -1,29 +1,38 @@
 """The models the service answers with: loaded, checked, swapped in together, and reported one by one.
 
 A ``Models`` snapshot holds the six-feature predictor (the trained model, or the fallback rule with the reason
-why) and the personalised model (or none), each with its report. ``ModelSet.current`` is replaced whole by one
-attribute assignment, so a request that reads it once answers with one consistent pair, and ``/health`` reports
-one consistent state, even while another thread swaps in new models.
+why) and the personalised model (or none), each with its report, and the version of the model directory they came
+from. A ``Lineup`` holds the champion's ``Models`` and the challengers' (A/B variants, from a model registry).
+``ModelSet.lineup`` is replaced whole by one attribute assignment, so a request that reads it once answers with
+one consistent set, and ``/health`` reports one consistent state, even while another thread reloads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import numpy as np
 
-from moviematch_ml.errors import ModelError, ModelTermsError
+from moviematch_ml.errors import ModelError, ModelTermsError, RegistryError
 from moviematch_ml.features import example_matrix
-from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR, PERSONALIZED_DIR, ModelCard, noncommercial_sources
+from moviematch_ml.runtime.cards import (
+    BUNDLED_MODEL_DIR,
+    PERSONALIZED_DIR,
+    ModelCard,
+    model_version,
+    noncommercial_sources,
+)
 from moviematch_ml.runtime.fallback import FallbackPredictor
 from moviematch_ml.runtime.personalized import PersonalizedModel
 from moviematch_ml.runtime.predictor import Predictor, load_six_features
+from moviematch_ml.runtime.registry import CHAMPION, Registry, assign, directory_version, weights_with
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +63,35 @@ class ModelReport:
 
 @dataclass(frozen=True, slots=True)
 class Models:
-    """One consistent set of what answers: read it once per request."""
+    """One consistent set of what answers: read it once per request.
+
+    ``version`` names the model directory (``cards.model_version`` of both cards: what answers report as
+    ``model_version``, and what the registry and the A/B reports know the model by); the fallback rule's is its own.
+    Left empty, it is computed from the parts that loaded.
+    """
 
     six: Predictor  # the trained six-feature model, or the fallback rule
     personalized: PersonalizedModel | None
     six_report: ModelReport
     personalized_report: ModelReport
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.six.source == "fallback" and self.personalized is None:
+            object.__setattr__(self, "version", self.six.version)  # the rule alone answers: it names itself
+        elif not self.version:
+            personal = None if self.personalized is None else self.personalized.version
+            object.__setattr__(self, "version", model_version(self.six.version, personal))
+
+    @property
+    def healthy(self) -> bool:
+        """Every part the directory holds loaded and answers."""
+        return self.six_report.status == "ok" and self.personalized_report.status in ("ok", "absent")
 
     @property
     def status(self) -> Status:
         """ok when the six-feature model answers and no personalised model was refused."""
-        ok = self.six_report.status == "ok" and self.personalized_report.status in ("ok", "absent")
-        return "ok" if ok else "degraded"
+        return "ok" if self.healthy else "degraded"
 
     @property
     def reason(self) -> str | None:
@@ -86,6 +112,66 @@ def _starting() -> Models:
         ModelReport("starting", FallbackPredictor.version, NOT_LOADED),
         ModelReport("starting", None, NOT_LOADED),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A challenger: a model served to a share of the users."""
+
+    name: str
+    weight: float
+    models: Models
+
+
+@dataclass(frozen=True, slots=True)
+class Lineup:
+    """What answers: the champion, and the challengers with their shares of the users (``runtime/registry.py``)."""
+
+    champion: Models
+    challengers: tuple[Variant, ...] = ()
+    salt: str = ""
+    revision: int | None = None  # the registry's, when it came from one
+    weights: tuple[tuple[str, float], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        rest = 1.0 - sum(v.weight for v in self.challengers)
+        object.__setattr__(self, "weights", ((CHAMPION, rest), *((v.name, v.weight) for v in self.challengers)))
+
+    def pick(self, user_id: str | int | None) -> tuple[str, Models]:
+        """The variant that answers a request: the champion without a user id or challengers, else the user's."""
+        if user_id is None or not self.challengers:
+            return CHAMPION, self.champion
+        i = assign(str(user_id), self.weights, self.salt)
+        return (CHAMPION, self.champion) if i == 0 else (self.challengers[i - 1].name, self.challengers[i - 1].models)
+
+    def variants(self) -> list[dict[str, object]]:
+        """Each variant's name, share of users, model version and status (``GET /``, ``/admin/reload``)."""
+        out: list[dict[str, object]] = []
+        for (name, weight), models in zip(self.weights, self.models(), strict=True):
+            out.append(
+                {"name": name, "weight": round(weight, 6), "model_version": models.version, "status": models.status}
+            )
+        return out
+
+    def models(self) -> list[Models]:
+        return [self.champion, *(v.models for v in self.challengers)]
+
+    def personalized_models(self) -> list[PersonalizedModel]:
+        """The personalised models served, the champion's first, each once."""
+        out: list[PersonalizedModel] = []
+        for models in self.models():
+            if models.personalized is not None and all(m is not models.personalized for m in out):
+                out.append(models.personalized)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What a reload did: swapped in the new lineup, or kept the old one and why."""
+
+    reloaded: bool
+    lineup: Lineup
+    reason: str | None = None
 
 
 def load_personalized(model_path: Path) -> PersonalizedModel | None:
@@ -109,52 +195,96 @@ def canned_personalized(model: PersonalizedModel) -> float:
 
 
 class ModelSet:
-    """Loads the models of ``model_path`` (the six-feature model, and its ``personalized/`` directory), checks each
-    with a canned prediction, and swaps them in together.
+    """Loads the models, checks each with a canned prediction, and swaps them in together.
 
-    A six-feature model that cannot be loaded or answered leaves the fallback rule answering, with the reason; a
-    personalised model that cannot is left out (the six-feature model answers everyone), with the reason. Either
-    makes the service ``degraded`` in ``/health``. With ``noncommercial=False`` (``SERVE_NONCOMMERCIAL_MODELS``)
-    a model whose card says its training data forbids commercial use is refused the same way.
+    The models come from ``model_path`` (the six-feature model, and its ``personalized/`` directory), or from a model
+    registry (``runtime/registry.py``): its champion, and its challengers as A/B variants, with the registry's
+    weights unless ``weights`` overrides some (``VARIANT_WEIGHTS``) and its salt unless ``salt`` does.
+
+    At start (``load``), a six-feature model that cannot be loaded or answered leaves the fallback rule answering,
+    with the reason; a personalised model that cannot is left out (the six-feature model answers everyone), with
+    the reason; a challenger that cannot is left out. Any of these makes the service ``degraded`` in ``/health``.
+    A reload (``reload``: ``POST /admin/reload``, SIGHUP, a change of the registry file) is stricter: unless every
+    model of the new lineup loads whole, nothing changes and the reason is returned. With ``noncommercial=False``
+    (``SERVE_NONCOMMERCIAL_MODELS``) a model whose card says its training data forbids commercial use is refused
+    the same way.
     """
 
     def __init__(
         self,
         model_path: Path,
         *,
+        registry: Registry | None = None,
+        weights: Mapping[str, float] | None = None,
+        salt: str | None = None,
         load_six: Callable[[Path], Predictor] = load_six_features,
         load_personal: Callable[[Path], PersonalizedModel | None] = load_personalized,
         noncommercial: bool = True,
     ) -> None:
         self.path = model_path
+        self.registry = registry
+        self.weights = dict(weights or {})
+        self.salt = salt
         self.noncommercial = noncommercial
         self._load_six = load_six
         self._load_personal = load_personal
-        self.current: Models = _starting()
+        self.lineup = Lineup(_starting())
         self.ready = False
         self.loaded_at: float | None = None
+        self.registry_stamp: tuple[int, int] | None = None
+        self._reloading = threading.Lock()
         # Told of every swap, after it (the metrics: each model's info, readiness and drift bins).
         self.listeners: list[Callable[[Models], None]] = []
 
+    @property
+    def current(self) -> Models:
+        """The champion's models (what answers requests without a user id)."""
+        return self.lineup.champion
+
     def load(self) -> Models:
-        """Load, check and swap in the models of the path; never raises for a bad model (see the class)."""
-        six, six_report = self._six()
-        personal, personal_report = self._personalized()
-        models = Models(six, personal, six_report, personal_report)
-        self.swap(models)
+        """Load, check and swap in the models; never raises for a bad model (see the class)."""
+        with self._reloading:
+            lineup = self._build(strict=False, reuse={})
+            self.swap_lineup(lineup)
         self.ready = True
-        return models
+        return lineup.champion
+
+    def reload(self) -> ReloadOutcome:
+        """Load the current assignment again and swap it in if every model of it loads whole; else keep the lineup
+        in service and say why. One reload at a time; models whose version is already loaded are reused."""
+        with self._reloading:
+            old = self.lineup
+            reuse = {m.version: m for m in old.models() if m.healthy}
+            try:
+                lineup = self._build(strict=True, reuse=reuse)
+            except (ModelError, RegistryError) as exc:
+                reason = self._public(str(exc))
+                log.error("reload refused, the models in service are kept", extra={"reason": reason})
+                return ReloadOutcome(False, old, reason)
+            self.swap_lineup(lineup)
+            self.ready = True
+            return ReloadOutcome(True, lineup)
+
+    def registry_changed(self) -> bool:
+        """Whether the registry file changed since the lineup was built from it (a stat, no read)."""
+        return self.registry is not None and self.registry.stamp() != self.registry_stamp
 
     def swap(self, models: Models) -> None:
-        """Make ``models`` the ones that answer."""
-        self.current = models
+        """Make ``models`` the only ones that answer."""
+        self.swap_lineup(Lineup(models))
+
+    def swap_lineup(self, lineup: Lineup) -> None:
+        """Make ``lineup`` the one that answers."""
+        self.lineup = lineup
         self.loaded_at = time.time()
+        models = lineup.champion
         log.info(
             "models loaded",
             extra={
                 "status": models.status,
-                "model_version": models.six.version,
-                "personalized_model_version": models.personalized_report.version,
+                "model_version": models.version,
+                "variants": [f"{v['name']}={v['model_version']}@{v['weight']}" for v in lineup.variants()],
+                "revision": lineup.revision,
                 "reason": models.reason,
             },
         )
@@ -164,8 +294,48 @@ class ModelSet:
             except Exception:  # the models answer whatever a listener does
                 log.exception("model swap listener failed")
 
-    def _six(self) -> tuple[Predictor, ModelReport]:
-        path = self.path
+    # --- building a lineup ----------------------------------------------------------------------------------------
+
+    def _build(self, *, strict: bool, reuse: dict[str, Models]) -> Lineup:
+        registry = self.registry
+        if registry is None:
+            return Lineup(self._directory(self.path, strict=strict, reuse=reuse))
+        stamp = registry.stamp()
+        assignment = registry.read()
+        variants = assignment.variants()
+        if not variants:
+            # An empty registry (nothing registered yet) serves MODEL_PATH, or the bundled model.
+            log.warning("the model registry has no champion yet: serving MODEL_PATH", extra={"revision": 0})
+            self.registry_stamp = stamp
+            return Lineup(self._directory(self.path, strict=strict, reuse=reuse))
+        variants = weights_with(self.weights, variants)
+        champion = self._directory(registry.model_dir(variants[0][1]), strict=strict, reuse=reuse)
+        challengers = []
+        for name, version, weight in variants[1:]:
+            try:
+                models = self._directory(registry.model_dir(version), strict=True, reuse=reuse)
+            except (ModelError, RegistryError) as exc:
+                if strict:
+                    raise ModelError(f"challenger {name} ({version}): {exc}") from exc
+                log.error("challenger left out", extra={"variant": name, "model_version": version, "reason": str(exc)})
+                continue
+            challengers.append(Variant(name, weight, models))
+        self.registry_stamp = stamp
+        return Lineup(champion, tuple(challengers), self.salt or assignment.salt, assignment.revision)
+
+    def _directory(self, path: Path, *, strict: bool, reuse: dict[str, Models]) -> Models:
+        """The models of one directory. ``strict``: raise ModelError unless every part loads (no fallback)."""
+        version = _directory_version(path)
+        if version is not None and version in reuse:
+            return reuse[version]
+        six, six_report = self._six(path)
+        personal, personal_report = self._personalized(path)
+        models = Models(six, personal, six_report, personal_report, version or "")
+        if strict and not models.healthy:
+            raise ModelError(models.reason or f"{path.name} did not load")
+        return models
+
+    def _six(self, path: Path) -> tuple[Predictor, ModelReport]:
         try:
             predictor = self._load_six(path)
             card = getattr(predictor, "card", None)
@@ -189,14 +359,14 @@ class ModelSet:
         card = getattr(predictor, "card", None)
         return predictor, ModelReport("ok", predictor.version, None, card if isinstance(card, ModelCard) else None)
 
-    def _personalized(self) -> tuple[PersonalizedModel | None, ModelReport]:
+    def _personalized(self, path: Path) -> tuple[PersonalizedModel | None, ModelReport]:
         try:
-            model = self._load_personal(self.path)
+            model = self._load_personal(path)
             if model is not None and model.card is not None:
                 self._check_terms(model.card)
         except Exception as exc:
             reason = f"personalised model not loaded: {type(exc).__name__}: {exc}"
-            log.error("personalised model not loaded", extra={"model_path": str(self.path), "reason": reason})
+            log.error("personalised model not loaded", extra={"model_path": str(path), "reason": reason})
             return None, ModelReport("refused", None, self._public(reason))
         if model is None:
             return None, ModelReport("absent", None)
@@ -208,17 +378,22 @@ class ModelSet:
             ok = False
         if not ok:
             reason = "personalised model loaded but its canned prediction failed"
-            log.error("personalised model not loaded", extra={"model_path": str(self.path), "reason": reason})
+            log.error("personalised model not loaded", extra={"model_path": str(path), "reason": reason})
             return None, ModelReport("refused", model.version, reason)
         return model, ModelReport("ok", model.version, None, model.card)
 
     def _public(self, reason: str) -> str:
-        """A reason as /health shows it: the model directory is named MODEL_PATH (the log has the full path; the
-        answers of a public URL should not tell the machine's layout)."""
+        """A reason as /health shows it: model directories are named MODEL_PATH or by their registry version (the
+        log has the full path; the answers of a public URL should not tell the machine's layout)."""
+        places: dict[str, str] = {}
         path = self.path.resolve()
         where = "the bundled model" if path == BUNDLED_MODEL_DIR.resolve() else "MODEL_PATH"
-        for spelling in sorted({str(path), str(self.path)}, key=len, reverse=True):
-            reason = reason.replace(spelling, where)
+        places.update({str(path): where, str(self.path): where})
+        if self.registry is not None:
+            root = self.registry.root
+            places.update({str(root.resolve()): "MODEL_REGISTRY", str(root): "MODEL_REGISTRY"})
+        for spelling in sorted(places, key=len, reverse=True):
+            reason = reason.replace(spelling, places[spelling])
         return reason
 
     def _check_terms(self, card: ModelCard) -> None:
@@ -234,11 +409,11 @@ class ModelSet:
             )
 
     def summary(self) -> dict[str, object]:
-        """What ``GET /`` says of the models: the six-feature model in detail (``model``), and each model."""
+        """What ``GET /`` says of the models: the champion in detail (``model``), and each model."""
         current = self.current
         six = current.six
         out: dict[str, object] = {
-            "version": six.version,
+            "version": current.version,
             "source": six.source,
             "status": current.status,
             "reason": current.reason,
@@ -253,6 +428,14 @@ class ModelSet:
             out["to_answer_scale"] = card.rating_scale.to_api
             out["metrics"] = card.metrics
         return out
+
+
+def _directory_version(path: Path) -> str | None:
+    """A model directory's version from its cards, or None when they cannot be read (the load then says why)."""
+    try:
+        return directory_version(path if path.is_dir() else path.parent)
+    except (ModelError, OSError):
+        return None
 
 
 def _answers(predictor: Predictor) -> bool:

@@ -27,10 +27,12 @@ from moviematch_ml.online.contract import (
     BatchRequest,
     OneAnswer,
     decode_one,
+    new_id,
     render_batch,
     render_one,
 )
-from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.journal import Entry, PredictionLog
+from moviematch_ml.online.models import Models, ModelSet
 from moviematch_ml.online.telemetry import ENDPOINTS, Telemetry
 from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime.personalized import PersonalizedModel
@@ -72,6 +74,7 @@ class PredictionService:
         store_read_timeout: float = 0.5,
         store_threads: int = 4,
         telemetry: Telemetry | None = None,
+        log: PredictionLog | None = None,
     ) -> None:
         self.models = models
         self.user_views = user_views
@@ -86,6 +89,7 @@ class PredictionService:
         self._store_down_until = 0.0
         self.store_failures = 0
         self.telemetry = telemetry
+        self.log = log  # the prediction log: every answer is queued in it
         if telemetry is not None and self.cache is not None:
             backend = "memory" if isinstance(self.cache, LRUCache) else "redis"
             self._hits, self._misses = telemetry.cache_lookups(backend)
@@ -98,50 +102,70 @@ class PredictionService:
 
     async def predict_one(self, body: bytes) -> bytes:
         """``POST /predict``: six features, optional ``user_id`` and ``movie_id``."""
+        prediction_id = new_id()
         telemetry = self.telemetry
         if telemetry is None:
-            return render_one(await self._predict_one(body))
+            return render_one(await self._predict_one(body, prediction_id), prediction_id)
         try:
-            answer = await self._predict_one(body)
+            answer = await self._predict_one(body, prediction_id)
         except Exception as exc:
             telemetry.prediction_failed(PREDICT, exc)
             raise
-        telemetry.predicted(PREDICT, answer.source, answer.version, 1)
-        return render_one(answer)
+        telemetry.predicted(PREDICT, answer.variant, answer.source, answer.version, 1)
+        return render_one(answer, prediction_id)
 
     async def predict_batch(self, body: bytes) -> bytes:
         """``POST /predict-batch``: one prediction per movie, in request order or ranked best-first."""
+        request_id = new_id()
         telemetry = self.telemetry
         if telemetry is None:
-            return render_batch(await self._predict_batch(body))
+            return render_batch(await self._predict_batch(body, request_id), request_id)
         try:
-            answer = await self._predict_batch(body)
+            answer = await self._predict_batch(body, request_id)
         except Exception as exc:
             telemetry.prediction_failed(PREDICT_BATCH, exc)
             raise
         n = len(answer.ids)
         telemetry.batch_size.observe(n)
         if answer.sources is None:  # one source for every row
-            version = answer.personalized_version if answer.source == PERSONALIZED else answer.version
-            telemetry.predicted(PREDICT_BATCH, answer.source, version, n)
+            telemetry.predicted(PREDICT_BATCH, answer.variant, answer.source, answer.version, n)
         else:
             personal = answer.sources.count(PERSONALIZED)
-            telemetry.predicted(PREDICT_BATCH, PERSONALIZED, answer.personalized_version, personal)
-            telemetry.predicted(PREDICT_BATCH, answer.source, answer.version, n - personal)
-        return render_batch(answer)
+            telemetry.predicted(PREDICT_BATCH, answer.variant, PERSONALIZED, answer.version, personal)
+            telemetry.predicted(PREDICT_BATCH, answer.variant, answer.source, answer.version, n - personal)
+        return render_batch(answer, request_id)
 
-    async def _predict_one(self, body: bytes) -> OneAnswer:
+    async def _predict_one(self, body: bytes, prediction_id: str) -> OneAnswer:
         cached = await self._cached_answer(body)
+        log = self.log
         if isinstance(cached, OneAnswer):
+            if log is not None:
+                log.add(
+                    Entry(
+                        prediction_id,
+                        time.time(),
+                        PREDICT,
+                        cached.variant,
+                        cached.version,
+                        None,
+                        None,
+                        None,
+                        [cached.rating],
+                        cached.source,
+                        None,
+                        body=body,
+                    )
+                )
             return cached
         request = decode_one(body)
         users = self.user_views
-        models = self.models.current
+        variant, models = self.models.lineup.pick(request.user_id)
         telemetry = self.telemetry
         if telemetry is not None and (drift := telemetry.drift(models)) is not None:
             drift.add(request.x)
         personal = models.personalized
         six = models.six
+        answer = None
         if request.user_id is not None and users is not None and personal is not None:
             inputs = await self._personal_inputs(users, personal, request.user_id)
             start = perf_counter() if telemetry is not None else 0.0
@@ -151,25 +175,62 @@ class PredictionService:
                     telemetry.inference[PERSONALIZED].observe(perf_counter() - start)
                 # The six-feature model is not needed at all. A personalised answer changes with the user's
                 # feedback: it is never cached.
-                return OneAnswer(round(float(answered[0][0]), 3), PERSONALIZED, False, personal.version)
-        if telemetry is None:
-            y = float(six.predict(request.x)[0])
-        else:
-            start = perf_counter()
-            y = float(six.predict(request.x)[0])
-            telemetry.inference[six.source].observe(perf_counter() - start)
-        answer = OneAnswer(round(y, 3), six.source, request.user_id is None or users is None, six.version)
-        await self._store(body, answer, answer.cacheable, 1)
+                answer = OneAnswer(round(float(answered[0][0]), 3), PERSONALIZED, False, models.version, variant)
+        if answer is None:
+            if telemetry is None:
+                y = float(six.predict(request.x)[0])
+            else:
+                start = perf_counter()
+                y = float(six.predict(request.x)[0])
+                telemetry.inference[six.source].observe(perf_counter() - start)
+            # Only answers to bodies without a user id are cached: a user's answer depends on their variant too.
+            answer = OneAnswer(round(y, 3), six.source, request.user_id is None, models.version, variant)
+            await self._store(body, answer, answer.cacheable, 1)
+        if log is not None:
+            log.add(
+                Entry(
+                    prediction_id,
+                    time.time(),
+                    PREDICT,
+                    variant,
+                    models.version,
+                    request.user_id,
+                    [request.movie_id],
+                    request.x,
+                    [answer.rating],
+                    answer.source,
+                    None,
+                )
+            )
         return answer
 
-    async def _predict_batch(self, body: bytes) -> BatchAnswer:
+    async def _predict_batch(self, body: bytes, request_id: str) -> BatchAnswer:
         cached = await self._cached_answer(body)
+        log = self.log
         if isinstance(cached, BatchAnswer):
+            if log is not None:
+                log.add(
+                    Entry(
+                        request_id,
+                        time.time(),
+                        PREDICT_BATCH,
+                        cached.variant,
+                        cached.version,
+                        None,
+                        None,
+                        None,
+                        cached.rounded,
+                        cached.source,
+                        cached.sources,
+                        cached.ranked,
+                        body=body,
+                    )
+                )
             return cached
         big = len(body) > THREAD_BODY_BYTES
         request = await self._maybe_in_thread(big, self.decode_batch, body)
         users = self.user_views
-        models = self.models.current
+        variant, models = self.models.lineup.pick(request.user_id)
         telemetry = self.telemetry
         if telemetry is not None and (drift := telemetry.drift(models)) is not None:
             drift.add(request.x)
@@ -177,8 +238,26 @@ class PredictionService:
         personal = models.personalized
         if request.user_id is not None and users is not None and personal is not None:
             inputs = await self._personal_inputs(users, personal, request.user_id)
-        answer = await self._maybe_in_thread(big, self._answer_batch, request, personal, inputs)
+        answer = await self._maybe_in_thread(big, self._answer_batch, request, models, variant, inputs)
         await self._store(body, answer, answer.cacheable, len(answer.order))
+        if log is not None:
+            log.add(
+                Entry(
+                    request_id,
+                    time.time(),
+                    PREDICT_BATCH,
+                    variant,
+                    models.version,
+                    request.user_id,
+                    request.ids,
+                    request.x,
+                    answer.rounded,
+                    answer.source,
+                    answer.sources,
+                    answer.ranked,
+                    request.top_k,
+                )
+            )
         return answer
 
     async def _maybe_in_thread(self, big: bool, call: Callable[..., T], *args: object) -> T:
@@ -187,14 +266,12 @@ class PredictionService:
         # One big body at a time: several interleaved on one core only add GIL hand-offs and cache misses.
         return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter("big", 1))
 
-    def _answer_batch(
-        self, request: BatchRequest, personal: PersonalizedModel | None, inputs: Inputs | None
-    ) -> BatchAnswer:
+    def _answer_batch(self, request: BatchRequest, models: Models, variant: str, inputs: Inputs | None) -> BatchAnswer:
         x, ids = request.x, request.ids
-        six = self.models.current.six
+        six = models.six
+        personal = models.personalized
         source = six.source
         sources: list[str] | None = None
-        personalized_version: str | None = None
         answered = None
         telemetry = self.telemetry
         if personal is not None and inputs is not None and self.user_views is not None:
@@ -215,7 +292,6 @@ class PredictionService:
                 rest = ~mask
                 y[rest] = six.predict(x[rest])
                 sources = [PERSONALIZED if m else six.source for m in mask.tolist()]
-            personalized_version = personal.version
         if telemetry is not None and source != PERSONALIZED:  # the six-feature model answered rows
             telemetry.inference[six.source].observe(perf_counter() - start)
         rounded: list[float] = np.round(y, 3).tolist()
@@ -228,8 +304,8 @@ class PredictionService:
                 order = order[: request.top_k]
         else:
             order = list(range(len(ids)))
-        cacheable = request.user_id is None or self.user_views is None
-        return BatchAnswer(ids, rounded, source, sources, order, ranked, six.version, cacheable, personalized_version)
+        cacheable = request.user_id is None
+        return BatchAnswer(ids, rounded, source, sources, order, ranked, models.version, cacheable, variant)
 
     async def _personal_inputs(self, users: UserViews, model: PersonalizedModel, user_id: Id) -> Inputs | None:
         """The user's view and the movie table; from memory when there, else read from the store in a worker
@@ -264,8 +340,8 @@ class PredictionService:
         cache = self.cache
         if cache is None or len(body) > CACHE_MAX_BODY_BYTES:
             return None
-        six = self.models.current.six
-        key = (six.version, six.source, body)
+        champion = self.models.current
+        key = (champion.version, champion.six.source, body)
         hit: OneAnswer | BatchAnswer | None = cache.get(key) if isinstance(cache, LRUCache) else await cache.aget(key)
         if self.telemetry is not None:
             (self._misses if hit is None else self._hits).inc()
@@ -275,8 +351,8 @@ class PredictionService:
         cache = self.cache
         if cache is None or not cacheable or len(body) > CACHE_MAX_BODY_BYTES:
             return
-        six = self.models.current.six
-        key = (six.version, six.source, body)
+        champion = self.models.current
+        key = (champion.version, champion.six.source, body)
         if isinstance(cache, LRUCache):
             cache.put(key, answer, rows)
         else:

@@ -12,7 +12,7 @@ import functools
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
@@ -28,7 +28,7 @@ from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.counters import NO_CALLS, CallTimer
 from moviematch_ml.online.feedback import Feedback
-from moviematch_ml.online.tables import feedback_table, movie_state_table
+from moviematch_ml.online.tables import feedback_table, movie_state_table, prediction_log_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +243,29 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"could not store feedback: {exc.__class__.__name__}") from exc
         return StoreResult(tuple(stored))
+
+    @_timed("log_predictions")
+    def log_predictions(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """Append rows to the prediction log (``tables.prediction_log_table``) in one transaction."""
+        if not rows:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(prediction_log_table.insert(), list(rows))
+        except FAILURES as exc:
+            raise StoreError(f"could not write the prediction log: {exc.__class__.__name__}") from exc
+
+    @_timed("prune_predictions")
+    def prune_predictions(self, before: float, *, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` prediction-log rows logged before ``before`` (unix seconds), oldest first; how many
+        were deleted. Small chunks keep each transaction (and the lock it holds) short: call it until it returns 0."""
+        t = prediction_log_table
+        oldest = select(t.c.id).where(t.c.logged_at < before).order_by(t.c.id).limit(limit)
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(t.delete().where(t.c.id.in_(oldest))).rowcount or 0)
+        except FAILURES as exc:
+            raise StoreError(f"could not prune the prediction log: {exc.__class__.__name__}") from exc
 
     @staticmethod
     def _bump(conn: Connection, table: Table, key: str, pairs: Iterable[tuple[str, float]], now: float) -> None:

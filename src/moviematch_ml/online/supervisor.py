@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any, ClassVar, Final
 
@@ -167,6 +167,19 @@ class _OwnSocketProcess(multiprocess.Process):
         return self._server
 
 
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of several workers, but SIGHUP reloads each worker's models in place (each gets the
+    signal: ``_Worker``) instead of restarting every worker process."""
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP received: every worker reloads its models")
+        for process in self.processes:
+            pid = process.pid
+            if pid is not None and process.process.exitcode is None:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+
 def run(
     *,
     app: str,
@@ -201,7 +214,7 @@ def run(
     # supervisor, so swapping the class here changes nothing else.
     multiprocess.Process = _OwnSocketProcess  # type: ignore[misc]
     try:
-        Multiprocess(config, sockets=[]).run()
+        _Supervisor(config, sockets=[]).run()
     finally:
         guard.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -32,4 +32,32 @@ movie_state_table = Table(
     Column("rating_sum", Float, nullable=False),
     Column("rating_sumsq", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+
+# Every prediction served, one row per request (a batch's rows packed as arrays: one INSERT per request rather than
+# one per movie). Prediction ids: /predict's is ``request_id``; row i of a batch is ``<request_id>-<i>``.
+# ``features`` is float64 little-endian, n x 6 in FEATURE_NAMES order; ``predictions`` float64, the n answers (0-10)
+# in request order; ``source`` the one source of every row, or "mixed" with ``row_sources`` a JSON list.
+prediction_log_table = Table(
+    "prediction_log",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("request_id", String(32), nullable=False),
+    Column("logged_at", Float, nullable=False),
+    Column("endpoint", String(16), nullable=False),
+    Column("variant", String(64), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("user_id", String(128), nullable=True),
+    Column("n", Integer, nullable=False),
+    Column("movie_ids", Text, nullable=False),
+    Column("features", LargeBinary, nullable=False),
+    Column("predictions", LargeBinary, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("row_sources", Text, nullable=True),
+    Column("ranked", Boolean, nullable=False),
+    Column("top_k", Integer, nullable=True),
+    Index("ix_prediction_log_request_id", "request_id"),
+    Index("ix_prediction_log_user_id", "user_id", "logged_at"),
+    Index("ix_prediction_log_logged_at", "logged_at"),
 )

@@ -31,8 +31,9 @@ from moviematch_ml.online.counters import (
     Registry,
     to_metrics,
 )
-from moviematch_ml.online.models import ModelReport, Models
+from moviematch_ml.online.models import ModelReport, Models, ReloadOutcome
 from moviematch_ml.runtime.drift import DriftBins, feature_bins
+from moviematch_ml.runtime.registry import CHAMPION
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 FloatArray = npt.NDArray[np.float64]
 
 # No experiment runs yet: every prediction is of the one variant (A/B variants will name theirs here).
-DEFAULT_VARIANT: Final[str] = "default"
 OTHER: Final[str] = "other"
 METHODS: Final[frozenset[str]] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SOURCES: Final[tuple[str, ...]] = ("model", "fallback", "personalized")
@@ -53,6 +53,8 @@ STORE_OPERATIONS: Final[tuple[str, ...]] = (
     "movie_counts",
     "migrate",
     "ping",
+    "log_predictions",
+    "prune_predictions",
 )
 REDIS_OPERATIONS: Final[tuple[str, ...]] = ("get", "put")
 # Series made at start-up, at 0, rather than at their first event: rate() and increase() take a series' first
@@ -192,6 +194,20 @@ FEEDBACK_REJECTED = Family(
     "counter",
     ("reason",),
 )
+PREDICTION_LOG = Family(
+    "moviematch_prediction_log_total",
+    "Predictions of the prediction log, by outcome: written to the store, or dropped (the queue was full, the "
+    "worker had spent its share of time on the log, or the store could not write them).",
+    "counter",
+    ("outcome",),
+)
+RELOADS = Family(
+    "moviematch_model_reloads_total",
+    "Model reloads (POST /admin/reload, SIGHUP, a change of the registry), by outcome: reloaded or refused (the "
+    "models in service kept).",
+    "counter",
+    ("outcome",),
+)
 DRIFT_INPUTS = Family(
     "moviematch_drift_inputs_total",
     "Input values the models evaluated (not those answered from the cache), by the six-feature model version whose "
@@ -235,6 +251,8 @@ FAMILIES: Final[tuple[Family, ...]] = (
     REDIS_FAILURES,
     FEEDBACK_RATINGS,
     FEEDBACK_REJECTED,
+    PREDICTION_LOG,
+    RELOADS,
     DRIFT_INPUTS,
     DRIFT_TRAINING_SHARE,
     PROCESS_CPU,
@@ -370,12 +388,16 @@ class Telemetry:
         self.inference = {source: registry.histogram(INFERENCE_SECONDS, source) for source in SOURCES}
         self.feedback_accepted = registry.counter(FEEDBACK_RATINGS, "accepted")
         self.feedback_duplicate = registry.counter(FEEDBACK_RATINGS, "duplicate")
+        self.log_written = registry.counter(PREDICTION_LOG, "written")
+        self.log_dropped = registry.counter(PREDICTION_LOG, "dropped")
+        self.reloaded = registry.counter(RELOADS, "reloaded")
+        self.reload_refused = registry.counter(RELOADS, "refused")
         for reason in REJECTED_REASONS:
             registry.counter(FEEDBACK_REJECTED, reason)
         for endpoint in ENDPOINTS:
             for reason in ERROR_REASONS:
                 registry.counter(PREDICTION_ERRORS, endpoint, reason)
-        self._predictions: dict[tuple[str, str, str | None], CounterChild] = {}
+        self._predictions: dict[tuple[str, str, str, str], CounterChild] = {}
         self._drift: dict[str, DriftCounter] = {}
         self._drift_of: tuple[object, DriftCounter | None] = (None, None)
         self._info: dict[str, GaugeChild] = {}
@@ -390,12 +412,12 @@ class Telemetry:
 
     # --- predictions --------------------------------------------------------------------------------------------
 
-    def predicted(self, endpoint: str, source: str, version: str | None, n: int) -> None:
-        """``n`` ratings answered by the model ``version`` of ``source``."""
-        child = self._predictions.get((endpoint, source, version))
+    def predicted(self, endpoint: str, variant: str, source: str, version: str, n: int) -> None:
+        """``n`` ratings answered by variant ``variant``, the model ``version`` (a model directory's), ``source``."""
+        key = (endpoint, variant, source, version)
+        child = self._predictions.get(key)
         if child is None:
-            child = self.registry.counter(PREDICTIONS, endpoint, DEFAULT_VARIANT, version or "", source)
-            self._predictions[(endpoint, source, version)] = child
+            child = self._predictions[key] = self.registry.counter(PREDICTIONS, endpoint, variant, version, source)
         child.inc(n)
 
     def prediction_failed(self, endpoint: str, exc: BaseException) -> None:
@@ -432,12 +454,10 @@ class Telemetry:
             self._set_info(role, report)
             self.registry.gauge(MODEL_READY, role).set(1.0 if report.status == "ok" else 0.0)
         self.drift(models)
-        answering = [(models.six.source, models.six.version)]
-        if models.personalized is not None:
-            answering.append(("personalized", models.personalized.version))
+        sources = [models.six.source, *(["personalized"] if models.personalized is not None else [])]
         for endpoint in ENDPOINTS:
-            for source, version in answering:
-                self.predicted(endpoint, source, version, 0)
+            for source in sources:
+                self.predicted(endpoint, CHAMPION, source, models.version, 0)
 
     def _set_info(self, role: str, report: ModelReport) -> None:
         child = self.registry.gauge(MODEL_INFO, role, report.version or "", report.status)
@@ -448,6 +468,9 @@ class Telemetry:
         self._info[role] = child
 
     # --- feedback -------------------------------------------------------------------------------------------------
+
+    def reload_done(self, outcome: ReloadOutcome) -> None:
+        (self.reloaded if outcome.reloaded else self.reload_refused).inc()
 
     def feedback_stored(self, accepted: int, duplicates: int) -> None:
         self.feedback_accepted.inc(accepted)

@@ -35,6 +35,8 @@ from moviematch_ml.runtime.personalized import MovieTable, PersonalizedModel, Us
 log = logging.getLogger(__name__)
 
 MOVIE_TTL_SECONDS: Final[float] = 30.0
+# Movie tables kept at once: one per personalised model served (the champion and challengers), and a reloaded one.
+MAX_MODELS: Final[int] = 8
 # A backstop: a cached user view is read again after this long even if the change feed never named the user.
 USER_MAX_AGE_SECONDS: Final[float] = 300.0
 # The feed is read from the highest row id seen this many polls ago: a rating whose row id was taken before a
@@ -63,7 +65,9 @@ class UserViews:
     """The views of the users the store knows, and their answers from the personalised model it is handed (one
     model call a request).
 
-    The views it caches were built against one model: handed another (a reload), it drops them.
+    Each cached view remembers the model it was built against: a request handed another model (a reload, or the
+    user's A/B variant changed) builds it again. Several models can be served at once (A/B variants): each user's
+    view, and each model's movie table, is kept for the model that asked for it.
     """
 
     def __init__(
@@ -77,10 +81,10 @@ class UserViews:
         self.store = store
         self.ttl = ttl
         self._clock = clock
-        self._users: TTLCache[str, UserView | None] = TTLCache(
+        self._users: TTLCache[str, tuple[PersonalizedModel, UserView | None]] = TTLCache(
             max(ttl, USER_MAX_AGE_SECONDS) if ttl > 0 else 0.0, max_users, clock
         )
-        self._views_of: PersonalizedModel | None = None  # the model the cached views were built against
+        self._views_of: PersonalizedModel | None = None  # the model ``warm`` last built views against
         self._model_lock = threading.Lock()
         self._feed_marks: deque[int] = deque(maxlen=FEED_OVERLAP_POLLS)
         self._feed_seen: set[int] = set()  # the row ids of the last poll: a row seen before is not news again
@@ -93,20 +97,19 @@ class UserViews:
         self._to_warm: dict[str, None] = {}
         self._warm_lock = threading.Lock()
         self._movie_ttl = max(ttl, MOVIE_TTL_SECONDS)
-        self._movies: _Movies | None = None
+        self._movies: dict[PersonalizedModel, _Movies] = {}  # a few at most: the models of the lineup
         self._movies_lock = threading.Lock()
 
     def _views_for(self, model: PersonalizedModel) -> None:
-        """Drop the views built against another model (and, with ``warm_ahead``, queue their users: they were
-        being asked for)."""
+        """When the champion's model changes (a reload), queue the users whose views were built against another model
+        (with ``warm_ahead``: they were being asked for); their views are built again when asked for or warmed."""
         if model is self._views_of:
             return
         with self._model_lock:
             if model is self._views_of:
                 return
-            if self.warm_ahead and self._views_of is not None:
-                self._queue(self._users.keys())
-            self._users.clear()
+            if self.warm_ahead:
+                self._queue([user for user, (built_for, _) in self._users.items() if built_for is not model])
             self._views_of = model
 
     def forget(self, user_ids: Iterable[str]) -> None:
@@ -177,10 +180,17 @@ class UserViews:
         """How many users ``warm`` has yet to build."""
         return len(self._to_warm)
 
-    def warm(self, model: PersonalizedModel, budget: float) -> int:
+    def warm(
+        self,
+        model: PersonalizedModel,
+        budget: float,
+        model_of: Callable[[str], PersonalizedModel | None] | None = None,
+    ) -> int:
         """Build the views of users the change feed named (``sync`` with ``warm_ahead``), oldest first, for about
         ``budget`` seconds at most (at least one user); returns how many are left. Their next request then finds
-        its view cached instead of reading and folding in the user's ratings on the request path.
+        its view cached instead of reading and folding in the user's ratings on the request path. ``model`` is the
+        champion's personalised model; ``model_of`` the one a user's requests go to (their A/B variant's), if
+        there are several (None: that user has none, nothing to build).
 
         Reads the store: raises StoreError when it cannot (the user stays queued).
         """
@@ -193,7 +203,9 @@ class UserViews:
                 user = next(iter(self._to_warm))
                 del self._to_warm[user]
             try:
-                self.user_view(model, user)  # a user already cached (asked for meanwhile) costs one look-up
+                users_model = model if model_of is None else model_of(user)
+                if users_model is not None:
+                    self.user_view(users_model, user)  # a user already cached (asked for meanwhile): one look-up
             except StoreError:
                 self._queue([user])
                 raise
@@ -208,10 +220,9 @@ class UserViews:
     def user_view(self, model: PersonalizedModel, user_id: str) -> UserView | None:
         """The user's view from their stored ratings (cached); None when the model does not answer for them (no
         ratings, or fewer than its ``min_user_ratings``). Raises StoreError when the store cannot be read."""
-        self._views_for(model)
-        hit, view = self._users.get(user_id)
-        if hit:
-            return view
+        hit, entry = self._users.get(user_id)
+        if hit and entry is not None and entry[0] is model:
+            return entry[1]
         rows = self.store.user_ratings(user_id)
         if rows:
             movie_ids, api_ratings, times = zip(*rows, strict=True)
@@ -220,35 +231,39 @@ class UserViews:
             view = model.user_view_of_ratings(keys, [r / to_api for r in api_ratings], list(times))
         else:
             view = None
-        self._users.put(user_id, view)
+        self._users.put(user_id, (model, view))
         return view
 
     def movie_table(self, model: PersonalizedModel) -> MovieTable:
         """The model's movie table with what the movies received through /feedback, read from the store at most
         every MOVIE_TTL_SECONDS. Raises StoreError when the store cannot be read."""
-        cached = self._movies
-        if cached is not None and cached.expires >= self._clock() and cached.model is model:
+        cached = self._movies.get(model)
+        if cached is not None and cached.expires >= self._clock():
             return cached.table
         with self._movies_lock:  # one reader refreshes; the others wait for its result rather than query too
-            cached = self._movies
-            if cached is not None and cached.expires >= self._clock() and cached.model is model:
+            cached = self._movies.get(model)
+            if cached is not None and cached.expires >= self._clock():
                 return cached.table
             # A model trained from the store already counts its ratings: nothing to read then.
             counts = {} if model.counts_store_ratings else self.store.all_movie_counts()
             received = {k: (float(c.n), c.rating_sum, c.rating_sumsq) for k, c in counts.items()}
             table = model.movie_table(received)
-            self._movies = _Movies(model, table, self._clock() + self._movie_ttl)
+            tables = {m: t for m, t in self._movies.items() if m is not model}
+            while len(tables) >= MAX_MODELS:  # models no longer served (reloaded away) leave
+                del tables[next(iter(tables))]
+            tables[model] = _Movies(model, table, self._clock() + self._movie_ttl)
+            self._movies = tables  # replaced whole: readers without the lock see the old dict or the new one
             return table
 
     def cached(self, model: PersonalizedModel, user_id: str) -> Inputs | bool:
         """What a prediction for the user needs, from memory alone (no store call: this is for the event loop):
         their view and the movie table; False when the user is known to have no view; True when the store must be
         read first (``load``). A movie table due for a refresh still serves: ``refresh_movies`` renews it."""
-        self._views_for(model)
-        hit, view = self._users.get(user_id)
-        movies = self._movies
-        if not hit or movies is None or movies.model is not model:
+        hit, entry = self._users.get(user_id)
+        movies = self._movies.get(model)
+        if not hit or entry is None or movies is None or entry[0] is not model:
             return True
+        view = entry[1]
         return False if view is None else (view, movies.table)
 
     def load(self, model: PersonalizedModel, user_id: str) -> Inputs | None:
@@ -257,8 +272,8 @@ class UserViews:
         view = self.user_view(model, user_id)
         if view is None:
             return None
-        movies = self._movies
-        table = movies.table if movies is not None and movies.model is model else self.movie_table(model)
+        movies = self._movies.get(model)
+        table = movies.table if movies is not None else self.movie_table(model)
         return view, table
 
     def refresh_movies(self, model: PersonalizedModel) -> None:
@@ -303,12 +318,18 @@ def _by_latest_row(rows: Iterable[tuple[int, str]]) -> dict[str, None]:
 
 
 async def maintain(
-    views: UserViews, model: Callable[[], PersonalizedModel | None], *, warm_share: float, timeout: float
+    views: UserViews,
+    models: Callable[[], Sequence[PersonalizedModel]],
+    *,
+    warm_share: float,
+    timeout: float,
+    model_of: Callable[[str], PersonalizedModel | None] | None = None,
 ) -> None:
     """A worker's background task (the app's lifespan runs it), every ``views.ttl`` seconds: poll the change feed
     (forget the users other replicas took ratings from), renew the movie table when it is due, and build the views of
     the users the feed named before their next request asks for them (for at most ``warm_share`` of the period, in
-    slices of WARM_SLICE_SECONDS). ``model()`` is the personalised model at the time.
+    slices of WARM_SLICE_SECONDS). ``models()`` are the personalised models served at the time, the champion's
+    first; ``model_of(user)`` the one of the user's A/B variant (``UserViews.warm``).
 
     Every store call runs in a worker thread, at most one at a time and ``timeout`` seconds at most: a database
     that hangs holds one thread of this task, never the event loop, and the task goes on at the next period. With
@@ -320,16 +341,19 @@ async def maintain(
     try:
         while True:
             try:
-                current = model()
-                if current is None:  # without a personalised model there is no state to keep, no feed to read
+                served = models()
+                if not served:  # without a personalised model there is no state to keep, no feed to read
                     views.forget_queue()
                 else:
+                    current = served[0]
                     await _blocking(views.sync, limiter, timeout)
-                    await _blocking(functools.partial(views.refresh_movies, current), limiter, timeout)
+                    for one in served:
+                        await _blocking(functools.partial(views.refresh_movies, one), limiter, timeout)
                     spent = 0.0
                     while views.to_warm and spent < warm_share * period:
                         started = time.perf_counter()
-                        await _blocking(functools.partial(views.warm, current, WARM_SLICE_SECONDS), limiter, timeout)
+                        warm = functools.partial(views.warm, current, WARM_SLICE_SECONDS, model_of)
+                        await _blocking(warm, limiter, timeout)
                         spent += time.perf_counter() - started
             except (StoreError, TimeoutError) as exc:
                 log.warning("user states not kept up to date", extra={"reason": str(exc) or type(exc).__name__})

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from moviematch_ml.errors import ModelChecksumError, ModelFormatError, ModelNotFoundError
 
 CARD_NAME: Final[str] = "model_card.json"
+# Cards of this format on name their model by its content (``content_version``); older ones by their data and config.
+CONTENT_VERSIONED: Final = 2
 BUNDLED_MODEL_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "bundled"
 # The personalised model lives in this subdirectory of the six-feature model's directory.
 PERSONALIZED_DIR: Final[str] = "personalized"
@@ -96,7 +98,7 @@ class ModelCard(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = CONTENT_VERSIONED
     name: str
     version: str
     kind: Literal["six_features", "personalized"] = "six_features"
@@ -117,6 +119,40 @@ class ModelCard(BaseModel):
     extra_files: dict[str, str] = Field(
         default_factory=dict, description="Other files of the model (name -> sha256), e.g. collaborative factors."
     )
+
+
+def content_version(card: ModelCard) -> str:
+    """The version a card's content gives its model: a hash of the whole card but its version and date. The card
+    holds the sha256 of every file the model loads (and they are checked at load), so two models that differ in
+    any byte, their data's provenance included, never share a version, and the same model always gets the same."""
+    body = card.model_dump(mode="json", exclude={"version", "created_at", "format_version"})
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    prefix = "six" if card.kind == "six_features" else "personalized"
+    return f"{prefix}-{digest[:16]}"
+
+
+def content_versioned(card: ModelCard) -> ModelCard:
+    """The card named by its content (what training writes)."""
+    return card.model_copy(update={"format_version": CONTENT_VERSIONED, "version": content_version(card)})
+
+
+def checked_version(card: ModelCard, card_file: Path) -> str:
+    """The version a loaded model answers with: its content's. A card of the content-addressed format whose version
+    is not its content's was edited by hand (its model would be served under a name that is not its own): refused.
+    An older card's version named its data and config, not its bytes: it is replaced by the content's."""
+    version = content_version(card)
+    if card.format_version >= CONTENT_VERSIONED and card.version != version:
+        raise ModelChecksumError(
+            f"{card_file}: version {card.version} is not the one its content gives ({version}); refusing to load it"
+        )
+    return version
+
+
+def model_version(six_version: str, personalized_version: str | None) -> str:
+    """The version of a model directory (the six-feature model and its personalised model, as served together):
+    what answers, the registry and the A/B reports name."""
+    both = f"{six_version}\n{personalized_version or ''}".encode()
+    return f"model-{hashlib.sha256(both).hexdigest()[:16]}"
 
 
 def noncommercial_sources(card: ModelCard) -> list[DataSource]:

@@ -30,6 +30,8 @@ from moviematch_ml.runtime.cards import (
     ModelCard,
     RatingScale,
     card_path,
+    checked_version,
+    content_versioned,
     read_card,
     read_npz,
     verified_bytes,
@@ -561,13 +563,13 @@ class PersonalizedModel:
         directory: Path,
         *,
         name: str = "moviematch-personalized",
-        version: str | None = None,
         created_at: str | None = None,
         data: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         data_terms: list[DataSource] | None = None,
     ) -> ModelCard:
-        """Write the trees (LightGBM text), the state (npz without pickle + JSON) and a card with every sha256."""
+        """Write the trees (LightGBM text), the state (npz without pickle + JSON) and a card with every sha256; the
+        card's version is its content's (``cards.content_version``)."""
         directory.mkdir(parents=True, exist_ok=True)
         text = self.booster.model_to_string(num_iteration=-1).encode("utf-8")
         (directory / MODEL_FILE).write_bytes(text)
@@ -579,7 +581,7 @@ class PersonalizedModel:
         sha = hashlib.sha256(text).hexdigest()
         card = ModelCard(
             name=name,
-            version=version or f"personalized-{sha[:12]}",
+            version="",  # named by its content below
             kind="personalized",
             created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
             model_file=MODEL_FILE,
@@ -593,6 +595,7 @@ class PersonalizedModel:
             metrics=metrics or {},
             extra_files=dict(sorted(extra.items())),
         )
+        card = content_versioned(card)
         write_card(directory, card)
         self.card = card
         return card
@@ -615,6 +618,7 @@ class PersonalizedModel:
         missing = {"cf.npz", "cf.json", STATE_FILE} - set(card.extra_files)
         if missing:
             raise ModelFormatError(f"{cfile}: card lists no checksum for {sorted(missing)}")
+        version = checked_version(card, cfile)
         text = verified_bytes(cfile, card.model_file, card.sha256)
         for fname, sha in card.extra_files.items():
             verified_bytes(cfile, fname, sha)
@@ -636,5 +640,5 @@ class PersonalizedModel:
             raise ModelFormatError(f"{cfile.parent / card.model_file}: not a LightGBM model: {exc}") from exc
         config = PersonalizedConfig.model_validate(card.training.get("config", {}))
         model = cls(config, state, booster, card.rating_scale)
-        model.card = card
+        model.card = card if card.version == version else card.model_copy(update={"version": version})
         return model

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from moviematch_ml.errors import ModelFormatError
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.runtime.cards import ModelCard, card_path, read_card, verified_bytes
+from moviematch_ml.runtime.cards import ModelCard, card_path, checked_version, read_card, verified_bytes
 from moviematch_ml.runtime.trees import EnsembleBooster, fast_booster
 
 
@@ -32,11 +32,11 @@ class SixFeaturePredictor:
 
     source: str = "model"
 
-    def __init__(self, card: ModelCard, model_text: str) -> None:
+    def __init__(self, card: ModelCard, model_text: str, version: str | None = None) -> None:
         if card.features != list(FEATURE_NAMES):
             raise ModelFormatError(f"model expects features {card.features}, this service computes {FEATURE_NAMES}")
         self.card = card
-        self.version = card.version
+        self.version = version or card.version
         self._scale = card.rating_scale.to_api
         self._booster: Any = fast_booster(model_text, len(FEATURE_NAMES))
         self.ensemble = self._booster.ensemble if isinstance(self._booster, EnsembleBooster) else None
@@ -61,8 +61,9 @@ def load_six_features(path: Path) -> SixFeaturePredictor:
     cfile = card_path(path)
     if card.model_format != "lightgbm-text" or card.kind != "six_features":
         raise ModelFormatError(f"{cfile}: {card.kind} model in {card.model_format} is not a six-feature LightGBM model")
+    version = checked_version(card, cfile)
     text = verified_bytes(cfile, card.model_file, card.sha256)
     try:
-        return SixFeaturePredictor(card, text.decode("utf-8"))
+        return SixFeaturePredictor(card, text.decode("utf-8"), version)
     except UnicodeDecodeError as exc:
         raise ModelFormatError(f"{cfile.parent / card.model_file}: not UTF-8 text") from exc

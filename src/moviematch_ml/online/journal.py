@@ -1,0 +1,233 @@
+"""The journal of predictions: every answer served, queued in memory and written to the store in bulk, off the
+request path.
+
+A request adds one entry to a bounded in-memory queue (an append: the answer does not wait for any I/O); a
+background task (``run``) takes what is queued every ``interval`` seconds and writes it in one transaction, in a
+worker thread, one row per request (``tables.prediction_log_table``). It spends at most ``share`` of the worker's
+time doing so: a worker answering at full speed logs what that share allows and counts the rest as dropped, rather
+than slowing every answer down. When the queue is full (``max_rows`` predictions), new entries are dropped and
+counted; the answers never wait.
+
+What a crash can lose: what is queued (at most ``interval`` seconds of answers, and what a store outage held back,
+up to ``max_rows``); a clean stop (SIGTERM) writes the queue before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from moviematch_ml.errors import InputError, StoreError
+from moviematch_ml.features import N_FEATURES
+
+if TYPE_CHECKING:
+    from moviematch_ml.online.store import FeedbackStore
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+Id = str | int
+MIXED: Final[str] = "mixed"
+PRUNE_EVERY_SECONDS: Final[float] = 3600.0
+PRUNE_CHUNK: Final[int] = 10_000
+
+
+@dataclass(slots=True)
+class Entry:
+    """One answered request, as the request path hands it over: its arrays are kept, not copied.
+
+    ``x`` (and ``movie_ids``) are None for an answer served from the cache (its body was not decoded): ``body``
+    then holds the request, decoded when the entry is written.
+    """
+
+    request_id: str
+    logged_at: float
+    endpoint: str  # "predict" or "predict_batch"
+    variant: str
+    model_version: str
+    user_id: Id | None
+    movie_ids: Sequence[Id | None] | None
+    x: FloatArray | None
+    predictions: Sequence[float]
+    source: str
+    row_sources: list[str] | None
+    ranked: bool = False
+    top_k: int | None = None
+    body: bytes | None = None
+
+
+class PredictionLog:
+    """The queue and its writer (see the module). ``decode`` turns a cached answer's body back into its features and
+    movie ids (when it is written, off the request path)."""
+
+    def __init__(
+        self,
+        *,
+        max_rows: int,
+        share: float = 0.05,
+        decode: Callable[[bytes], tuple[FloatArray, Sequence[Id | None]]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_rows = max_rows
+        self.share = share
+        self._decode = decode
+        self._clock = clock
+        self._queue: deque[Entry] = deque()
+        self._rows = 0
+        self.written = 0  # predictions written
+        self.dropped = 0  # predictions not logged: the queue was full, or they could not be written
+        self.on_dropped: Callable[[int], None] | None = None  # the metrics' counters
+        self.on_written: Callable[[int], None] | None = None
+        self._busy_until = 0.0
+
+    @property
+    def queued(self) -> int:
+        """Predictions waiting to be written."""
+        return self._rows
+
+    def add(self, entry: Entry) -> None:
+        """Queue an answered request (the request path: no I/O, no copy)."""
+        n = len(entry.predictions)
+        if self._rows + n > self.max_rows or self._clock() < self._busy_until:
+            self._drop(n)
+            return
+        self._queue.append(entry)
+        self._rows += n
+
+    def take(self) -> list[Entry]:
+        """Everything queued, oldest first."""
+        out = []
+        while self._queue:
+            out.append(self._queue.popleft())
+        self._rows = 0
+        return out
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if self.on_dropped is not None:
+            self.on_dropped(n)
+
+    def rows(self, entries: Sequence[Entry]) -> list[dict[str, object]]:
+        """The table rows of entries (in a worker thread: serialising a big batch takes a while)."""
+        out = []
+        for e in entries:
+            x, movie_ids = e.x, e.movie_ids
+            if x is None or movie_ids is None:
+                x, movie_ids = self._decoded(e)
+            out.append(
+                {
+                    "request_id": e.request_id,
+                    "logged_at": e.logged_at,
+                    "endpoint": e.endpoint,
+                    "variant": e.variant,
+                    "model_version": e.model_version,
+                    "user_id": None if e.user_id is None else str(e.user_id),
+                    "n": len(e.predictions),
+                    "movie_ids": orjson.dumps(list(movie_ids)).decode(),
+                    "features": np.ascontiguousarray(x, dtype="<f8").tobytes(),
+                    "predictions": np.asarray(e.predictions, dtype="<f8").tobytes(),
+                    "source": e.source,
+                    "row_sources": None if e.row_sources is None else orjson.dumps(e.row_sources).decode(),
+                    "ranked": e.ranked,
+                    "top_k": e.top_k,
+                }
+            )
+        return out
+
+    def _decoded(self, e: Entry) -> tuple[FloatArray, Sequence[Id | None]]:
+        n = len(e.predictions)
+        if self._decode is not None and e.body is not None:
+            try:
+                x, ids = self._decode(e.body)
+                if x.shape == (n, N_FEATURES) and len(ids) == n:
+                    return x, ids
+            except InputError:
+                pass
+        return np.full((n, N_FEATURES), np.nan), [None] * n
+
+    def write(self, store: FeedbackStore, entries: Sequence[Entry]) -> None:
+        """Write entries (blocking); on a store failure they are counted as dropped and the error re-raised."""
+        try:
+            store.log_predictions(self.rows(entries))
+        except StoreError:
+            self._drop(sum(len(e.predictions) for e in entries))
+            raise
+        n = sum(len(e.predictions) for e in entries)
+        self.written += n
+        if self.on_written is not None:
+            self.on_written(n)
+
+    async def run(
+        self,
+        store: FeedbackStore,
+        *,
+        interval: float = 1.0,
+        retention_seconds: float | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Write what is queued every ``interval`` seconds, for ever (cancel it to stop; ``flush`` then), and delete
+        rows older than ``retention_seconds`` once an hour."""
+        next_prune = self._clock()
+        while True:
+            await asyncio.sleep(interval)
+            entries = self.take()
+            if entries:
+                started = self._clock()
+                try:
+                    with anyio.fail_after(timeout):
+                        await anyio.to_thread.run_sync(self.write, store, entries, abandon_on_cancel=True)
+                except (StoreError, TimeoutError) as exc:
+                    log.warning(
+                        "prediction log not written", extra={"reason": str(exc) or "timeout", "rows": len(entries)}
+                    )
+                spent = self._clock() - started
+                # Within its share of the worker's time: after spending `spent`, stay away for spent * (1-s)/s,
+                # refusing entries meanwhile (what a saturated worker cannot afford to log is counted, not queued).
+                if self.share < 1.0:
+                    self._busy_until = self._clock() + max(0.0, spent * (1.0 - self.share) / self.share - interval)
+            if retention_seconds is not None and self._clock() >= next_prune:
+                next_prune = self._clock() + PRUNE_EVERY_SECONDS
+                await self._prune(store, retention_seconds, timeout)
+
+    async def _prune(self, store: FeedbackStore, retention_seconds: float, timeout: float) -> None:
+        before = time.time() - retention_seconds
+        try:
+            with anyio.fail_after(timeout):
+                deleted = await anyio.to_thread.run_sync(prune, store, before, abandon_on_cancel=True)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("prediction log not pruned", extra={"reason": str(exc) or "timeout"})
+            return
+        if deleted:
+            log.info("prediction log pruned", extra={"rows": deleted, "before": before})
+
+    async def flush(self, store: FeedbackStore, *, timeout: float = 5.0) -> None:
+        """Write what is queued now (at shutdown), for at most ``timeout`` seconds."""
+        entries = self.take()
+        if not entries:
+            return
+        try:
+            with anyio.fail_after(timeout):
+                await anyio.to_thread.run_sync(self.write, store, entries, abandon_on_cancel=True)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("prediction log not written at shutdown", extra={"reason": str(exc) or "timeout"})
+
+
+def prune(store: FeedbackStore, before: float, *, chunk: int = PRUNE_CHUNK) -> int:
+    """Delete every prediction-log row logged before ``before`` (unix seconds), chunk by chunk; how many."""
+    total = 0
+    while True:
+        deleted = store.prune_predictions(before, limit=chunk)
+        total += deleted
+        if deleted < chunk:
+            return total
