@@ -74,15 +74,12 @@ def tiny_training_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return x, y
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory (LightGBM text + model_card.json with the right sha256) on a 0.5-5 star scale.
-
-    Session-scoped: treat it as read-only (copy it before corrupting anything).
-    """
+def write_tiny_model(directory: Path, *, rounds: int = 20, shift: float = 0.0, name: str = "tiny") -> Path:
+    """A LightGBM model of the tiny training data, with its content-versioned card, written into ``directory``:
+    ``rounds`` boosting rounds, the target moved by ``shift`` stars (another model, other answers)."""
     import lightgbm as lgb
 
-    directory = tmp_path_factory.mktemp("tiny_model")
+    directory.mkdir(parents=True, exist_ok=True)
     x, y = tiny_training_data()
     params = {
         "objective": "regression",
@@ -95,10 +92,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "num_threads": 1,
         "verbose": -1,
     }
-    booster = lgb.train(params, lgb.Dataset(x, y, feature_name=list(FEATURE_NAMES)), num_boost_round=20)
+    target = np.clip(y + shift, 0.5, 5.0)
+    booster = lgb.train(params, lgb.Dataset(x, target, feature_name=list(FEATURE_NAMES)), num_boost_round=rounds)
     (directory / "model.txt").write_text(booster.model_to_string(), encoding="utf-8")
     card = ModelCard(
-        name="tiny",
+        name=name,
         version="",
         created_at="2026-01-01T00:00:00+00:00",
         model_file="model.txt",
@@ -110,6 +108,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_card(directory, content_versioned(card))
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory (LightGBM text + model_card.json with the right sha256) on a 0.5-5 star scale.
+
+    Session-scoped: treat it as read-only (copy it before corrupting anything).
+    """
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny model (fewer trees, its answers a star lower): a challenger (read-only, session-wide)."""
+    return write_tiny_model(tmp_path_factory.mktemp("other_model"), rounds=8, shift=-1.0, name="tiny-other")
 
 
 def tiny_ratings(n_users: int = 60, n_movies: int = 30, seed: int = 1) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ export function npRound3(x: number): number;
 export function predictLocally(body: PredictRequest): Prediction;
 export function predictBatchLocally(body: BatchRequest): BatchResponse;
 export const LOCAL_SOURCE: 'fallback-local';
+export const LOCAL_VARIANT: 'local';
 export interface FeatureRule {
   readonly name: string;
   readonly kind: 'count' | 'flag' | 'number';

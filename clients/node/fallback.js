@@ -19,6 +19,8 @@ export const MAX_SHARED_GENRES = 3.0;
 export const VERSION = 'fallback-1';
 /** `source` of answers made by this client's copy of the rule (the service's own says "fallback"). */
 export const LOCAL_SOURCE = 'fallback-local';
+/** `variant` of answers made by the rule here: no variant of the service answered. */
+export const LOCAL_VARIANT = 'local';
 
 /** The six features and their rules, as in the service's features.py (same order, same ranges, same words). */
 export const FEATURES = Object.freeze([
@@ -153,6 +155,7 @@ export function predictLocally(body) {
   return {
     predicted_rating: round3(fallbackRating(features)),
     model_version: VERSION,
+    variant: LOCAL_VARIANT,
     source: LOCAL_SOURCE,
     prediction_id: newId(),
   };
@@ -194,5 +197,5 @@ export function predictBatchLocally(body) {
     source: LOCAL_SOURCE,
     prediction_id: `${batchId}-${r.index}`,
   }));
-  return { predictions, model_version: VERSION, count: predictions.length, ranked };
+  return { predictions, model_version: VERSION, variant: LOCAL_VARIANT, count: predictions.length, ranked };
 }

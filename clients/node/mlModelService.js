@@ -148,7 +148,7 @@ export function createClient(options = {}) {
     }
   }
 
-  /** POST /predict: one movie's six features -> `{ predicted_rating, model_version, source, prediction_id }`. */
+  /** POST /predict: six features -> `{ predicted_rating, model_version, variant, source, prediction_id }`. */
   function predictMovieRating(features, callOptions = {}) {
     if (features === null || typeof features !== 'object' || Array.isArray(features)) {
       return Promise.reject(new TypeError('predictMovieRating(features): features must be an object'));
@@ -165,7 +165,8 @@ export function createClient(options = {}) {
   }
 
   /**
-   * POST /predict-batch: movies (each `movie_id` + six features) -> `{ predictions, model_version, count, ranked }`.
+   * POST /predict-batch: movies (each `movie_id` + six features) ->
+   * `{ predictions, model_version, variant, count, ranked }`.
    * `rank` sorts best first; `topK` implies rank and keeps the best k.
    */
   function predictMultipleMovies(movies, callOptions = {}) {

@@ -51,3 +51,27 @@ def test_two_apps_share_answers_through_redis(tiny_model_dir: Path, tmp_path: Pa
         assert [p["predicted_rating"] for p in again["predictions"]] == [
             p["predicted_rating"] for p in ranked["predictions"]
         ]
+
+
+def test_two_different_models_never_share_an_entry(tiny_model_dir: Path, other_model_dir: Path, tmp_path: Path) -> None:
+    # The cache is keyed on the model's version and the body: a model that differs in any file has another version,
+    # so it never answers with another model's cached answer (the same body, sent to both through one Redis).
+    def settings(model: Path) -> Settings:
+        return Settings(
+            model_path=model,
+            database_url=f"sqlite:///{tmp_path / 'r.sqlite3'}",
+            prediction_cache_backend="redis",
+            redis_url="redis://127.0.0.1:6379/0",
+        )
+
+    body = {**EXAMPLE, "popularity": 1.0 + uuid.uuid4().int % 10_000 / 100}
+    app_a, app_b = create_app(settings(tiny_model_dir)), create_app(settings(other_model_dir))
+    with TestClient(app_a) as a, TestClient(app_b) as b:
+        first = a.post("/predict", json=body).json()
+        assert a.post("/predict", json=body).json()["predicted_rating"] == first["predicted_rating"]  # a's own hit
+        other = b.post("/predict", json=body).json()
+        cache_b = app_b.state.service.cache
+        assert isinstance(cache_b, RedisCache)
+        assert (cache_b.hits, cache_b.misses) == (0, 1)
+    assert first["model_version"] != other["model_version"]
+    assert other["predicted_rating"] < first["predicted_rating"] - 1.0  # b's own answer: a star lower

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from moviematch_ml.runtime.cards import (
     PERSONALIZED_DIR,
     RatingScale,
     content_version,
+    model_version,
     read_card,
 )
 from moviematch_ml.runtime.inputs import MODEL_FEATURES
@@ -397,3 +399,21 @@ def test_bundled_model_was_trained_on_the_built_in_data() -> None:
     assert personalized.training["config"] == personalized_config().model_dump(mode="json")
     # Training on the built-in data states the terms the bundled cards state.
     assert list(ds.terms) == card.data_terms == personalized.data_terms
+
+
+def test_two_different_models_never_share_a_version(tmp_path: Path) -> None:
+    # The same ratings with other movie metadata (another --movies / --movie-metadata): the data's fingerprint,
+    # which covers the ratings only, is the same; the models are not, nor are their versions.
+    ds = synthetic_dataset(1500)
+    other = replace(ds, movies=ds.movies.assign(vote_average=ds.movies["vote_average"].to_numpy()[::-1].copy()))
+    assert ds.fingerprint() == other.fingerprint()
+    cfg = TrainConfig(seed=3)
+    a, b = (train_six_feature_model(d, cfg, created_at="2026-01-01T00:00:00Z") for d in (ds, other))
+    assert a.model_text != b.model_text
+    assert a.card.version != b.card.version
+    # Same data, same config: the same bytes, the same version, whenever it is trained (the date is not part of it).
+    again = train_six_feature_model(ds, cfg, created_at="2027-06-01T00:00:00Z")
+    assert (again.model_text, again.card.version) == (a.model_text, a.card.version)
+    # The model directory's version (what answers and the answer cache's keys carry) names both parts.
+    assert model_version(a.card.version, None) != model_version(b.card.version, None)
+    assert model_version(a.card.version, None) != model_version(a.card.version, "personalized-0")

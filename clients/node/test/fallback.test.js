@@ -70,7 +70,8 @@ describe('the rule', () => {
 
   test('the local answer has the service shape, marked fallback-local', () => {
     const one = predictLocally(sampleFeatures({ vote_count: 100, vote_average: 8.5, n_shared_genres: 5 }));
-    assert.deepEqual(Object.keys(one), ['predicted_rating', 'model_version', 'source', 'prediction_id']);
+    assert.deepEqual(Object.keys(one), ['predicted_rating', 'model_version', 'variant', 'source', 'prediction_id']);
+    assert.equal(one.variant, 'local');
     assert.equal(one.predicted_rating, 8.1);
     assert.equal(one.model_version, VERSION);
     assert.equal(one.source, LOCAL_SOURCE);

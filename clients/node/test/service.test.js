@@ -31,7 +31,14 @@ function movies() {
 describe('predictions', () => {
   test('single prediction: the service JSON', async () => {
     const answer = await client.predictMovieRating(sampleFeatures(), { userId: 42, movieId: 7 });
-    assert.deepEqual(Object.keys(answer).sort(), ['model_version', 'predicted_rating', 'prediction_id', 'source']);
+    assert.deepEqual(Object.keys(answer).sort(), [
+      'model_version',
+      'predicted_rating',
+      'prediction_id',
+      'source',
+      'variant',
+    ]);
+    assert.equal(answer.variant, 'champion');
     assert.ok(answer.predicted_rating >= 0 && answer.predicted_rating <= 10, String(answer.predicted_rating));
     assert.equal(answer.predicted_rating, Math.round(answer.predicted_rating * 1000) / 1000);
     assert.ok(SOURCES.includes(answer.source), answer.source);

@@ -92,6 +92,11 @@ class PredictionLog:
         self._busy_until = 0.0
 
     @property
+    def paused_until(self) -> float:
+        """Until when (its clock) new entries are dropped: the writer spent its share of the worker's time."""
+        return self._busy_until
+
+    @property
     def queued(self) -> int:
         """Predictions waiting to be written."""
         return self._rows
@@ -152,7 +157,7 @@ class PredictionLog:
                 x, ids = self._decode(e.body)
                 if x.shape == (n, N_FEATURES) and len(ids) == n:
                     return x, ids
-            except InputError:
+            except (InputError, ValueError):  # a body that no longer decodes: its row keeps NaN features
                 pass
         return np.full((n, N_FEATURES), np.nan), [None] * n
 

@@ -11,8 +11,9 @@ or the new one, never half of each; its ``revision`` grows by one with every cha
 on ``POST /admin/reload`` and SIGHUP, and whenever its modification time changes (``REGISTRY_POLL_SECONDS``).
 
 A user is assigned to a variant by weighted rendezvous hashing of the experiment salt, the variant's name and the
-user id: the same user gets the same variant in every process and after every restart, each variant gets its
-weight's share of users, and changing one variant's weight only moves users into or out of that variant.
+user id: the same user gets the same variant in every process and after every restart, and each variant gets its
+weight's share of users. With one challenger, changing its weight moves exactly the users it must, between it and
+the champion (tests/runtime/test_registry.py).
 """
 
 from __future__ import annotations
@@ -320,7 +321,8 @@ def _unit(salt: str, name: str, user_id: str) -> float:
 def assign(user_id: str, variants: Sequence[tuple[str, float]], salt: str) -> int:
     """The index of the variant (name, weight) that answers the user: weighted rendezvous hashing. Each variant draws
     an exponential time of rate ``weight`` from the user's hash, the first to arrive wins, so a variant wins with
-    probability weight / sum of weights, and changing one weight moves users only into or out of that variant."""
+    probability weight / sum of weights; raising one weight (and lowering another's) moves users only into the
+    variant that gained, from the one that lost (and, with three or more, a few more to keep the shares exact)."""
     best, best_time = 0, math.inf
     for i, (name, weight) in enumerate(variants):
         if weight <= 0.0:
