@@ -1,6 +1,6 @@
 """The personalised cost ratios alone, each side driven in turn in short slices: machine drift cancels out.
 
-    python bench/ratio.py [--slices 10] [--seconds 2] [--workers 2] [--metrics]
+    python bench/ratio.py [--slices 10] [--seconds 2] [--workers 2] [--metrics | --log | --keys]
 
 ``bench/run.py`` drives each scenario for 10 s, one after the other; on a shared machine whose speed moves by
 5-10% over seconds to minutes (and once by a third for 10 s), a ratio of two such runs moves with it. Here the
@@ -12,7 +12,9 @@ of the two sides' total requests, and the spread of the per-slice ratios. Only 1
 
 ``--metrics`` measures what the metrics cost instead: two services, one with METRICS_ENABLED=true (the default,
 as deployed) and one with false, and the same six-feature bodies ("predict, unique bodies" and "batch 1000")
-driven at each in turn; the ratio is metrics on over off (the target: at least 0.95).
+driven at each in turn; the ratio is metrics on over off (the target: at least 0.95). ``--log`` does the same
+with PREDICTION_LOG (the prediction log written to the store, off the request path; target: at least 0.90), and
+``--keys`` with API_KEYS set or not (every request sends a valid key either way: the cost of checking it).
 """
 
 from __future__ import annotations
@@ -59,24 +61,39 @@ def in_turn(
     return [t / args.slices for t in totals], ratios
 
 
-def compare_metrics(
-    args: argparse.Namespace, env: dict[str, str], tmp: Path, lua: Path, pairs: list[tuple[str, str, int, Path, Path]]
+KEY = "bench-key-0123456789abcdef"
+# What each comparison turns on for one service and off for the other.
+SWITCHES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "metrics": ({"METRICS_ENABLED": "true"}, {"METRICS_ENABLED": "false"}),
+    "log": ({"PREDICTION_LOG": "true"}, {"PREDICTION_LOG": "false"}),
+    "keys": ({"API_KEYS": f"{KEY}:predict"}, {}),
+}
+
+
+def compare(
+    what: str,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    tmp: Path,
+    lua: Path,
+    pairs: list[tuple[str, str, int, Path, Path]],
 ) -> int:
-    """--metrics: the six-feature workloads against a service with metrics on, and one with metrics off."""
+    """--metrics, --log, --keys: the six-feature workloads against a service with the feature on, and one with it
+    off, in turn."""
     procs, bases = [], []
     try:
-        for enabled in ("true", "false"):
+        for side, switch in zip(("on", "off"), SWITCHES[what], strict=True):
             port = free_port()
             cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            side_env = {**env, "METRICS_ENABLED": enabled, "DATABASE_URL": f"sqlite:///{tmp / f'{enabled}.sqlite3'}"}
-            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{enabled}.log"))
+            side_env = {**env, **switch, "DATABASE_URL": f"sqlite:///{tmp / f'{side}.sqlite3'}"}
+            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{side}.log"))
             bases.append(f"http://127.0.0.1:{port}")
         for base in bases:
             wait_ready(base + "/health/ready", 60)
         for name, path, conns, six, _ in pairs:
             rps, ratios = in_turn([(bases[0] + path, six), (bases[1] + path, six)], conns, args, lua)
             print(
-                f"{name}: metrics on {rps[0]:,.0f} req/s, off {rps[1]:,.0f} req/s, on/off {rps[0] / rps[1]:.3f} "
+                f"{name}: {what} on {rps[0]:,.0f} req/s, off {rps[1]:,.0f} req/s, on/off {rps[0] / rps[1]:.3f} "
                 f"(slices: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f})"
             )
     finally:
@@ -90,12 +107,19 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=10)
     ap.add_argument("--seconds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--metrics", action="store_true", help="metrics on against off (see above)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--metrics", action="store_true", help="metrics on against off (see above)")
+    which.add_argument("--log", action="store_true", help="the prediction log on against off")
+    which.add_argument("--keys", action="store_true", help="access keys checked against no keys")
     args = ap.parse_args()
     rng = random.Random(42)
     tmp = Path(tempfile.mkdtemp(prefix="mmratio-"))
     lua = tmp / "bodies.lua"
-    lua.write_text(LUA)
+    # With --keys every request carries the key, on both sides: only its check differs.
+    header = f', ["Authorization"] = "Bearer {KEY}"' if args.keys else ""
+    lua.write_text(
+        LUA.replace('{["Content-Type"] = "application/json"}', '{["Content-Type"] = "application/json"' + header + "}")
+    )
 
     def bodies(name: str, items: list[object]) -> Path:
         return write_bodies(tmp, name, items)
@@ -120,8 +144,9 @@ def main() -> int:
     ]
     env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'ratio.sqlite3'}"}
     hide_packages(env, tmp)
-    if args.metrics:
-        return compare_metrics(args, env, tmp, lua, pairs)
+    for what in SWITCHES:
+        if getattr(args, what):
+            return compare(what, args, env, tmp, lua, pairs)
     port = free_port()
     cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = start([*cmd, "--workers", str(args.workers)], env, tmp / "service.log")

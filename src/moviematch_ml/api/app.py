@@ -319,6 +319,7 @@ def _prediction_log(settings: Settings, telemetry: Telemetry | None) -> Predicti
     if telemetry is not None:
         log_.on_written = telemetry.log_written.inc
         log_.on_dropped = telemetry.log_dropped.inc
+        log_.on_queued = telemetry.log_queued.set
     return log_
 
 

@@ -89,6 +89,7 @@ class PredictionLog:
         self.dropped = 0  # predictions not logged: the queue was full, or they could not be written
         self.on_dropped: Callable[[int], None] | None = None  # the metrics' counters
         self.on_written: Callable[[int], None] | None = None
+        self.on_queued: Callable[[float], None] | None = None  # the queue's depth, at each write
         self._busy_until = 0.0
 
     @property
@@ -186,6 +187,8 @@ class PredictionLog:
         next_prune = self._clock()
         while True:
             await asyncio.sleep(interval)
+            if self.on_queued is not None:
+                self.on_queued(self._rows)
             entries = self.take()
             if entries:
                 started = self._clock()

@@ -201,6 +201,12 @@ PREDICTION_LOG = Family(
     "counter",
     ("outcome",),
 )
+PREDICTION_LOG_QUEUED = Family(
+    "moviematch_prediction_log_queued",
+    "Predictions waiting in the workers' queues to be written to the prediction log (at each worker's last write).",
+    "gauge",
+    aggregate="sum",
+)
 RELOADS = Family(
     "moviematch_model_reloads_total",
     "Model reloads (POST /admin/reload, SIGHUP, a change of the registry), by outcome: reloaded or refused (the "
@@ -252,6 +258,7 @@ FAMILIES: Final[tuple[Family, ...]] = (
     FEEDBACK_RATINGS,
     FEEDBACK_REJECTED,
     PREDICTION_LOG,
+    PREDICTION_LOG_QUEUED,
     RELOADS,
     DRIFT_INPUTS,
     DRIFT_TRAINING_SHARE,
@@ -390,6 +397,7 @@ class Telemetry:
         self.feedback_duplicate = registry.counter(FEEDBACK_RATINGS, "duplicate")
         self.log_written = registry.counter(PREDICTION_LOG, "written")
         self.log_dropped = registry.counter(PREDICTION_LOG, "dropped")
+        self.log_queued = registry.gauge(PREDICTION_LOG_QUEUED)
         self.reloaded = registry.counter(RELOADS, "reloaded")
         self.reload_refused = registry.counter(RELOADS, "refused")
         for reason in REJECTED_REASONS:
