@@ -23,7 +23,8 @@ LIVE_BUDGET: Final[float] = 0.05
 
 @dataclass(frozen=True)
 class Answer:
-    """One HTTP answer: status, headers (lower-case names), the JSON body, and the seconds the exchange took."""
+    """One HTTP answer: status, headers (lower-case names), the body (parsed when JSON, else text), and the seconds
+    the exchange took."""
 
     status: int
     headers: dict[str, str]
@@ -49,12 +50,9 @@ def call(
         response = conn.getresponse()
         raw = response.read()
         seconds = time.perf_counter() - start
-        return Answer(
-            response.status,
-            {k.lower(): v for k, v in response.getheaders()},
-            orjson.loads(raw) if raw else None,
-            seconds,
-        )
+        got = {k.lower(): v for k, v in response.getheaders()}
+        json = got.get("content-type", "").startswith("application/json")
+        return Answer(response.status, got, orjson.loads(raw) if json else raw.decode(), seconds)
     finally:
         conn.close()
 
