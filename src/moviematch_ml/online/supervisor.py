@@ -54,7 +54,12 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._deadline = self.loop.call_later(self.body_timeout, self._too_slow)
 
     def on_message_complete(self) -> None:
-        self._cancel_deadline()
+        # The body is in: the app answers in its own time. Unless it has already answered (a 413, 415 or 503 sent
+        # before the body came): the deadline running then is the next request's headers', which the arriving body
+        # must not cancel (it cancels uvicorn's keep-alive timer too, so nothing else would ever close the
+        # connection).
+        if self.cycle is None or not self.cycle.response_complete:
+            self._cancel_deadline()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
