@@ -19,9 +19,10 @@ MAX_CONCURRENCY = 4
 MAX_BODY_BYTES = 4096
 
 
-@pytest.fixture
-def small_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real server that handles 4 requests at once per worker and bodies of 4 KiB at most."""
+    tmp_path = tmp_path_factory.mktemp("server")
     server = start(
         tmp_path,
         MODEL_PATH=str(tiny_model_dir),

@@ -21,9 +21,10 @@ BODY_TIMEOUT = 1.0
 MARGIN = 1.5  # seconds past a deadline that a busy machine may take to close the connection
 
 
-@pytest.fixture
-def strict_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real server with a second for a request's headers and a second for its body."""
+    tmp_path = tmp_path_factory.mktemp("server")
     server = start(
         tmp_path,
         MODEL_PATH=str(tiny_model_dir),
