@@ -3,6 +3,7 @@ or promise more body than they send, are disconnected; those that leave are logg
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -125,6 +126,33 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(strict_server: Serv
     lines = [e for e in strict_server.log_entries() if e.get("request_id") == "left"]
     assert [(e.get("status"), e["level"]) for e in lines] == [(499, "info")]
     assert [e for e in strict_server.log_entries() if e["level"] in ("error", "critical")] == []
+
+
+def test_a_body_that_never_ends_gets_its_413_then_is_cut_off(strict_server: Server) -> None:
+    """An oversized body keeps coming after its 413 (the server reads it to a bound, answers, then throws the rest
+    away on a connection kept open, so that the client can read the answer): the connection is closed
+    HEADER_TIMEOUT after the answer, however much is still to come."""
+    stop = threading.Event()
+    with socket.create_connection((LOOPBACK, strict_server.port), timeout=10) as sock:
+        sock.sendall(request_head("POST", "/predict-batch", 1 << 40))  # a terabyte promised, zeros sent for ever
+
+        def flood() -> None:
+            chunk = b"0" * 65536
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    sock.sendall(chunk)
+
+        sender = threading.Thread(target=flood)
+        sender.start()
+        try:
+            status, _, payload = read_response(sock)
+            answered = time.monotonic()
+            assert (status, orjson.loads(payload)["error"]) == (413, "body_too_large")
+            closed_by_server(sock, HEADER_TIMEOUT + 10)
+            assert time.monotonic() - answered < HEADER_TIMEOUT + MARGIN
+        finally:
+            stop.set()
+            sender.join(10)
 
 
 def test_an_answer_before_the_body_keeps_the_header_deadline(strict_server: Server) -> None:
