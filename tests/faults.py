@@ -188,7 +188,13 @@ class Proxy:
         try:
             # Connect only once bytes may flow: a server closes a connection that stays silent too long.
             await self._flowing.wait()
-            upstream_r, upstream_w = await self._connect()
+            connecting = asyncio.ensure_future(self._connect())
+            try:
+                upstream_r, upstream_w = await connecting
+            except asyncio.CancelledError:
+                # Cancelled (kill) just as the connection was made: close it, or its socket leaks.
+                connecting.add_done_callback(_abort_connected)
+                raise
             writers.append(upstream_w)
             pumps = [
                 asyncio.create_task(self._pump(client_r, upstream_w)),
@@ -198,14 +204,18 @@ class Proxy:
             for finished in asyncio.as_completed(pumps):
                 if not await finished:
                     break
-        except OSError:
+        except (OSError, asyncio.CancelledError):
+            # Cancelled by kill() or close(): the end of a link like any other (re-raised, the stream server's
+            # callback would report it as an error).
             pass
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            # Sockets first: a cancellation while the pumps are awaited below must not leave them open.
             for writer in writers:
                 writer.transport.abort()
+            for pump in pumps:
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pumps, return_exceptions=True)
             self._links.discard(task)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -222,6 +232,12 @@ class Proxy:
             return True
         except OSError:
             return False
+
+
+def _abort_connected(connecting: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    """Close the upstream connection a cancelled link made after all (a done callback)."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result()[1].transport.abort()
 
 
 class TcpProxy(Proxy):

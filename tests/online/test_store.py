@@ -301,6 +301,23 @@ def test_only_a_sqlite_file_gets_readers_of_its_own(db_url: str) -> None:
         s.close()
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_postgresql_read_hands_its_connection_back_for_transactions(store: FeedbackStore) -> None:
+    # user_ratings reads in autocommit (no BEGIN before the query, no COMMIT after it: half the round trips of a
+    # user's first request); the connection must leave autocommit before it goes back to the pool, or the next
+    # write's ratings and movie totals would each commit on their own.
+    store.add([_fb("a", "u1", "m1", 8.0)])
+    assert store.user_ratings("u1") == [("m1", 8.0, 100.0)]
+    assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]  # the read's, and the only one
+    conn = store.engine.raw_connection()
+    try:
+        assert conn.driver_connection is not None
+        assert conn.driver_connection.autocommit is False
+    finally:
+        conn.close()
+    assert store.add([_fb("b", "u1", "m2", 6.0)]).stored == (True,)
+
+
 def test_postgresql_without_its_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     # As if installed without [postgres]: importing psycopg fails (None in sys.modules makes it unfindable).
     monkeypatch.setitem(sys.modules, "psycopg", None)

@@ -32,8 +32,11 @@ REQUEST_ID_HEADER: Final[str] = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH: Final[int] = 128
 # A client that closed the connection before its answer (nginx's code for it): not a server error.
 CLIENT_CLOSED: Final[int] = 499
-# An oversized body is read (and thrown away) up to this many times the limit before the 413, so that the client
-# reads the answer instead of a reset connection; a bigger one gets the 413 and a closed connection.
+# An oversized body is read (and thrown away) up to this many times the limit before the 413, so that even a client
+# whose connection closes after the answer (Connection: close) reads it instead of a reset. The rest of a bigger one
+# is thrown away by the server after the answer, on a connection kept open, until the next request's header
+# deadline (supervisor.DeadlineProtocol): closing it at once would reset the connection under a client still
+# sending, which never sees its 413.
 DRAIN_FACTOR: Final[int] = 4
 # Probes answer even when the worker is saturated: a platform restarting a busy worker makes things worse.
 _NOT_LIMITED: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
@@ -71,17 +74,14 @@ def _request_id_and_length(scope: Scope) -> tuple[str, int | None]:
     return (request_id if request_id is not None else new_id()), length
 
 
-async def _drain(receive: Receive, limit: int) -> bool:
-    """Read and discard the request body, up to ``limit`` bytes; whether it was read to its end."""
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and discard the request body, to its end or ``limit`` bytes."""
     read = 0
     while read <= limit:
         message = await receive()
-        if message["type"] != "http.request":
-            return False
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
         read += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return True
-    return False
 
 
 class RequestContextMiddleware:
@@ -117,7 +117,6 @@ class RequestContextMiddleware:
         lifecycle = self.lifecycle
         status = 500
         started = False
-        close = False
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status, started
@@ -125,7 +124,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 started = True
                 headers = [*message.get("headers", ()), *extra]
-                if lifecycle.draining or close:
+                if lifecycle.draining:
                     headers.append(_CLOSE)  # clients stop reusing the connection before the listener closes
                 message["headers"] = headers
             await send(message)
@@ -152,7 +151,7 @@ class RequestContextMiddleware:
                 )
                 await response(scope, receive, send_with_headers)
             elif length is not None and length > limit:
-                close = not await _drain(receive, DRAIN_FACTOR * limit)
+                await _drain(receive, DRAIN_FACTOR * limit)
                 error = BodyTooLargeError(f"request body of {length} bytes is larger than {limit} bytes")
                 await input_error_response(error)(scope, receive, send_with_headers)
             else:
@@ -165,7 +164,7 @@ class RequestContextMiddleware:
         except InputError as exc:
             if not started:
                 if isinstance(exc, BodyTooLargeError):
-                    close = not await _drain(receive, DRAIN_FACTOR * limit)
+                    await _drain(receive, DRAIN_FACTOR * limit)
                 await input_error_response(exc)(scope, receive, send_with_headers)
         except ClientDisconnect:
             pass  # nothing to answer: logged below as the client's

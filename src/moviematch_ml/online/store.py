@@ -173,6 +173,7 @@ class FeedbackStore:
         # pool's pre-ping: both keep the pool.)
         self._own_readers = engine.dialect.name == "sqlite" and isinstance(engine.pool, QueuePool)  # a file
         self._readers: list[Any] = []
+        self._autocommit_reads = engine.dialect.name == "postgresql"  # psycopg: see user_ratings
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> FeedbackStore:
@@ -347,17 +348,33 @@ class FeedbackStore:
         except FAILURES as exc:
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
         try:
-            cur = conn.cursor()
-            cur.execute(self._user_ratings_sql, params)
-            rows = cur.fetchall()
-            cur.close()
-            conn.commit()  # ends the read transaction the driver opened (PostgreSQL), as SQLAlchemy would
+            if self._autocommit_reads:
+                # In autocommit the read is one round trip: no BEGIN before it, no COMMIT after it (four round trips
+                # with the pool's pre-ping became two; what a user's first request waits on a distant database). Set
+                # back before the connection returns to the pool: a write must run in a transaction. Should that
+                # fail, the connection is invalidated below, never reused.
+                driver: Any = conn.driver_connection
+                driver.autocommit = True
+                try:
+                    rows = self._fetch_user_ratings(conn, params)
+                finally:
+                    driver.autocommit = False
+            else:
+                rows = self._fetch_user_ratings(conn, params)
+                conn.commit()  # ends the read transaction the driver may have opened, as SQLAlchemy would
         except FAILURES as exc:
             conn.invalidate()  # a broken connection must not go back to the pool
             raise StoreError(f"could not read feedback: {exc.__class__.__name__}") from exc
         finally:
             conn.close()
         return [(m, float(r), float(t)) for m, r, t in rows]
+
+    def _fetch_user_ratings(self, conn: Any, params: Any) -> list[tuple[str, float, float]]:
+        cur = conn.cursor()
+        cur.execute(self._user_ratings_sql, params)
+        rows: list[tuple[str, float, float]] = cur.fetchall()
+        cur.close()
+        return rows
 
     def _sqlite_user_ratings(self, user_id: str) -> list[tuple[str, float, float]]:
         """``user_ratings`` on one of the store's own SQLite connections (see ``__init__``)."""

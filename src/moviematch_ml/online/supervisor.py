@@ -32,6 +32,8 @@ from moviematch_ml.online.lifecycle import PROCESS
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_SECONDS: Final[float] = 1.0
+# At shutdown, how long a connection without a request in progress stays open for one that is already on its way.
+SHUTDOWN_GRACE_SECONDS: Final[float] = 0.5
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -47,14 +49,22 @@ class DeadlineProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._too_slow)
+        self._shutting_down = False
 
     def on_headers_complete(self) -> None:
         self._cancel_deadline()
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered, then closed
         self._deadline = self.loop.call_later(self.body_timeout, self._too_slow)
 
     def on_message_complete(self) -> None:
-        self._cancel_deadline()
+        # The body is in: the app answers in its own time. Unless it has already answered (a 413, 415 or 503 sent
+        # before the body came): the deadline running then is the next request's headers', which the arriving body
+        # must not cancel (it cancels uvicorn's keep-alive timer too, so nothing else would ever close the
+        # connection).
+        if self.cycle is None or not self.cycle.response_complete:
+            self._cancel_deadline()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -62,6 +72,24 @@ class DeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self._cancel_deadline()
             self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def shutdown(self) -> None:
+        """The server stops (its listener is closed already): a request in progress is finished, then the connection
+        closed. uvicorn closes a connection without one at once, but a request may be on its way there (on a
+        connection just accepted, or sent by a client that has not read the last answer's ``Connection: close``):
+        closing with its bytes unread resets the connection under the client, which loses the request. So such a
+        connection gets SHUTDOWN_GRACE_SECONDS for a request, which is answered, before it is closed."""
+        self._shutting_down = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()
+            return
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(SHUTDOWN_GRACE_SECONDS, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._deadline = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()

@@ -1,0 +1,88 @@
+"""The request middleware of the real server: bounded concurrency (503 overloaded, at once) and the 413 of an
+oversized body that the client reads instead of a reset connection."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from moviematch_ml.features import EXAMPLE
+from probes import LOOPBACK, LiveProbe, call, read_response, request_head, wait_until
+from realserver import Server, start, stop
+
+MAX_CONCURRENCY = 4
+MAX_BODY_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server that handles 4 requests at once per worker and bodies of 4 KiB at most."""
+    tmp_path = tmp_path_factory.mktemp("server")
+    server = start(
+        tmp_path,
+        MODEL_PATH=str(tiny_model_dir),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'feedback.sqlite3'}",
+        MAX_CONCURRENCY=str(MAX_CONCURRENCY),
+        MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+    )
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+def test_past_max_concurrency_requests_get_503_at_once(small_server: Server) -> None:
+    """Defect 5, overload: with 1,000 connections requests queued for up to 10 s, /health/live took over 5 s, and
+    none got a 503 or Retry-After. Four requests whose bodies arrive slowly fill MAX_CONCURRENCY=4: every other
+    request gets 503 ``overloaded`` with Retry-After in well under a second, /health/live answers in under 50 ms
+    meanwhile, the four slow ones get their 200 once their bodies are in, and the worker takes requests again."""
+    port = small_server.port
+    body = orjson.dumps(EXAMPLE)
+    with contextlib.ExitStack() as stack:
+        slow = [stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=10)) for _ in range(4)]
+        for sock in slow:  # the headers and half the body: each request is in the app, waiting for the rest
+            sock.sendall(request_head("POST", "/predict", len(body)) + body[:10])
+        wait_until(lambda: call(port, "POST", "/predict", EXAMPLE).status == 503, 10, "the worker at MAX_CONCURRENCY")
+        with LiveProbe(port, interval=0.05) as probe:
+            refused = [call(port, "POST", "/predict", EXAMPLE) for _ in range(20)]
+            refused += [call(port, "POST", "/feedback", {"user_id": 1, "movie_id": 2, "rating": 5}) for _ in range(5)]
+            probe.wait_for(10)
+        probe.check(10)
+        for answer in refused:
+            assert (answer.status, answer.body["error"]) == (503, "overloaded"), answer
+            assert answer.headers["retry-after"] == "1"
+            assert answer.seconds < 0.5, answer
+        for sock in slow:
+            sock.sendall(body[10:])
+        for sock in slow:
+            status, _, payload = read_response(sock)
+            assert status == 200
+            assert orjson.loads(payload)["source"] == "model"
+    assert call(port, "POST", "/predict", EXAMPLE).status == 200
+
+
+@pytest.mark.parametrize("size", [10_000, 5_000_000], ids=["within-the-drain-bound", "1000-times-the-limit"])
+def test_an_oversized_body_sent_whole_gets_its_413(small_server: Server, size: int) -> None:
+    """Defect 5, the oversized body: sent whole, without ``Expect: 100-continue``, a body over MAX_BODY_BYTES got a
+    reset connection instead of its 413, which the Node client saw as a network error (and, once the server read
+    4 x MAX_BODY_BYTES of it and then closed the connection, so did any bigger body). The client reads the 413 JSON
+    whatever the size, and the connection stays usable."""
+    padding = size - len(b'{"movies":[]}')
+    big = b'{"movies":[' + b" " * padding + b"]}"
+    assert len(big) == size > MAX_BODY_BYTES
+    small = orjson.dumps(EXAMPLE)
+    with socket.create_connection((LOOPBACK, small_server.port), timeout=10) as sock:
+        sock.sendall(request_head("POST", "/predict-batch", len(big)) + big)
+        status, headers, payload = read_response(sock)
+        assert status == 413
+        assert headers["content-type"] == "application/json"
+        assert "connection" not in headers  # kept alive
+        assert orjson.loads(payload)["error"] == "body_too_large"
+        sock.sendall(request_head("POST", "/predict", len(small)) + small)  # the same connection, read to its end
+        status, _, payload = read_response(sock)
+        assert (status, orjson.loads(payload)["source"]) == (200, "model")
