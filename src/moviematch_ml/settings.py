@@ -87,7 +87,10 @@ ENV_ONLY: Final[dict[str, Any]] = {}
 class Settings(BaseSettings):
     """Every knob of the service. Environment variables use the upper-case field name (``MODEL_PATH``...)."""
 
-    model_config = SettingsConfigDict(extra="forbid", frozen=True, protected_namespaces=("settings_",))
+    # hide_input_in_errors: pydantic's messages would repeat a refused value, and API_KEYS holds secrets.
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=("settings_",), hide_input_in_errors=True
+    )
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port (Railway sets PORT).")

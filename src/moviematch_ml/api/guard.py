@@ -9,6 +9,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from moviematch_ml.api.fastpath import route_path
 from moviematch_ml.api.handlers import error_response
 from moviematch_ml.online.access import AccessKey, AccessKeys, RateLimiter
 
@@ -54,7 +55,13 @@ class AccessGuard:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # The path the router and the fast path match: without the root path when served under a prefix, so that
+        # /ml/predict needs the predict scope as /predict does.
+        path = route_path(scope)
+        if path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         token = bearer(scope)
@@ -65,9 +72,9 @@ class AccessGuard:
             )
             await response(scope, receive, send)
             return
-        needed = required_scope(scope["path"])
+        needed = required_scope(path)
         if needed is not None and not key.allows(needed):
-            await error_response(403, "forbidden", f"this key may not call {scope['path']}")(scope, receive, send)
+            await error_response(403, "forbidden", f"this key may not call {path}")(scope, receive, send)
             return
         scope.setdefault("state", {})["key"] = key.name
         limiter = self.limiter

@@ -7,13 +7,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from moviematch_ml import SERVICE_NAME, __version__
 from moviematch_ml.api import schemas
-from moviematch_ml.api.handlers import error_response, not_ready_response
+from moviematch_ml.api.handlers import not_ready_response
 from moviematch_ml.errors import UnsupportedMediaTypeError
 from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.lifecycle import Lifecycle
@@ -29,7 +29,8 @@ IDEMPOTENCY_HEADER: Final[str] = "idempotency-key"
 # The operators' routes: the access keys' rules (a metrics or admin scope) match /metrics by this path.
 METRICS_PATH: Final[str] = "/metrics"
 MODELS_PATH: Final[str] = "/models"
-RELOAD_PATH: Final[str] = "/admin/reload"
+ADMIN_PREFIX: Final[str] = "/admin"
+RELOAD_PATH: Final[str] = "/reload"
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": schemas.ErrorResponse, "description": "The body is not valid JSON (NaN, Infinity and 1e999 too)."},
@@ -199,7 +200,11 @@ def build_router(
             }
         )
 
-    @router.post(
+    # Admin routes hang off their own router: each one needs an admin key (the access guard checks its scope), and
+    # with no API_KEYS at all nobody has one, so this router's dependency refuses every request.
+    admin = APIRouter(prefix=ADMIN_PREFIX, dependencies=[Depends(_admin_only(auth))])
+
+    @admin.post(
         RELOAD_PATH,
         summary="Load the registry's current assignment (or MODEL_PATH) again, in this worker; admin key",
         response_model=schemas.ReloadResponse,
@@ -213,8 +218,6 @@ def build_router(
         """Every model of the new lineup is loaded and checked (checksums, a canned prediction) in a worker thread
         while the old one answers, then swapped in whole; if any fails, nothing changes (409, with the reason).
         The other workers and replicas pick a registry change up within REGISTRY_POLL_SECONDS."""
-        if not auth:  # admin routes need an admin key: without API_KEYS, nobody has one
-            return error_response(403, "forbidden", "admin routes need an admin key: set API_KEYS")
         outcome = await reloader.reload()
         lineup = outcome.lineup
         body = {
@@ -224,6 +227,8 @@ def build_router(
             "variants": lineup.variants(),
         }
         return _json(body, 200 if outcome.reloaded else 409)
+
+    router.include_router(admin)
 
     if telemetry is not None:
 
@@ -241,6 +246,14 @@ def build_router(
             return Response(body, headers={"content-type": CONTENT_TYPE})
 
     return router
+
+
+def _admin_only(auth: bool) -> Callable[[], None]:
+    def check() -> None:
+        if not auth:
+            raise HTTPException(403, "admin routes need an admin key: set API_KEYS")
+
+    return check
 
 
 def _names_only(value: object) -> object:

@@ -8,9 +8,9 @@ refuse the same requests, so that ``/docs`` and ``/openapi.json`` tell clients t
 from __future__ import annotations
 
 from types import GenericAlias
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
 from moviematch_ml.features import EXAMPLE, FEATURES, ID_RULE, Identifier, IdStr
@@ -244,8 +244,11 @@ class FeedbackRating(BaseModel):
     user_id: Identifier = Field(description=f"Rule: {ID_RULE}.")
     movie_id: Identifier = Field(description=f"Rule: {ID_RULE}.")
     rating: float = Field(ge=0, le=10, allow_inf_nan=False, description="The user's rating, 0-10.")
-    timestamp: float | str | None = Field(
-        None, description="When the user rated: unix seconds, or ISO-8601 with a time zone. Default: arrival time."
+    # The rule of online/feedback.py: unix seconds in [0, 1e11), or a date-time with its time zone.
+    timestamp: Annotated[float, Field(ge=0, lt=1e11, allow_inf_nan=False)] | AwareDatetime | None = Field(
+        None,
+        description="When the user rated: unix seconds (0 to 10^11), or ISO-8601 with a time zone. Default: arrival "
+        "time.",
     )
     prediction_id: IdStr | None = Field(None, description="The `prediction_id` the service returned, if any.")
     feedback_id: IdStr | None = Field(

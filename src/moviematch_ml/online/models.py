@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +43,8 @@ Status = Literal["ok", "degraded"]
 # canned prediction failed; starting: nothing loaded yet.
 ModelStatus = Literal["ok", "fallback", "absent", "refused", "starting"]
 NOT_LOADED: Final[str] = "starting: the model has not been loaded yet"
+# An absolute path in a message (not a URL's, nor a relative path's slashes): group 1 is its last part.
+_ABSOLUTE_PATH: Final[re.Pattern[str]] = re.compile(r"(?<![\w.:/~-])/(?:[^\s/:'\",;()]+/)*([^\s/:'\",;()]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,18 +386,27 @@ class ModelSet:
         return model, ModelReport("ok", model.version, None, model.card)
 
     def _public(self, reason: str) -> str:
-        """A reason as /health shows it: model directories are named MODEL_PATH or by their registry version (the
-        log has the full path; the answers of a public URL should not tell the machine's layout)."""
-        places: dict[str, str] = {}
-        path = self.path.resolve()
-        where = "the bundled model" if path == BUNDLED_MODEL_DIR.resolve() else "MODEL_PATH"
-        places.update({str(path): where, str(self.path): where})
+        """A reason as /health shows it, with no absolute path (the log has them; the answers of a public URL should
+        not tell the machine's layout): the model's path is named MODEL_PATH (the directory of a model card it names,
+        MODEL_PATH/..), the registry's MODEL_REGISTRY, and any other absolute path is cut to its file name."""
+        path = self.path
+        resolved = path.resolve()
+        where = "the bundled model" if resolved == BUNDLED_MODEL_DIR.resolve() else "MODEL_PATH"
+        names = {str(p): where for p in (path, resolved)}
+        if not path.is_dir():  # a model card's path (or nothing): its directory holds the model's other files
+            names.update({str(p.parent): f"{where}/.." for p in (path, resolved) if p.parent != p.parent.parent})
         if self.registry is not None:
             root = self.registry.root
-            places.update({str(root.resolve()): "MODEL_REGISTRY", str(root): "MODEL_REGISTRY"})
-        for spelling in sorted(places, key=len, reverse=True):
-            reason = reason.replace(spelling, places[spelling])
-        return reason
+            names.update({str(p): "MODEL_REGISTRY" for p in (root, root.resolve())})
+        for spelling in sorted(names, key=len, reverse=True):  # the longest first: a path before its directory
+            if len(Path(spelling).parts) > 1:  # "/srv/model", "models/six": no word of a message looks like it
+                reason = reason.replace(spelling, names[spelling])
+            else:
+                # One relative name ("model") may also be a word of the message: replaced only where it stands as a
+                # path, at the start of a token and followed by a slash, a quote or the end.
+                pattern = rf"(?<![^\s'\"(]){re.escape(spelling)}(?=/|['\"]|$)"
+                reason = re.sub(pattern, names[spelling].replace("\\", r"\\"), reason)
+        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), reason)
 
     def _check_terms(self, card: ModelCard) -> None:
         """Refuse a model trained on data that forbids commercial use, unless such models may be served."""
