@@ -102,7 +102,9 @@ def test_a_reload_serves_the_registry_s_new_challenger_to_its_users(client: Test
         # Each user gets the variant the hash assigns them, and that variant's model answers.
         variant = ["champion", "b"][assign(user, [("champion", 0.5), ("b", 0.5)], salt)]
         assert (answer["variant"], answer["model_version"]) == (variant, champion if variant == "champion" else other)
-    assert 10 < sum(a["variant"] == "b" for a in after.values()) < 30
+    # Both variants answer someone (the shares themselves are tests/runtime/test_registry.py's: the salt is random,
+    # so a count here is a binomial draw).
+    assert 0 < sum(a["variant"] == "b" for a in after.values()) < len(USERS)
     # The other model's answers are its own (a star lower: two points on 0-10), not the champion's.
     b_user = next(u for u, a in after.items() if a["variant"] == "b")
     assert after[b_user]["predicted_rating"] < before[b_user]["predicted_rating"] - 1.0

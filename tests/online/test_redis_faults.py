@@ -22,7 +22,6 @@ from realserver import Server, start, stop
 REDIS_TIMEOUT = 0.2  # REDIS_TIMEOUT of the server here (the default 0.05 s would hide what a timeout costs)
 BREAKER_SECONDS = 5.0  # how long a failure keeps Redis out of the request path (online/caches.py)
 REQUESTS = 200
-MODEL_VERSION = "tiny-1"
 _bodies = itertools.count()
 
 
@@ -31,9 +30,14 @@ def _body() -> dict[str, float | int]:
     return {**EXAMPLE, "popularity": 10.0 + next(_bodies) / 1000}
 
 
-def _cached(client: redis.Redis, body: dict[str, float | int]) -> bool:
-    """Whether Redis holds the answer to ``body`` (the service put it there: keyed on the bytes it received)."""
-    return bool(client.exists(cache_key((MODEL_VERSION, "model", orjson.dumps(body)))))
+def _answered_and_cached(port: int, client: redis.Redis, body: dict[str, float | int]) -> bool:
+    """Whether ``body`` is answered and Redis then holds the answer (the service put it there: keyed on the answering
+    model's version, its source and the bytes it received)."""
+    answer = call(port, "POST", "/predict", body)
+    if answer.status != 200:
+        return False
+    version = answer.body["model_version"]
+    return bool(client.exists(cache_key((version, "model", orjson.dumps(body)))))
 
 
 def _redis_hits(port: int) -> float:
@@ -57,7 +61,7 @@ def _check_cache_used_again(port: int, client: redis.Redis) -> float:
     """Seconds until a new answer is put in Redis again, then read back from it (a hit)."""
     probe = _body()
     took = wait_until(
-        lambda: call(port, "POST", "/predict", probe).status == 200 and _cached(client, probe),
+        lambda: _answered_and_cached(port, client, probe),
         BREAKER_SECONDS + 10,
         "an answer cached in Redis again",
         every=0.2,

@@ -144,11 +144,12 @@ def test_sigterm_under_keep_alive_load_drops_nothing(server: Server) -> None:
     server.wait_for_log("draining: not ready any more, closing the listener soon")
 
 
-def test_sighup_with_one_worker_is_ignored_with_a_log_line(server: Server) -> None:
+def test_sighup_with_one_worker_reloads_and_keeps_serving(server: Server) -> None:
     """Defect 8, SIGHUP: with one worker (the default) it killed the process at once, with no drain and no log line.
-    The process logs that SIGHUP was ignored (nothing reloads yet), goes on serving, and still stops cleanly."""
+    Now SIGHUP reloads the models (issue 15): the process logs it, goes on serving, and still stops cleanly."""
     server.proc.send_signal(signal.SIGHUP)
-    server.wait_for_log("SIGHUP received: nothing to reload, ignored")
+    server.wait_for_log("SIGHUP received: reloading the models")
+    server.wait_for_log("models reloaded")
     assert server.proc.poll() is None
     assert call(server.port, "POST", "/predict", EXAMPLE).status == 200
     assert call(server.port, "GET", "/health/ready").status == 200
