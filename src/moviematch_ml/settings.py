@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         10.0, gt=0, le=3600, description="Seconds a client has to send a request's headers; then it is disconnected."
     )
     body_timeout: float = Field(
-        30.0, gt=0, le=3600, description="Seconds a client has to send a request's body; then 408 and disconnected."
+        30.0, gt=0, le=3600, description="Seconds a client has to send a request's body; then its connection is closed."
     )
     store_read_timeout: float = Field(
         0.5,

@@ -4,6 +4,7 @@ routes, rate limits with Retry-After, what the access log says of a key, and the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,20 @@ def test_past_the_rate_limit_429_with_retry_after_per_key(tmp_path: Path) -> Non
     assert probes == [200] * 6  # the probes carry no key and are never limited
 
 
+def test_two_keys_whose_log_names_match_have_their_own_limits(tmp_path: Path) -> None:
+    """A key's name in the logs is 4 hex digits of its sha256, so two keys can share one (1 in 65,536 per pair);
+    the rate limiter counts each key apart all the same."""
+    seen: dict[str, str] = {}
+    for i in itertools.count():
+        secret = f"s3cr3t-colliding-{i:06d}"
+        if (first := seen.setdefault(name_of(secret), secret)) != secret:
+            break
+    assert name_of(first) == name_of(secret)
+    with TestClient(keyed_app(tmp_path, api_keys=f"{first}:predict,{secret}:predict", rate_limit="2/hour")) as c:
+        statuses = [c.post("/predict", json=EXAMPLE, headers=bearer(s)).status_code for s in (first, first, secret)]
+    assert statuses == [200, 200, 200]
+
+
 def test_refusals_do_not_count_against_a_key(tmp_path: Path) -> None:
     with TestClient(keyed_app(tmp_path, rate_limit="2/hour")) as c:
         assert c.post("/feedback", json=RATING, headers=bearer(PREDICT)).status_code == 403
@@ -263,7 +278,7 @@ def test_the_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path) -> N
         assert statuses == [200, 200, 200, 429]
     finally:
         client = redis.Redis(host="127.0.0.1", port=6379)
-        keys = list(client.scan_iter(f"mm:rate:{name_of(secret)}:*"))
+        keys = list(client.scan_iter(f"mm:rate:{hashlib.sha256(secret.encode()).hexdigest()[:32]}:*"))
         if keys:
             client.delete(*keys)
         client.close()

@@ -86,3 +86,43 @@ def test_an_oversized_body_sent_whole_gets_its_413(small_server: Server, size: i
         sock.sendall(request_head("POST", "/predict", len(small)) + small)  # the same connection, read to its end
         status, _, payload = read_response(sock)
         assert (status, orjson.loads(payload)["source"]) == (200, "model")
+
+
+@pytest.mark.parametrize("root_path", ["", "/ml"])
+def test_the_probes_skip_the_concurrency_limit_behind_a_prefix_too(root_path: str) -> None:
+    """At capacity the health probes still reach the app, also when a proxy serves the service under a prefix (the
+    ASGI path then starts with the root path, which the limit's exemption once compared raw), and a prediction is
+    refused with 503 overloaded."""
+    import asyncio
+
+    from starlette.types import Message, Receive, Scope, Send
+
+    from moviematch_ml.api.middleware import RequestContextMiddleware
+    from moviematch_ml.online.lifecycle import Lifecycle
+
+    reached: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = RequestContextMiddleware(app, max_body_bytes=1024, max_concurrency=1, lifecycle=Lifecycle())
+    middleware.in_flight = 1  # one request in progress: the worker is at capacity
+
+    async def status_of(path: str) -> int:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": root_path + path, "root_path": root_path, "headers": []}
+        await middleware(scope, receive, send)
+        return int(sent[0]["status"])
+
+    statuses = {p: asyncio.run(status_of(p)) for p in ("/health/live", "/health/ready", "/health", "/predict")}
+    assert statuses == {"/health/live": 200, "/health/ready": 200, "/health": 200, "/predict": 503}
+    assert reached == [root_path + p for p in ("/health/live", "/health/ready", "/health")]

@@ -16,7 +16,7 @@ from sqlalchemy.engine.default import CACHE_HIT
 from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.feedback import Feedback, parse_feedback
-from moviematch_ml.online.store import FeedbackStore, engine_url, make_engine
+from moviematch_ml.online.store import FeedbackStore, StoreHealth, engine_url, make_engine
 from moviematch_ml.online.tables import metadata
 
 
@@ -330,3 +330,46 @@ def test_postgresql_without_its_driver_names_the_extra(monkeypatch: pytest.Monke
     )
     assert (caught.value.extra, caught.value.module) == ("postgres", "psycopg")
     make_engine("sqlite://").dispose()  # SQLite, the default, needs no extra
+
+
+def test_a_probe_does_not_clear_a_failed_write_but_a_write_does() -> None:
+    health = StoreHealth("sqlite")
+    health.ok(probe=True)
+    assert (health.status, health.reason) == ("ok", None)
+    health.failed("the feedback store does not answer: OperationalError")  # a probe's failure: the next probe clears it
+    health.ok(probe=True)
+    assert (health.status, health.reason) == ("ok", None)
+    health.failed("could not store feedback: OperationalError", write=True)  # a full disk: the probe writes no page
+    health.ok(probe=True)
+    assert (health.status, health.reason) == ("unavailable", "could not store feedback: OperationalError")
+    health.ok()  # a rating stored
+    assert (health.status, health.reason, health.write_failed) == ("ok", None, False)
+
+
+def test_a_store_not_migrated_at_start_is_migrated_by_its_first_write_or_probe(tmp_path: Path) -> None:
+    for first in ("add", "ping"):
+        store = FeedbackStore.from_url(f"sqlite:///{tmp_path / f'{first}.sqlite3'}", migrate=False)
+        try:
+            assert (store.migrated, inspect(store.engine).get_table_names()) == (False, [])
+            if first == "add":
+                rating = parse_feedback({"user_id": 1, "movie_id": 2, "rating": 8}, None, now=1.0)
+                assert store.add(rating).accepted == 1
+            else:
+                store.ping()
+            assert store.migrated
+            assert {"feedback", "prediction_log"} <= set(inspect(store.engine).get_table_names())
+        finally:
+            store.close()
+
+
+def test_the_probe_refuses_a_read_only_store(tmp_path: Path) -> None:
+    path = tmp_path / "ro.sqlite3"
+    FeedbackStore.from_url(f"sqlite:///{path}").close()
+    store = FeedbackStore(make_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"))
+    store.migrated = True  # at head already: only the probe is under test
+    try:
+        assert store.user_ratings("1") == []  # it reads
+        with pytest.raises(StoreError, match=r"^the feedback store cannot write: OperationalError$"):
+            store.ping()
+    finally:
+        store.close()

@@ -254,15 +254,18 @@ def _task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
 
 
 async def _migrate(store: FeedbackStore, health: StoreHealth, timeout: float) -> None:
-    """Bring the store's schema up to date, in a worker thread and ``timeout`` seconds at most: a database that is
-    down or hangs costs /feedback (503) and personalisation, never the start of the service."""
+    """Bring the store's schema up to date and probe that it takes writes (``store.ping``), in a worker thread and
+    ``timeout`` seconds at most: a database that is down, read-only or hangs costs /feedback (503) and
+    personalisation, never the start of the service, and /health says so before the first request. A store not
+    migrated here is migrated by the first write or probe that reaches it (``FeedbackStore.migrated``)."""
     try:
         with anyio.fail_after(timeout):
-            await anyio.to_thread.run_sync(store.migrate, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(store.ping, abandon_on_cancel=True)
         health.ok()
     except StoreError as exc:
         health.failed(str(exc))
-        log.error("feedback store unavailable", extra={"reason": str(exc)})
+        # The driver's own message (hosts, roles, files) goes to the operator's log only, never to /health.
+        log.error("feedback store unavailable", extra={"reason": str(exc), "detail": str(exc.__cause__)})
     except TimeoutError:
         health.failed(f"no answer within {timeout} s")
         log.error("feedback store unavailable", extra={"reason": f"migration did not finish within {timeout} s"})

@@ -78,7 +78,7 @@ class AccessGuard:
             return
         scope.setdefault("state", {})["key"] = key.name
         limiter = self.limiter
-        if limiter is not None and not await limiter.allow(key.name):
+        if limiter is not None and not await limiter.allow(key.bucket):
             retry = str(limiter.retry_after())
             response = error_response(
                 429,

@@ -142,7 +142,8 @@ class RequestContextMiddleware:
                     raise BodyTooLargeError(f"request body is larger than {limit} bytes")
             return message
 
-        limited = scope["path"] not in _NOT_LIMITED
+        # The route's path: behind a proxy's prefix (root_path) the probes must still skip the limit.
+        limited = route_path(scope) not in _NOT_LIMITED
         counted = False
         try:
             if limited and self.in_flight >= self.max_concurrency:

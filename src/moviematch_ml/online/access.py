@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class AccessKey:
-    """One configured key: its name in logs (the first 4 characters of its sha256) and its scopes."""
+    """One configured key: its name in logs (the first 4 characters of its sha256), its scopes, and the bucket its
+    requests are counted in by the rate limiter (32 hex characters of the sha256: two keys whose 4-character names
+    happen to match, 1 chance in 65,536 per pair, must not share a limit)."""
 
     name: str
     scopes: frozenset[str]
+    bucket: str
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -42,7 +45,9 @@ class AccessKeys:
     @classmethod
     def parse(cls, text: str | None) -> AccessKeys:
         """The keys of ``API_KEYS`` (``settings.parse_api_keys`` checks its format)."""
-        return cls({digest: AccessKey(digest.hex()[:4], scopes) for digest, scopes in parse_api_keys(text)})
+        return cls(
+            {digest: AccessKey(digest.hex()[:4], scopes, digest.hex()[:32]) for digest, scopes in parse_api_keys(text)}
+        )
 
     @property
     def enabled(self) -> bool:

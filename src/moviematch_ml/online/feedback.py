@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from moviematch_ml.errors import FieldError, InputError, InvalidJSONError, StoreError
+from moviematch_ml.errors import FieldError, InvalidJSONError, StoreError
 from moviematch_ml.features import MAX_ID_LENGTH, parse_id
 
 if TYPE_CHECKING:  # the store imports Feedback from here
@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # the store imports Feedback from here
 
 MAX_FEEDBACK_BATCH: Final[int] = 1000
 RATING_RULE: Final[str] = "must be a finite number between 0 and 10"
-TIMESTAMP_RULE: Final[str] = "must be unix seconds (a number >= 0) or an ISO-8601 date-time with a time zone"
+# What _timestamp accepts, said whole: 1e11 s is the year 5138, so a millisecond timestamp (1.7e12) is refused.
+TIMESTAMP_RULE: Final[str] = (
+    "must be unix seconds (a number from 0 to 1e11, not milliseconds) or an ISO-8601 date-time with a time zone"
+)
 KEY_RULE: Final[str] = f"must be a string of 1-{MAX_ID_LENGTH} printable characters"
 _FIELDS: Final[frozenset[str]] = frozenset(
     {"user_id", "movie_id", "rating", "timestamp", "prediction_id", "feedback_id"}
@@ -102,7 +105,7 @@ def parse_feedback(body: object, idempotency_key: str | None, now: float) -> lis
         items = [body]
         prefix = ""
     else:
-        raise InputError("the body must be a JSON object", status=422)
+        raise FieldError("body", "must be a JSON object", body)
 
     out: list[Feedback] = []
     for i, item in enumerate(items):
@@ -162,7 +165,7 @@ class FeedbackService:
         except TimeoutError:
             error = StoreError(f"the store did not commit within {self.write_timeout} s")
             if self.health is not None:
-                self.health.failed(str(error))
+                self.health.failed(str(error), write=True)
             if self.telemetry is not None:
                 self.telemetry.feedback_rejected(error)
             raise error from None
@@ -175,7 +178,7 @@ class FeedbackService:
             if self.telemetry is not None:
                 self.telemetry.feedback_rejected(exc)
             if isinstance(exc, StoreError) and self.health is not None:
-                self.health.failed(str(exc))
+                self.health.failed(str(exc), write=True)
             raise
         if self.health is not None:
             self.health.ok()

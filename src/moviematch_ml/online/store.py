@@ -174,6 +174,9 @@ class FeedbackStore:
         self._own_readers = engine.dialect.name == "sqlite" and isinstance(engine.pool, QueuePool)  # a file
         self._readers: list[Any] = []
         self._autocommit_reads = engine.dialect.name == "postgresql"  # psycopg: see user_ratings
+        # Whether ``migrate`` has succeeded: a database that was down at start-up is migrated by the first write or
+        # health probe that reaches it, not never (it would answer every /feedback with "no such table").
+        self.migrated = False
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> FeedbackStore:
@@ -188,7 +191,13 @@ class FeedbackStore:
         try:
             migrations.upgrade(self.engine)
         except FAILURES as exc:
-            raise StoreError(f"could not migrate the feedback store: {exc}") from exc
+            # The class only: the driver's message names hosts, roles and files, and this reason reaches /health.
+            raise StoreError(f"could not migrate the feedback store: {exc.__class__.__name__}") from exc
+        self.migrated = True
+
+    def _ensure_migrated(self) -> None:
+        if not self.migrated:
+            self.migrate()
 
     @property
     def idle_readers(self) -> tuple[Any, ...]:
@@ -207,6 +216,7 @@ class FeedbackStore:
         """Store ratings not seen before (by ``feedback_id``) and the movie totals they change, in one transaction."""
         if not ratings:
             return StoreResult(())
+        self._ensure_migrated()
         now = time.time() if received_at is None else received_at
         rows = [
             {
@@ -250,6 +260,7 @@ class FeedbackStore:
         """Append rows to the prediction log (``tables.prediction_log_table``) in one transaction."""
         if not rows:
             return
+        self._ensure_migrated()
         try:
             with self.engine.begin() as conn:
                 conn.execute(prediction_log_table.insert(), list(rows))
@@ -297,12 +308,18 @@ class FeedbackStore:
 
     @_timed("ping")
     def ping(self) -> None:
-        """Raise StoreError unless the database answers a query."""
+        """Raise StoreError unless the database takes a write (migrating it first if that has not succeeded yet).
+
+        The probe is a DELETE that matches no row, rolled back: a read-only store (SQLite opened read-only, a
+        PostgreSQL standby or read-only role) refuses it as it would refuse a rating, where ``SELECT 1`` answers. It
+        writes no page, so a full disk shows only when a real write fails (``StoreHealth.failed(write=True)``)."""
+        self._ensure_migrated()
         try:
-            with self.engine.connect() as conn:
-                conn.execute(select(1)).scalar_one()
+            with self.engine.connect() as conn, conn.begin() as tx:
+                conn.execute(feedback_table.delete().where(feedback_table.c.id < 0))
+                tx.rollback()
         except FAILURES as exc:
-            raise StoreError(f"the feedback store does not answer: {exc.__class__.__name__}") from exc
+            raise StoreError(f"the feedback store cannot write: {exc.__class__.__name__}") from exc
 
     @_timed("last_row_id")
     def last_row_id(self) -> int:
@@ -444,11 +461,19 @@ class StoreHealth:
         sqlite_store = engine_url(url).startswith("sqlite")
         return cls("postgresql" if not sqlite_store else "sqlite (ephemeral)" if ephemeral else "sqlite")
 
-    def ok(self) -> None:
-        self.status, self.reason, self.checked_at = "ok", None, time.time()
+    # Whether the last failure was a real write's (a rating not stored): only a real write clears it, since the
+    # probe writes no page and would call a full disk "ok" again five seconds later.
+    write_failed: bool = False
 
-    def failed(self, reason: str) -> None:
-        self.status, self.reason, self.checked_at = "unavailable", reason, time.time()
+    def ok(self, *, probe: bool = False) -> None:
+        """A call succeeded; ``probe``: it was ``watch``'s probe, which does not clear a real write's failure."""
+        if probe and self.write_failed:
+            self.checked_at = time.time()
+            return
+        self.status, self.reason, self.checked_at, self.write_failed = "ok", None, time.time(), False
+
+    def failed(self, reason: str, *, write: bool = False) -> None:
+        self.status, self.reason, self.checked_at, self.write_failed = "unavailable", reason, time.time(), write
 
 
 async def watch(store: FeedbackStore, health: StoreHealth, *, interval: float, timeout: float) -> None:
@@ -459,10 +484,7 @@ async def watch(store: FeedbackStore, health: StoreHealth, *, interval: float, t
         try:
             with anyio.fail_after(timeout):
                 await anyio.to_thread.run_sync(store.ping, limiter=limiter, abandon_on_cancel=True)
-            if health.status != "ok" or health.reason is not None:
-                health.ok()
-            else:
-                health.checked_at = time.time()
+            health.ok(probe=True)
         except StoreError as exc:
             health.failed(str(exc))
         except TimeoutError:
