@@ -280,6 +280,7 @@ def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path, d
         "unmatched_ratings": 1,
         "unmatched_movie_ids": 1,
         "superseded_ratings": 1,
+        "logged_feature_ratings": 0,  # no prediction log: every rating's features are computed
     }
     assert ds.movies["movie_id"].tolist() == [1, 2, 3]
     # Text user ids are fingerprinted by their characters: the same store gives the same fingerprint.
