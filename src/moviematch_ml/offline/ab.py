@@ -149,7 +149,7 @@ def verdict(
     difference's standard error (see the module)."""
     if lo is not None and hi is not None and p is not None and (lo > 0 or hi < 0) and p < ALPHA:
         better = "challenger" if d < 0 else "champion"
-        return f"{better} better: RMSE {signed(d)} [{signed(lo)}, {signed(hi)}] (p = {p:.3g})", better, None
+        return f"{better} better: RMSE {signed(d)} [{signed(lo)}, {signed(hi)}] (p = {p:.2g})", better, None
     if d == 0 or not math.isfinite(d) or se <= 0 or not math.isfinite(se):
         return "no significant difference yet: the two RMSEs are equal", None, None
     needed = n_now * ((Z_975 + Z_80) * se / abs(d)) ** 2
