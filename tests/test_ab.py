@@ -123,6 +123,7 @@ def test_a_b_test_report_then_promote_and_roll_back_without_a_restart(tmp_path: 
         **env,
         DATABASE_URL=url,
         API_KEYS=f"{BACKEND}:predict+feedback,{ADMIN}:admin",
+        EXPERIMENT_SALT="ab-test",  # the same users in each variant on every run (the registry draws a new salt)
         REGISTRY_POLL_SECONDS="0",  # every change below reaches the service through POST /admin/reload only
         PREDICTION_LOG_SHARE="1",  # log every prediction, however slow this shared machine is at the moment
     )

@@ -309,7 +309,7 @@ def markdown(data: dict[str, Any]) -> str:
         for k in METRICS:
             m = c[k]
             cells.append(f"{_fmt(m['difference'], True)} [{_fmt(m['low'], True)}, {_fmt(m['high'], True)}]")
-            cells.append("n/a" if m["p_value"] is None else f"{m['p_value']:.3g}")
+            cells.append("n/a" if m["p_value"] is None else f"{m['p_value']:.2g}")
         lines.append(f"| {c['challenger']} | {' | '.join(cells)} | {c['verdict']} |")
     lines += [
         "",
