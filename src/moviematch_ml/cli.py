@@ -136,7 +136,8 @@ def _ab_report(args: argparse.Namespace) -> int:
 
     from moviematch_ml.errors import DataError, ReportError
     from moviematch_ml.offline import ab
-    from moviematch_ml.offline.served import join_store
+    from moviematch_ml.offline.joins import join_ratings
+    from moviematch_ml.online import journal
     from moviematch_ml.online.store import FeedbackStore
 
     if args.bootstrap < 1 or args.min_ratings < 0:
@@ -151,7 +152,7 @@ def _ab_report(args: argparse.Namespace) -> int:
         return 2
     store = FeedbackStore.from_url(url, migrate=False)
     try:
-        joined = join_store(store, since=since, until=until)
+        joined = join_ratings(store.iter_feedback(since=since, until=until), journal.read(store, until=until))
     finally:
         store.close()
     try:
@@ -415,6 +416,7 @@ def _load_feedback(args: argparse.Namespace) -> Dataset:
     from moviematch_ml.offline.boosting import TrainConfig
     from moviematch_ml.offline.data import load_feedback
     from moviematch_ml.offline.training import min_training_ratings
+    from moviematch_ml.online import journal
     from moviematch_ml.online.store import FeedbackStore
 
     for flag, value in (
@@ -429,7 +431,11 @@ def _load_feedback(args: argparse.Namespace) -> Dataset:
     store = FeedbackStore.from_url(_database_url(args), migrate=False)
     try:
         dataset = load_feedback(
-            store, args.movies, args.movie_metadata, min_ratings=min_training_ratings(TrainConfig(seed=args.seed))
+            store,
+            args.movies,
+            args.movie_metadata,
+            min_ratings=min_training_ratings(TrainConfig(seed=args.seed)),
+            logged=journal.read(store),
         )
     finally:
         store.close()

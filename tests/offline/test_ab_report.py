@@ -15,10 +15,14 @@ from moviematch_ml import cli
 from moviematch_ml.errors import ReportError
 from moviematch_ml.features import example_matrix
 from moviematch_ml.offline.ab import Z_80, Z_975, UserTotals, report, verdict
-from moviematch_ml.offline.served import join_store
+from moviematch_ml.offline.joins import Joined, join_ratings
 from moviematch_ml.online.feedback import Feedback
-from moviematch_ml.online.journal import Entry, PredictionLog
+from moviematch_ml.online.journal import Entry, PredictionLog, read
 from moviematch_ml.online.store import FeedbackStore
+
+
+def join_store(store: FeedbackStore) -> Joined:
+    return join_ratings(store.iter_feedback(), read(store))
 
 
 def _fill(store: FeedbackStore, rows: list[tuple[str, str, str, float, float]]) -> None:

@@ -280,7 +280,7 @@ def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path, d
         "unmatched_ratings": 1,
         "unmatched_movie_ids": 1,
         "superseded_ratings": 1,
-        "logged_feature_ratings": 0,  # no prediction log: every rating's features are computed
+        "logged_feature_ratings": 0,  # no prediction log given: computed features only
     }
     assert ds.movies["movie_id"].tolist() == [1, 2, 3]
     # Text user ids are fingerprinted by their characters: the same store gives the same fingerprint.
@@ -381,7 +381,7 @@ def test_load_feedback_trains_on_the_features_the_backend_sent(tmp_path: Path) -
     from moviematch_ml.features import FEATURE_NAMES
     from moviematch_ml.offline.boosting import TrainConfig
     from moviematch_ml.offline.evaluation import feature_frame
-    from moviematch_ml.online.journal import Entry, PredictionLog
+    from moviematch_ml.online.journal import Entry, PredictionLog, read
 
     _, movies = _write(tmp_path)
     store = _store(tmp_path, FEEDBACK)
@@ -411,8 +411,8 @@ def test_load_feedback_trains_on_the_features_the_backend_sent(tmp_path: Path) -
             ]
         )
     )
-    ds = load_feedback(store, movies, min_ratings=5)
-    plain = load_feedback(store, movies, min_ratings=5, logged_features=False)
+    ds = load_feedback(store, movies, min_ratings=5, logged=read(store))
+    plain = load_feedback(store, movies, min_ratings=5)  # no log given: every rating's features computed
     store.close()
     assert (ds.source["logged_feature_ratings"], plain.source["logged_feature_ratings"]) == (1, 0)
     cols = list(FEATURE_NAMES)

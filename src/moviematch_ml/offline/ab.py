@@ -28,8 +28,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from moviematch_ml.errors import ReportError
+from moviematch_ml.offline.joins import Joined
 from moviematch_ml.offline.metrics import NDCG_K, NDCG_MIN_RATINGS, ndcg_at_k
-from moviematch_ml.offline.served import Joined
 from moviematch_ml.runtime.registry import CHAMPION
 
 FloatArray = npt.NDArray[np.float64]

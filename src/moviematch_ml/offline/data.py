@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -14,6 +15,7 @@ import pandas as pd
 
 from moviematch_ml.errors import DataError
 from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.offline.joins import Logged, join_ratings
 from moviematch_ml.runtime.cards import IMDB_GGPLOT2MOVIES, MOVIELENS_SMALL, DataSource, RatingScale
 
 if TYPE_CHECKING:
@@ -481,7 +483,7 @@ def load_feedback(
     metadata_path: Path | None = None,
     *,
     min_ratings: int = MIN_FEEDBACK_RATINGS,
-    logged_features: bool = True,
+    logged: Iterable[Logged] = (),
 ) -> Dataset:
     """Every rating the service stored (0-10 scale) with the movies of ``movies_path`` (ml-latest layout).
 
@@ -491,8 +493,8 @@ def load_feedback(
     online state does the same). User ids stay text,
     as the app sent them. Fewer than ``min_ratings`` usable ratings is a DataError naming the number needed.
 
-    With ``logged_features``, each rating the prediction log joins (``served.join_store``: by its prediction id,
-    else the latest prediction of that user and movie before it) carries the six features logged with that
+    Each rating that ``logged`` predictions (``online.journal.read``) join (``joins.join_ratings``: by its prediction
+    id, else the latest prediction of that user and movie before it) carries the six features logged with that
     prediction (``Dataset.logged``): the model learns on what the backend actually sent.
     """
     rows = _feedback_rows(store)
@@ -531,18 +533,13 @@ def load_feedback(
             "timestamp": np.floor(used["rated_at"].to_numpy(dtype=np.float64)).astype(np.int64),
         }
     )
-    logged = None
-    if logged_features:
-        from moviematch_ml.offline.served import join_store  # reads the prediction log: only when asked
-
-        joined = join_store(store).frame.set_index("row_id").loc[:, list(FEATURE_NAMES)]
-        joined = joined[np.isfinite(joined.to_numpy()).all(axis=1)]  # a row the log could not decode: computed
-        logged = joined.reindex(used["row_id"].to_numpy()).reset_index(drop=True)
-        logged.index = ratings.index
+    # The same ratings again, with their prediction ids, joined to the log (its rows the ones read above: by row id).
+    joined = join_ratings(store.iter_feedback(), logged).frame.set_index("row_id").loc[:, list(FEATURE_NAMES)]
+    joined = joined[np.isfinite(joined.to_numpy()).all(axis=1)]  # a row the log could not decode: computed
+    sent = joined.reindex(used["row_id"].to_numpy()).set_axis(ratings.index)
     order = ratings["timestamp"].argsort(kind="stable").to_numpy()
     ratings = ratings.iloc[order].reset_index(drop=True)
-    if logged is not None:
-        logged = logged.iloc[order].reset_index(drop=True)
+    sent = sent.iloc[order].reset_index(drop=True)
     check_scale(ratings["rating"], FEEDBACK_SCALE, FEEDBACK_SOURCE)
     report: dict[str, Any] = {}
     if metadata_path is not None:
@@ -555,7 +552,7 @@ def load_feedback(
         "unmatched_ratings": n_unmatched,
         "unmatched_movie_ids": len(unmatched_ids),
         "superseded_ratings": n_superseded,
-        "logged_feature_ratings": 0 if logged is None else int(logged.notna().all(axis=1).sum()),
+        "logged_feature_ratings": int(sent.notna().all(axis=1).sum()),
     }
     files = ", ".join(Path(p).name for p in (movies_path, metadata_path) if p is not None)
     terms = (
@@ -565,4 +562,4 @@ def load_feedback(
         ),
     )
     frame = movies.loc[:, list(MOVIE_COLUMNS)]
-    return Dataset("feedback", ratings, frame, FEEDBACK_SCALE, report, source, terms=terms, logged=logged)
+    return Dataset("feedback", ratings, frame, FEEDBACK_SCALE, report, source, terms=terms, logged=sent)

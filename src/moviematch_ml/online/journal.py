@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -272,6 +272,12 @@ def served(row: Mapping[str, Any]) -> list[Served]:
         )
         for i in range(n)
     ]
+
+
+def read(store: FeedbackStore, *, until: float | None = None) -> Iterator[Served]:
+    """Every prediction logged at or before ``until``, oldest first (what ``offline.joins`` joins ratings to)."""
+    for row in store.iter_prediction_log(until=until):
+        yield from served(row)
 
 
 def prune(store: FeedbackStore, before: float, *, chunk: int = PRUNE_CHUNK) -> int:

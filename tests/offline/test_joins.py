@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.offline.served import BY_ID, BY_TIME, join_store
+from moviematch_ml.offline.joins import BY_ID, BY_TIME, Joined, join_ratings
 from moviematch_ml.online.feedback import Feedback
-from moviematch_ml.online.journal import Entry, PredictionLog, served
+from moviematch_ml.online.journal import Entry, PredictionLog, read, served
 from moviematch_ml.online.store import FeedbackStore
 
 A, B = "a" * 32, "b" * 32
@@ -26,6 +26,11 @@ def _store(
     store.log_predictions(PredictionLog(max_rows=1000).rows(entries))
     store.add([Feedback(f"f{i}", u, m, r, t, p) for i, (u, m, r, t, p) in enumerate(ratings)])
     return store
+
+
+def join_store(store: FeedbackStore, *, since: float | None = None, until: float | None = None) -> Joined:
+    """What ab-report joins: the ratings rated in [since, until] and the predictions logged up to ``until``."""
+    return join_ratings(store.iter_feedback(since=since, until=until), read(store, until=until))
 
 
 # A batch for u1 (movies 10 and 20) at t=100 by the champion, then a /predict of movie 10 for u1 at t=200 by b.

@@ -16,14 +16,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 import pandas as pd
 
 from moviematch_ml.features import FEATURE_NAMES
-from moviematch_ml.online.journal import Served, served
-from moviematch_ml.online.store import FeedbackStore
 
 BY_ID: Final[str] = "id"
 BY_TIME: Final[str] = "time"
@@ -58,12 +56,39 @@ class Joined:
         return self.ratings - self.by_id - self.by_time
 
 
-class ServedIndex:
+class Logged(Protocol):
+    """One logged prediction (``online.journal.Served``, which reads them from the store: training code does not
+    import the service's)."""
+
+    @property
+    def prediction_id(self) -> str: ...
+    @property
+    def logged_at(self) -> float: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def movie_id(self) -> str | None: ...
+    @property
+    def features(self) -> tuple[float, ...]: ...
+    @property
+    def prediction(self) -> float: ...
+    @property
+    def source(self) -> str: ...
+
+
+Rating = tuple[int, str, str, float, float, str | None]  # row id, user, movie, rating, rated_at, prediction_id
+
+
+class LoggedIndex:
     """The logged predictions, findable by prediction id and by (user, movie) in time order."""
 
-    def __init__(self, predictions: Iterable[Served]) -> None:
-        self.by_id: dict[str, Served] = {}
-        times: dict[tuple[str, str], list[tuple[float, int, Served]]] = {}
+    def __init__(self, predictions: Iterable[Logged]) -> None:
+        self.by_id: dict[str, Logged] = {}
+        times: dict[tuple[str, str], list[tuple[float, int, Logged]]] = {}
         self.size = 0
         for i, p in enumerate(predictions):
             self.size += 1
@@ -77,7 +102,7 @@ class ServedIndex:
 
     def find(
         self, user_id: str, movie_id: str, rated_at: float, prediction_id: str | None
-    ) -> tuple[str, Served] | None:
+    ) -> tuple[str, Logged] | None:
         """(how, prediction) of one rating, by the rules of the module; None when it joins nothing."""
         if prediction_id is not None:
             p = self.by_id.get(prediction_id)
@@ -91,11 +116,10 @@ class ServedIndex:
         return None if i == 0 else (BY_TIME, rows[i - 1])
 
 
-def join_ratings(
-    ratings: Iterable[tuple[int, str, str, float, float, str | None]], predictions: Iterable[Served]
-) -> Joined:
-    """Join ratings (``FeedbackStore.iter_feedback``'s tuples) to logged predictions (see the module)."""
-    index = ServedIndex(predictions)
+def join_ratings(ratings: Iterable[Rating], predictions: Iterable[Logged]) -> Joined:
+    """Join ratings (``FeedbackStore.iter_feedback``'s tuples, in arrival order) to logged predictions
+    (``journal.read``), by the rules of the module."""
+    index = LoggedIndex(predictions)
     out: list[tuple[object, ...]] = []
     n = by_id = by_time = 0
     for row_id, user_id, movie_id, rating, rated_at, prediction_id in ratings:
@@ -130,9 +154,3 @@ def join_ratings(
     numeric = ["rating", "rated_at", "logged_at", "prediction", *FEATURE_NAMES]
     frame = frame.astype({"row_id": np.int64, **dict.fromkeys(numeric, np.float64)})
     return Joined(frame, n, index.size, by_id, by_time)
-
-
-def join_store(store: FeedbackStore, *, since: float | None = None, until: float | None = None) -> Joined:
-    """The store's ratings rated in [since, until] joined to the predictions logged at or before ``until``."""
-    predictions = (p for row in store.iter_prediction_log(until=until) for p in served(row))
-    return join_ratings(store.iter_feedback(since=since, until=until), predictions)
