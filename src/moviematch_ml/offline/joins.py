@@ -14,7 +14,7 @@ The join, rating by rating:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -89,9 +89,7 @@ class LoggedIndex:
     def __init__(self, predictions: Iterable[Logged]) -> None:
         self.by_id: dict[str, Logged] = {}
         times: dict[tuple[str, str], list[tuple[float, int, Logged]]] = {}
-        self.size = 0
         for i, p in enumerate(predictions):
-            self.size += 1
             self.by_id[p.prediction_id] = p
             if p.user_id is not None and p.movie_id is not None:
                 # i breaks ties of equal times: the one logged later (a later row) wins, as it was served later.
@@ -118,12 +116,26 @@ class LoggedIndex:
 
 def join_ratings(ratings: Iterable[Rating], predictions: Iterable[Logged]) -> Joined:
     """Join ratings (``FeedbackStore.iter_feedback``'s tuples, in arrival order) to logged predictions
-    (``journal.read``), by the rules of the module."""
-    index = LoggedIndex(predictions)
+    (``journal.read``), by the rules of the module.
+
+    Only the predictions a rating could join are kept (quoted ids, rated (user, movie) pairs): memory follows the
+    ratings, not the log, which holds every prediction served and is far larger."""
+    rows = list(ratings)
+    quoted = {r[5] for r in rows if r[5] is not None}
+    pairs = {(r[1], r[2]) for r in rows}
+    read = 0
+
+    def candidates() -> Iterator[Logged]:
+        nonlocal read
+        for p in predictions:
+            read += 1
+            if p.prediction_id in quoted or (p.user_id, p.movie_id) in pairs:
+                yield p
+
+    index = LoggedIndex(candidates())
     out: list[tuple[object, ...]] = []
-    n = by_id = by_time = 0
-    for row_id, user_id, movie_id, rating, rated_at, prediction_id in ratings:
-        n += 1
+    by_id = by_time = 0
+    for row_id, user_id, movie_id, rating, rated_at, prediction_id in rows:
         hit = index.find(user_id, movie_id, rated_at, prediction_id)
         if hit is None:
             continue
@@ -153,4 +165,4 @@ def join_ratings(ratings: Iterable[Rating], predictions: Iterable[Logged]) -> Jo
     frame = pd.DataFrame(out, columns=list(JOINED_COLUMNS))
     numeric = ["rating", "rated_at", "logged_at", "prediction", *FEATURE_NAMES]
     frame = frame.astype({"row_id": np.int64, **dict.fromkeys(numeric, np.float64)})
-    return Joined(frame, n, index.size, by_id, by_time)
+    return Joined(frame, len(rows), read, by_id, by_time)
