@@ -206,3 +206,18 @@ def test_the_command_exits_2_naming_what_is_missing(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "r").exists()
     assert cli.main(["ab-report", "--database-url", empty, "--since", "yesterday"]) == 1
     assert "--since" in capsys.readouterr().err
+
+
+def test_the_window_selects_ratings_by_their_time(
+    store: FeedbackStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(store, SMALL)  # rated at 1000-1004 (unix seconds, 1970-01-01T00:16:40Z to 00:16:44Z)
+    url = f"sqlite:///{tmp_path / 'ab.sqlite3'}"
+    args = ["ab-report", "--database-url", url, "--out", str(tmp_path / "r"), "--json", "--bootstrap", "50"]
+    assert cli.main([*args, "--since", "1970-01-01T00:16:42Z"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # c2's rating (1002) and h1's two (1003, 1004): the champion's c1 falls out.
+    assert (data["ratings"]["read"], [v["users"] for v in data["variants"]]) == (3, [1, 1])
+    assert data["window"] == {"since": "1970-01-01T00:16:42Z", "until": None}
+    assert cli.main([*args, "--until", "1970-01-01T00:16:41"]) == 2  # no zone: UTC; c1's two ratings, one variant
+    assert "one variant only (champion)" in capsys.readouterr().err
