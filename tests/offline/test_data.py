@@ -426,3 +426,19 @@ def test_load_feedback_trains_on_the_features_the_backend_sent(tmp_path: Path) -
         frame.loc[~alice2, cols].to_numpy(dtype=np.float64), computed.loc[~alice2, cols].to_numpy(dtype=np.float64)
     )
     assert frame["rating"].tolist() == computed["rating"].tolist()
+
+
+def test_logged_features_out_of_line_with_the_ratings_are_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    from moviematch_ml.features import FEATURE_NAMES
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.evaluation import EvaluationError, feature_frame
+
+    _, movies = _write(tmp_path)
+    store = _store(tmp_path, FEEDBACK)
+    ds = load_feedback(store, movies, min_ratings=5)
+    store.close()
+    short = pd.DataFrame(np.zeros((3, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))  # 3 rows for 9 ratings
+    with pytest.raises(EvaluationError, match="not aligned with the ratings"):
+        feature_frame(dataclasses.replace(ds, logged=short), TrainConfig())

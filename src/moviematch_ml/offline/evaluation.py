@@ -128,6 +128,8 @@ def feature_frame(dataset: Dataset, config: TrainConfig, history: npt.ArrayLike 
     """
     feats = compute_features(dataset, config.features, history)
     if dataset.logged is not None:
+        if not dataset.logged.index.equals(dataset.ratings.index):
+            raise EvaluationError("the logged features are not aligned with the ratings (one row per rating)")
         logged = dataset.logged.loc[:, list(FEATURE_NAMES)]
         sent = logged.notna().all(axis=1).to_numpy()
         if sent.any():
