@@ -1,6 +1,8 @@
-"""The ``moviematch-ml`` command: a thin shell over the library (serve, train, evaluate, models, prune-log).
+"""The ``moviematch-ml`` command: a thin shell over the library (serve, train, evaluate, models, prune-log,
+ab-report).
 
-Exit codes: 0 success, 1 a known error (bad data, bad model, bad settings), 2 bad command-line usage.
+Exit codes: 0 success, 1 a known error (bad data, bad model, bad settings), 2 bad command-line usage, or nothing
+for ab-report to compare (no prediction log, no rating joined to it, one variant only).
 """
 
 from __future__ import annotations
@@ -66,7 +68,112 @@ def _build_parser() -> argparse.ArgumentParser:
         "--older-than-days", type=float, help="default: PREDICTION_LOG_RETENTION_DAYS (90); 0 deletes every row"
     )
     prune.set_defaults(func=_prune_log)
+    _add_ab_report(sub)
     return parser
+
+
+def _add_ab_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ab = sub.add_parser(
+        "ab-report",
+        help="compare the variants on the ratings that followed their predictions",
+        description="Join each stored rating to the prediction served before it and compare every challenger with "
+        "the champion: RMSE, MAE, NDCG@10 with 95%% intervals, p-values and a verdict (docs/ab.md).",
+    )
+    ab.add_argument(
+        "--database-url", help="the service's feedback store (default: DATABASE_URL, else the service default)"
+    )
+    ab.add_argument("--out", type=Path, default=Path("ab"), help="directory for ab_report.md and ab_report.png")
+    ab.add_argument("--json", action="store_true", help="print exactly one JSON object (the report's data)")
+    ab.add_argument("--since", help="only ratings rated at or after this ISO time (UTC unless it says otherwise)")
+    ab.add_argument("--until", help="only ratings rated at or before this ISO time")
+    ab.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples and permutations (default 1000)")
+    ab.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    ab.add_argument(
+        "--min-ratings",
+        type=int,
+        default=100,
+        help="joined ratings each side needs before a verdict (default 100)",
+    )
+    ab.set_defaults(func=_ab_report)
+
+
+def _iso_time(text: str | None, flag: str) -> float | None:
+    from datetime import UTC, datetime
+
+    from moviematch_ml.errors import DataError
+
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise DataError(flag, f"must be an ISO-8601 time such as 2026-12-01T00:00:00Z (got {text!r})") from None
+    return (parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """--database-url, else DATABASE_URL, else the service default; a SQLite file that does not exist is refused
+    (connecting would create an empty database and hide a wrong path behind "0 ratings")."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    from moviematch_ml.errors import DataError
+    from moviematch_ml.online.store import engine_url
+    from moviematch_ml.settings import Settings
+
+    # The one place the CLI reads DATABASE_URL; the library is handed the URL.
+    url = args.database_url or os.environ.get("DATABASE_URL") or str(Settings.model_fields["database_url"].default)
+    real = make_url(engine_url(url))
+    file = real.database if real.get_backend_name() == "sqlite" and real.database not in ("", ":memory:") else None
+    if file is not None and not Path(file).is_file():
+        raise DataError("--database-url", f"no SQLite database at {file}")
+    return url
+
+
+def _ab_report(args: argparse.Namespace) -> int:
+    import json
+
+    from moviematch_ml.errors import DataError, ReportError
+    from moviematch_ml.offline import ab
+    from moviematch_ml.offline.joins import join_ratings
+    from moviematch_ml.online import journal
+    from moviematch_ml.online.store import FeedbackStore
+
+    if args.bootstrap < 1 or args.min_ratings < 0:
+        flag = "--bootstrap must be >= 1" if args.bootstrap < 1 else "--min-ratings must be >= 0"
+        print(f"moviematch-ml ab-report: {flag}", file=sys.stderr)
+        return 2
+    since, until = _iso_time(args.since, "--since"), _iso_time(args.until, "--until")
+    try:
+        url = _database_url(args)
+    except DataError as exc:  # no database at all: no log either
+        print(f"moviematch-ml ab-report: {exc}", file=sys.stderr)
+        return 2
+    store = FeedbackStore.from_url(url, migrate=False)
+    try:
+        joined = join_ratings(store.iter_feedback(since=since, until=until), journal.read(store, until=until))
+    finally:
+        store.close()
+    try:
+        data = ab.report(
+            joined,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            min_ratings=args.min_ratings,
+            window={"since": args.since, "until": args.until},
+        )
+    except ReportError as exc:
+        print(f"moviematch-ml ab-report: {exc}", file=sys.stderr)
+        return 2
+    md, png = ab.write(data, args.out)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    for c in data["comparisons"]:
+        print(f"{c['challenger']} vs {c['champion']}: {c['verdict']}")
+    print(f"wrote {md} and {png}")
+    return 0
 
 
 def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -303,17 +410,14 @@ def _read_dataset(args: argparse.Namespace) -> Dataset:
 
 
 def _load_feedback(args: argparse.Namespace) -> Dataset:
-    """--from-feedback: the service's stored ratings joined with --movies (and --movie-metadata)."""
-    import os
-
-    from sqlalchemy.engine import make_url
-
+    """--from-feedback: the service's stored ratings joined with --movies (and --movie-metadata), with the features
+    the backend sent for every rating the prediction log joins."""
     from moviematch_ml.errors import DataError
     from moviematch_ml.offline.boosting import TrainConfig
     from moviematch_ml.offline.data import load_feedback
     from moviematch_ml.offline.training import min_training_ratings
-    from moviematch_ml.online.store import FeedbackStore, engine_url
-    from moviematch_ml.settings import Settings
+    from moviematch_ml.online import journal
+    from moviematch_ml.online.store import FeedbackStore
 
     for flag, value in (
         ("--ratings", args.ratings),
@@ -324,17 +428,14 @@ def _load_feedback(args: argparse.Namespace) -> Dataset:
             raise DataError(flag, "does not go with --from-feedback (the ratings are the store's, on the 0-10 scale)")
     if args.movies is None:
         raise DataError("--movies", "--from-feedback needs --movies: the app's movies (movieId,title,genres)")
-    # The one place the CLI reads DATABASE_URL; the library is handed the URL.
-    url = args.database_url or os.environ.get("DATABASE_URL") or str(Settings.model_fields["database_url"].default)
-    real = make_url(engine_url(url))
-    file = real.database if real.get_backend_name() == "sqlite" and real.database not in ("", ":memory:") else None
-    if file is not None and not Path(file).is_file():
-        # Connecting would create an empty database and hide a wrong path behind "0 ratings".
-        raise DataError("--database-url", f"no SQLite database at {file}")
-    store = FeedbackStore.from_url(url, migrate=False)
+    store = FeedbackStore.from_url(_database_url(args), migrate=False)
     try:
         dataset = load_feedback(
-            store, args.movies, args.movie_metadata, min_ratings=min_training_ratings(TrainConfig(seed=args.seed))
+            store,
+            args.movies,
+            args.movie_metadata,
+            min_ratings=min_training_ratings(TrainConfig(seed=args.seed)),
+            logged=journal.read(store),
         )
     finally:
         store.close()
@@ -342,7 +443,9 @@ def _load_feedback(args: argparse.Namespace) -> Dataset:
     print(
         f"read {src['feedback_rows']:,} feedback ratings (up to row {src['last_feedback_row_id']}); training on "
         f"{len(dataset.ratings):,} ({src['unmatched_ratings']:,} of movies not in {args.movies} left out, "
-        f"{src['superseded_ratings']:,} replaced by a later rating of the same movie)",
+        f"{src['superseded_ratings']:,} replaced by a later rating of the same movie); "
+        f"{src['logged_feature_ratings']:,} of them with the features the backend sent (from the prediction log), "
+        "the others with features computed from the movie files",
         file=sys.stderr,
     )
     return dataset

@@ -13,6 +13,7 @@ MovieMatchError
 │   └── ModelTermsError ... its training data's terms forbid serving it here
 ├── DataError ............. a training data file is malformed (file, line, column)
 ├── StoreError ............ the feedback store could not read or write
+├── ReportError ........... ab-report has nothing to compare (no log, no joined rating, one variant)
 └── ConfigError ........... a setting is invalid
     └── MissingExtraError . a setting needs a driver whose extra is not installed
 """
@@ -174,6 +175,10 @@ class DataError(MovieMatchError):
 
 class StoreError(MovieMatchError):
     """The feedback store could not read or write."""
+
+
+class ReportError(MovieMatchError):
+    """``ab-report`` has nothing to compare: no prediction log, no rating joined to it, or one variant only."""
 
 
 class ConfigError(MovieMatchError):

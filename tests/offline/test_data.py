@@ -280,6 +280,7 @@ def test_load_feedback_keeps_the_latest_rating_of_known_movies(tmp_path: Path, d
         "unmatched_ratings": 1,
         "unmatched_movie_ids": 1,
         "superseded_ratings": 1,
+        "logged_feature_ratings": 0,  # no prediction log given: computed features only
     }
     assert ds.movies["movie_id"].tolist() == [1, 2, 3]
     # Text user ids are fingerprinted by their characters: the same store gives the same fingerprint.
@@ -374,3 +375,70 @@ def test_movielens_small_and_its_join() -> None:
     assert ds.join["coverage_up_to_last_year"] >= 0.86
     matrix = ds.movies[ds.movies["title"] == "Matrix, The"]
     assert matrix["vote_average"].notna().all()
+
+
+def test_load_feedback_trains_on_the_features_the_backend_sent(tmp_path: Path) -> None:
+    from moviematch_ml.features import FEATURE_NAMES
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.evaluation import feature_frame
+    from moviematch_ml.online.journal import Entry, PredictionLog, read
+
+    _, movies = _write(tmp_path)
+    store = _store(tmp_path, FEEDBACK)
+    sent = np.array([[3.0, 9.9, 1234.0, 1.0, 7.0, 42.0]])
+    log = PredictionLog(max_rows=10)
+    store.log_predictions(
+        log.rows(
+            [
+                # alice's rating of movie 2 (at 1002.5) follows this prediction: its features are these.
+                Entry("a" * 32, 1002.0, "predict", "champion", "v", "alice", [2], sent, [7.0], "model", None),
+                # bob rated movie 3 at 1003, before this prediction: computed features.
+                Entry("b" * 32, 1010.0, "predict", "champion", "v", "bob", [3], sent, [7.0], "model", None),
+                # a prediction whose features could not be decoded (NaN): computed features.
+                Entry(
+                    "c" * 32,
+                    1000.0,
+                    "predict",
+                    "champion",
+                    "v",
+                    "dave",
+                    [1],
+                    np.full((1, 6), np.nan),
+                    [5.0],
+                    "model",
+                    None,
+                ),
+            ]
+        )
+    )
+    ds = load_feedback(store, movies, min_ratings=5, logged=read(store))
+    plain = load_feedback(store, movies, min_ratings=5)  # no log given: every rating's features computed
+    store.close()
+    assert (ds.source["logged_feature_ratings"], plain.source["logged_feature_ratings"]) == (1, 0)
+    cols = list(FEATURE_NAMES)
+    frame, computed = feature_frame(ds, TrainConfig()), feature_frame(plain, TrainConfig())
+    alice2 = ((frame["user_id"] == "alice") & (frame["movie_id"] == 2)).to_numpy()
+    assert alice2.sum() == 1
+    np.testing.assert_array_equal(frame.loc[alice2, cols].to_numpy(), sent)
+    assert not np.array_equal(computed.loc[alice2, cols].to_numpy(), sent)
+    # Every other rating keeps the features computed from the movie files.
+    np.testing.assert_array_equal(
+        frame.loc[~alice2, cols].to_numpy(dtype=np.float64), computed.loc[~alice2, cols].to_numpy(dtype=np.float64)
+    )
+    assert frame["rating"].tolist() == computed["rating"].tolist()
+
+
+def test_logged_features_out_of_line_with_the_ratings_are_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    from moviematch_ml.features import FEATURE_NAMES
+    from moviematch_ml.offline.boosting import TrainConfig
+    from moviematch_ml.offline.evaluation import EvaluationError, feature_frame
+
+    _, movies = _write(tmp_path)
+    store = _store(tmp_path, FEEDBACK)
+    ds = load_feedback(store, movies, min_ratings=5)
+    store.close()
+    short = pd.DataFrame(np.zeros((3, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))  # 3 rows for 9 ratings
+    with pytest.raises(EvaluationError, match="not aligned with the ratings"):
+        feature_frame(dataclasses.replace(ds, logged=short), TrainConfig())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -13,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from moviematch_ml.errors import DataError
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.offline.joins import Logged, join_ratings
 from moviematch_ml.runtime.cards import IMDB_GGPLOT2MOVIES, MOVIELENS_SMALL, DataSource, RatingScale
 
 if TYPE_CHECKING:
@@ -49,7 +52,9 @@ class Dataset:
     crowd metadata vote_average (0-10), vote_count, popularity, release_year (NaN where unknown).
     ``source``: where the ratings came from beyond the name (for the feedback store: the last row id read...),
     copied into the model cards' ``data``. ``terms``: each data set it was made from and its terms (the cards'
-    ``data_terms``).
+    ``data_terms``). ``logged``: for ratings read from the feedback store, the six features the backend sent with
+    the prediction each rating followed (FEATURE_NAMES columns, ``ratings``' index, NaN rows where the prediction
+    log has none); training uses them instead of the computed ones (``evaluation.feature_frame``).
     """
 
     name: str
@@ -59,6 +64,7 @@ class Dataset:
     join: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     terms: tuple[DataSource, ...] = ()
+    logged: pd.DataFrame | None = None
 
     def fingerprint(self) -> str:
         """sha256 of the ratings (ids, values, timestamps in order): identifies the training data in model cards."""
@@ -477,6 +483,7 @@ def load_feedback(
     metadata_path: Path | None = None,
     *,
     min_ratings: int = MIN_FEEDBACK_RATINGS,
+    logged: Iterable[Logged] = (),
 ) -> Dataset:
     """Every rating the service stored (0-10 scale) with the movies of ``movies_path`` (ml-latest layout).
 
@@ -485,6 +492,10 @@ def load_feedback(
     who rated a movie again counts with the rating that arrived last (the store keeps every row; the service's
     online state does the same). User ids stay text,
     as the app sent them. Fewer than ``min_ratings`` usable ratings is a DataError naming the number needed.
+
+    Each rating that ``logged`` predictions (``online.journal.read``) join (``joins.join_ratings``: by its prediction
+    id, else the latest prediction of that user and movie before it) carries the six features logged with that
+    prediction (``Dataset.logged``): the model learns on what the backend actually sent.
     """
     rows = _feedback_rows(store)
     n_rows = len(rows)
@@ -522,7 +533,13 @@ def load_feedback(
             "timestamp": np.floor(used["rated_at"].to_numpy(dtype=np.float64)).astype(np.int64),
         }
     )
-    ratings = ratings.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    # The same ratings again, with their prediction ids, joined to the log (its rows the ones read above: by row id).
+    joined = join_ratings(store.iter_feedback(), logged).frame.set_index("row_id").loc[:, list(FEATURE_NAMES)]
+    joined = joined[np.isfinite(joined.to_numpy()).all(axis=1)]  # a row the log could not decode: computed
+    sent = joined.reindex(used["row_id"].to_numpy()).set_axis(ratings.index)
+    order = ratings["timestamp"].argsort(kind="stable").to_numpy()
+    ratings = ratings.iloc[order].reset_index(drop=True)
+    sent = sent.iloc[order].reset_index(drop=True)
     check_scale(ratings["rating"], FEEDBACK_SCALE, FEEDBACK_SOURCE)
     report: dict[str, Any] = {}
     if metadata_path is not None:
@@ -535,6 +552,7 @@ def load_feedback(
         "unmatched_ratings": n_unmatched,
         "unmatched_movie_ids": len(unmatched_ids),
         "superseded_ratings": n_superseded,
+        "logged_feature_ratings": int(sent.notna().all(axis=1).sum()),
     }
     files = ", ".join(Path(p).name for p in (movies_path, metadata_path) if p is not None)
     terms = (
@@ -544,4 +562,4 @@ def load_feedback(
         ),
     )
     frame = movies.loc[:, list(MOVIE_COLUMNS)]
-    return Dataset("feedback", ratings, frame, FEEDBACK_SCALE, report, source, terms=terms)
+    return Dataset("feedback", ratings, frame, FEEDBACK_SCALE, report, source, terms=terms, logged=sent)

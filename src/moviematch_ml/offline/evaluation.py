@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from moviematch_ml.errors import MovieMatchError
+from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.boosting import TrainConfig
 from moviematch_ml.offline.candidates import CANDIDATES, Candidate
 from moviematch_ml.offline.data import RATING_COLUMNS, Dataset
@@ -123,8 +124,17 @@ def feature_frame(dataset: Dataset, config: TrainConfig, history: npt.ArrayLike 
     """Ratings with their six leak-free features side by side (row order of dataset.ratings).
 
     ``history``: which ratings may serve as earlier ratings (see ``compute_features``); None = all of them.
+    A rating with features the backend sent (``dataset.logged``) has those instead of the computed ones.
     """
     feats = compute_features(dataset, config.features, history)
+    if dataset.logged is not None:
+        if not dataset.logged.index.equals(dataset.ratings.index):
+            raise EvaluationError("the logged features are not aligned with the ratings (one row per rating)")
+        logged = dataset.logged.loc[:, list(FEATURE_NAMES)]
+        sent = logged.notna().all(axis=1).to_numpy()
+        if sent.any():
+            feats = feats.astype(np.float64)
+            feats.loc[sent, list(FEATURE_NAMES)] = logged.loc[sent].to_numpy(dtype=np.float64)
     return pd.concat([dataset.ratings.loc[:, list(RATING_COLUMNS)], feats], axis=1)
 
 

@@ -18,9 +18,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.to_thread
@@ -229,6 +229,55 @@ class PredictionLog:
                 await anyio.to_thread.run_sync(self.write, store, entries, abandon_on_cancel=True)
         except (StoreError, TimeoutError) as exc:
             log.warning("prediction log not written at shutdown", extra={"reason": str(exc) or "timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One logged prediction, unpacked from its request's row: what ``ab-report`` and ``train --from-feedback``
+    join the ratings to. ``features`` are the six the backend sent (NaN when the row could not be decoded)."""
+
+    prediction_id: str
+    logged_at: float
+    variant: str
+    model_version: str
+    user_id: str | None
+    movie_id: str | None
+    features: tuple[float, ...]
+    prediction: float
+    source: str
+
+
+def served(row: Mapping[str, Any]) -> list[Served]:
+    """The predictions of one prediction-log row (the inverse of ``PredictionLog.rows``), in request order, with
+    their prediction ids: ``request_id`` for /predict, ``<request_id>-<i>`` for row i of a batch."""
+    n = int(row["n"])
+    movie_ids = orjson.loads(row["movie_ids"])
+    x = np.frombuffer(row["features"], dtype="<f8").reshape(n, N_FEATURES)
+    predictions = np.frombuffer(row["predictions"], dtype="<f8")
+    sources = orjson.loads(row["row_sources"]) if row["row_sources"] else [row["source"]] * n
+    request_id = str(row["request_id"])
+    batch = row["endpoint"] != "predict"
+    user = row["user_id"]
+    return [
+        Served(
+            f"{request_id}-{i}" if batch else request_id,
+            float(row["logged_at"]),
+            str(row["variant"]),
+            str(row["model_version"]),
+            None if user is None else str(user),
+            None if movie_ids[i] is None else str(movie_ids[i]),
+            tuple(x[i].tolist()),
+            float(predictions[i]),
+            str(sources[i]),
+        )
+        for i in range(n)
+    ]
+
+
+def read(store: FeedbackStore, *, until: float | None = None) -> Iterator[Served]:
+    """Every prediction logged at or before ``until``, oldest first (what ``offline.joins`` joins ratings to)."""
+    for row in store.iter_prediction_log(until=until):
+        yield from served(row)
 
 
 def prune(store: FeedbackStore, before: float, *, chunk: int = PRUNE_CHUNK) -> int:

@@ -441,6 +441,58 @@ class FeedbackStore:
                 f"could not read feedback ({exc.__class__.__name__}): is this the service's database?"
             ) from exc
 
+    def iter_feedback(
+        self, *, since: float | None = None, until: float | None = None, batch: int = 10_000
+    ) -> Iterator[tuple[int, str, str, float, float, str | None]]:
+        """Every stored rating (row id, user_id, movie_id, rating 0-10, rated_at, prediction_id) whose ``rated_at``
+        is in [since, until], in arrival order, up to the highest row id present when reading starts (what
+        ``ab-report`` and ``train --from-feedback`` join to the prediction log)."""
+        t = feedback_table
+        cols = (t.c.id, t.c.user_id, t.c.movie_id, t.c.rating, t.c.rated_at, t.c.prediction_id)
+        window = []
+        if since is not None:
+            window.append(t.c.rated_at >= since)
+        if until is not None:
+            window.append(t.c.rated_at <= until)
+        try:
+            with self.engine.connect() as conn:
+                top = conn.execute(select(func.max(t.c.id))).scalar_one()
+                last = 0
+                while top is not None and last < top:
+                    q = select(*cols).where(t.c.id > last, t.c.id <= top, *window).order_by(t.c.id).limit(batch)
+                    rows = conn.execute(q).all()
+                    if not rows:
+                        return
+                    for row_id, u, m, r, ts, pid in rows:
+                        yield int(row_id), u, m, float(r), float(ts), pid
+                    last = int(rows[-1][0])
+        except FAILURES as exc:
+            raise StoreError(
+                f"could not read feedback ({exc.__class__.__name__}): is this the service's database?"
+            ) from exc
+
+    def iter_prediction_log(self, *, until: float | None = None, batch: int = 1_000) -> Iterator[dict[str, Any]]:
+        """Every prediction-log row (``tables.prediction_log_table``'s columns but ``id``) logged at or before
+        ``until``, oldest first (``journal.served`` unpacks one)."""
+        t = prediction_log_table
+        cols = [c for c in t.c if c.name != "id"]
+        window = [] if until is None else [t.c.logged_at <= until]
+        try:
+            with self.engine.connect() as conn:
+                last = 0
+                while True:
+                    q = select(t.c.id, *cols).where(t.c.id > last, *window).order_by(t.c.id).limit(batch)
+                    rows = conn.execute(q).all()
+                    if not rows:
+                        return
+                    for row in rows:
+                        yield {c.name: v for c, v in zip(cols, row[1:], strict=True)}
+                    last = int(rows[-1][0])
+        except FAILURES as exc:
+            raise StoreError(
+                f"could not read the prediction log ({exc.__class__.__name__}): is this the service's database?"
+            ) from exc
+
 
 @dataclass
 class StoreHealth:
