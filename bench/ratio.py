@@ -15,6 +15,10 @@ as deployed) and one with false, and the same six-feature bodies ("predict, uniq
 driven at each in turn; the ratio is metrics on over off (the target: at least 0.95). ``--log`` does the same
 with PREDICTION_LOG (the prediction log written to the store, off the request path; target: at least 0.90), and
 ``--keys`` with API_KEYS set or not (every request sends a valid key either way: the cost of checking it).
+
+``--against DIR`` compares this checkout with another one (DIR, with its own ``.venv`` where the package is
+installed, e.g. a ``git worktree`` of an older commit), both on their defaults and seeded alike, over all four
+workloads: the ratio is this checkout's requests over DIR's (what a refactoring or a new feature costs end to end).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -102,6 +107,41 @@ def compare(
     return 0
 
 
+def against(other: Path, args: argparse.Namespace, env: dict[str, str], tmp: Path, lua: Path, pairs: list[Any]) -> int:
+    """--against: this checkout's service and ``other``'s, seeded alike, every workload driven at each in turn."""
+    pythons = [sys.executable, str(other.resolve() / ".venv" / "bin" / "python")]
+    procs, bases = [], []
+    try:
+        for side, python in zip(("this", "other"), pythons, strict=True):
+            port = free_port()
+            cmd = [python, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            side_env = {**env, "DATABASE_URL": f"sqlite:///{tmp / f'{side}.sqlite3'}"}
+            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{side}.log"))
+            bases.append(f"http://127.0.0.1:{port}")
+        for base in bases:
+            wait_ready(base + "/health/ready", 60)
+            seed(base, random.Random(7))
+        for name, path, conns, six, personal in pairs:
+            for label, bodies in (("", six), ("personalised ", personal)):
+                rps, ratios = in_turn([(bases[0] + path, bodies), (bases[1] + path, bodies)], conns, args, lua)
+                print(
+                    f"{label}{name}: this {rps[0]:,.0f} req/s, other {rps[1]:,.0f} req/s, this/other "
+                    f"{rps[0] / rps[1]:.3f} (slices: median {statistics.median(ratios):.3f}, "
+                    f"{min(ratios):.3f}-{max(ratios):.3f})"
+                )
+    finally:
+        for proc in procs:
+            stop(proc)
+    return 0
+
+
+def seed(base: str, rng: random.Random) -> None:
+    """200 users x 5 ratings through /feedback: the personalised workloads' users."""
+    for u in range(1, 201):
+        ratings = [{"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)]
+        post_json(base + "/feedback", {"ratings": ratings})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=10)
@@ -111,6 +151,7 @@ def main() -> int:
     which.add_argument("--metrics", action="store_true", help="metrics on against off (see above)")
     which.add_argument("--log", action="store_true", help="the prediction log on against off")
     which.add_argument("--keys", action="store_true", help="access keys checked against no keys")
+    which.add_argument("--against", type=Path, metavar="DIR", help="this checkout against another one (see above)")
     args = ap.parse_args()
     rng = random.Random(42)
     tmp = Path(tempfile.mkdtemp(prefix="mmratio-"))
@@ -144,6 +185,8 @@ def main() -> int:
     ]
     env = {**os.environ, "LOG_LEVEL": "info", "DATABASE_URL": f"sqlite:///{tmp / 'ratio.sqlite3'}"}
     hide_packages(env, tmp)
+    if args.against is not None:
+        return against(args.against, args, env, tmp, lua, pairs)
     for what in SWITCHES:
         if getattr(args, what):
             return compare(what, args, env, tmp, lua, pairs)
@@ -153,9 +196,7 @@ def main() -> int:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base + "/health/ready", 60)
-        for u in users:
-            ratings = [{"user_id": u, "movie_id": rng.randint(1, 2000), "rating": rng.randint(2, 10)} for _ in range(5)]
-            post_json(base + "/feedback", {"ratings": ratings})
+        seed(base, rng)
         for name, path, conns, six, personal in pairs:
             rps, ratios = in_turn([(base + path, six), (base + path, personal)], conns, args, lua)
             print(
