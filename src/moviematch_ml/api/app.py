@@ -28,15 +28,14 @@ from moviematch_ml.online.access import AccessKeys, RateLimiter
 from moviematch_ml.online.caches import AsyncAnswerCache, RedisCache
 from moviematch_ml.online.contract import BatchDecoder, FloatArray, decode_answer, decode_one, encode_answer
 from moviematch_ml.online.counters import NO_CALLS
-from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.journal import PredictionLog
 from moviematch_ml.online.lifecycle import PROCESS, Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.reloads import Reloader
-from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.service import wire_services
 from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
 from moviematch_ml.online.telemetry import PROCESS_SAMPLE_SECONDS, Telemetry
-from moviematch_ml.online.user_views import UserViews, maintain
+from moviematch_ml.online.user_views import maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.runtime.registry import Registry
 from moviematch_ml.settings import Settings, load_settings, parse_rate, parse_weights, require_drivers
@@ -82,26 +81,12 @@ def create_app(
         feedback_store.calls = telemetry.store_calls
         telemetry.models_changed(model_set.current)
         model_set.listeners.append(telemetry.models_changed)
-    user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
     cache = _shared_cache(settings, telemetry)
     prediction_log = _prediction_log(settings, telemetry)
-    service = PredictionService(
-        model_set,
-        max_batch_size=settings.max_batch_size,
-        cache_size=settings.prediction_cache_size,
-        cache=cache,
-        user_views=user_views,
-        store_read_timeout=settings.store_read_timeout,
-        telemetry=telemetry,
-        log=prediction_log,
+    services = wire_services(
+        settings, model_set, feedback_store, cache=cache, telemetry=telemetry, log=prediction_log, health=health
     )
-    feedback = FeedbackService(
-        feedback_store,
-        user_views.forget,
-        write_timeout=settings.store_write_timeout,
-        health=health,
-        telemetry=telemetry,
-    )
+    service, feedback, user_views = services.predictions, services.feedback, services.user_views
     keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
     reloader = Reloader(model_set, on_outcome=None if telemetry is None else telemetry.reload_done)
 

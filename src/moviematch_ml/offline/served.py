@@ -1,0 +1,225 @@
+"""The service's own models in the replay protocol: fitted and written as ``train`` writes them, loaded by the
+service's ``ModelSet``, and fed the ratings through the code path of ``/feedback`` and ``/predict``.
+
+Nothing here re-implements the personalised model: each prediction is a ``/predict`` body handed to the
+``PredictionService``, each revealed rating a ``/feedback`` body handed to the ``FeedbackService``, on a SQLite
+store in a file, with the replay's time as the service's clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pandas as pd
+
+from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.offline.boosting import TrainConfig, fit_booster
+from moviematch_ml.offline.stacking import fit_frame
+from moviematch_ml.online.feedback import MAX_FEEDBACK_BATCH
+from moviematch_ml.online.models import ModelSet
+from moviematch_ml.online.service import PERSONALIZED, Services, wire_services
+from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.runtime.cards import PERSONALIZED_DIR, ModelCard, RatingScale, content_versioned, write_card
+from moviematch_ml.runtime.personalized import PersonalizedConfig
+from moviematch_ml.settings import Settings
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+MODEL_FILE: Final[str] = "model.txt"
+# What the replay's models say they were trained on: the store's ratings, which the store then holds (so the
+# service counts no stored rating twice in the movies' statistics: PersonalizedModel.counts_store_ratings).
+REPLAY_DATASET: Final[str] = "feedback"
+
+
+def replay_settings(database_url: str, model_path: Path) -> Settings:
+    """The service's settings in a replay: its defaults, with the replay's model and store. The store read timeout
+    is raised: on a busy machine a slow read would hand a row to the six-feature model, which measures the machine,
+    not the model."""
+    return Settings(
+        model_path=model_path,
+        database_url=database_url,
+        store_read_timeout=60.0,
+        store_write_timeout=60.0,
+        prediction_cache_size=0,
+        metrics_enabled=False,
+        prediction_log=False,
+    )
+
+
+def request_body(user_id: object, movie_id: object, x: Sequence[float]) -> bytes:
+    """The /predict body of one rating: the user, the movie and its six features."""
+    body: dict[str, Any] = {"user_id": user_id, "movie_id": movie_id}
+    body.update(zip(FEATURE_NAMES, x, strict=True))
+    return orjson.dumps(body)
+
+
+def feedback_body(rows: pd.DataFrame, to_api: float) -> bytes:
+    """The /feedback body of these ratings (API scale, with their own timestamps)."""
+    ratings = [
+        {"user_id": u, "movie_id": m, "rating": r * to_api, "timestamp": t}
+        for u, m, r, t in zip(
+            rows["user_id"].tolist(),
+            rows["movie_id"].tolist(),
+            rows["rating"].tolist(),
+            rows["timestamp"].tolist(),
+            strict=True,
+        )
+    ]
+    return orjson.dumps({"ratings": ratings})
+
+
+def write_six_features(directory: Path, text: str, scale: RatingScale, data: dict[str, Any]) -> ModelCard:
+    """The six-feature model's files as ``train`` writes them (its text and a content-versioned card)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = text.encode("utf-8")
+    (directory / MODEL_FILE).write_bytes(raw)
+    card = content_versioned(
+        ModelCard(
+            name="moviematch-replay",
+            version="",
+            kind="six_features",
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data["last_timestamp"])),
+            model_file=MODEL_FILE,
+            model_format="lightgbm-text",
+            sha256=hashlib.sha256(raw).hexdigest(),
+            features=list(FEATURE_NAMES),
+            rating_scale=scale,
+            data=data,
+        )
+    )
+    write_card(directory, card)
+    return card
+
+
+@dataclass
+class ServedModels:
+    """``six_features`` and ``personalized`` as the service runs them, on the replay's clock.
+
+    ``frame``: every rating in time order with its six features (from the ratings strictly before it);
+    ``refit_seconds``: None = fitted once on the history, else refitted on every earlier rating when a new period
+    begins (and reloaded by the model set, as ``POST /admin/reload`` does).
+    """
+
+    frame: pd.DataFrame
+    scale: RatingScale
+    directory: Path
+    six_config: TrainConfig = field(default_factory=TrainConfig)
+    config: PersonalizedConfig = field(default_factory=lambda: PersonalizedConfig.model_validate({}))
+    refit_seconds: float | None = None
+    now: float = 0.0  # the replay's clock: the time of the ratings being predicted
+    fitted_period: int | None = None
+    fits: int = 0
+    services: Services | None = None
+    model_set: ModelSet | None = None
+    store: FeedbackStore | None = None
+    stored: int = 0  # the frame's rows [0, stored) went through /feedback
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"fit": 0.0, "seed": 0.0, "feedback": 0.0, "predict": 0.0}
+    )
+
+    def clock(self) -> float:
+        return self.now
+
+    def due(self, now: float) -> bool:
+        if self.fits == 0:
+            return True
+        return self.refit_seconds is not None and int(now // self.refit_seconds) > (self.fitted_period or 0)
+
+    def fit(self, n_seen: int, now: float) -> None:
+        """Fit both models on rows [0, n_seen), write them, and load them into the service (the first time, with
+        the store holding those ratings as /feedback wrote them)."""
+        t0 = time.perf_counter()
+        train = self.frame.iloc[:n_seen]
+        x = train.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+        fitted = fit_booster(
+            x, train["rating"].to_numpy(dtype=np.float64), train["timestamp"].to_numpy(dtype=np.int64), self.six_config
+        )
+        data = {
+            "dataset": REPLAY_DATASET,
+            "n_ratings": n_seen,
+            "last_timestamp": int(train["timestamp"].max()),
+        }
+        write_six_features(self.directory, fitted.text, self.scale, data)
+        model = fit_frame(train, self.scale, self.config)
+        model.save(self.directory / PERSONALIZED_DIR, created_at="replay", data=data)
+        self.now = now
+        if self.model_set is None:
+            self.model_set = ModelSet(self.directory)
+            self.model_set.load()
+            url = f"sqlite:///{self.directory / 'feedback.sqlite3'}"
+            self.store = FeedbackStore.from_url(url)
+            settings = replay_settings(url, self.directory)
+            self.services = wire_services(settings, self.model_set, self.store, clock=self.clock, now=self.clock)
+        else:
+            outcome = self.model_set.reload()
+            if not outcome.reloaded:
+                raise RuntimeError(f"the refitted models did not load: {outcome.reason}")
+        report = self.model_set.current.personalized_report
+        if report.status != "ok":
+            raise RuntimeError(f"the personalised model did not load: {report.reason}")
+        self.fitted_period = None if self.refit_seconds is None else int(now // self.refit_seconds)
+        self.fits += 1
+        self.seconds["fit"] += time.perf_counter() - t0
+        if self.stored < n_seen:
+            self.reveal_sync(np.arange(self.stored, n_seen, dtype=np.int64))
+
+    def reveal_sync(self, rows: IntArray) -> None:
+        """``reveal``, blocking (the store write without its worker thread): the history, before the replay."""
+        assert self.services is not None
+        t0 = time.perf_counter()
+        for body in self._feedback_bodies(rows):
+            self.services.feedback.record_now(body, None)
+        self.seconds["seed"] += time.perf_counter() - t0
+
+    async def reveal(self, rows: IntArray) -> None:
+        """These rows' ratings go through /feedback (in bodies of at most MAX_FEEDBACK_BATCH ratings)."""
+        assert self.services is not None
+        t0 = time.perf_counter()
+        for body in self._feedback_bodies(rows):
+            await self.services.feedback.record(body, None)
+        self.seconds["feedback"] += time.perf_counter() - t0
+
+    def _feedback_bodies(self, rows: IntArray) -> list[bytes]:
+        if len(rows) and int(rows[0]) != self.stored:
+            raise ValueError(f"ratings must be revealed in order: row {int(rows[0])} after {self.stored}")
+        self.stored += len(rows)
+        part = self.frame.iloc[rows]
+        return [
+            feedback_body(part.iloc[k : k + MAX_FEEDBACK_BATCH], self.scale.to_api)
+            for k in range(0, len(part), MAX_FEEDBACK_BATCH)
+        ]
+
+    async def predict(self, rows: IntArray) -> tuple[FloatArray, FloatArray, BoolArray]:
+        """(the service's answers, the six-feature model's, whether the personalised model answered) of these rows,
+        on the data's scale: one /predict per row, with the user id, as the app sends it."""
+        services, model_set = self.services, self.model_set
+        if services is None or model_set is None:
+            raise RuntimeError("ServedModels.predict before fit")
+        t0 = time.perf_counter()
+        part = self.frame.iloc[rows]
+        x = part.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+        out = np.empty(len(rows))
+        personal = np.zeros(len(rows), dtype=bool)
+        for k, (user, movie) in enumerate(zip(part["user_id"].tolist(), part["movie_id"].tolist(), strict=True)):
+            answer = orjson.loads(await services.predictions.predict_one(request_body(user, movie, x[k].tolist())))
+            out[k] = answer["predicted_rating"]
+            personal[k] = answer["source"] == PERSONALIZED
+        # Without a user id the service answers with the six-feature model alone (as /predict does).
+        six = model_set.current.six.predict(x)
+        self.seconds["predict"] += time.perf_counter() - t0
+        to_api = self.scale.to_api
+        return out / to_api, six / to_api, personal
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
