@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -57,8 +57,10 @@ def create_app(
     models: ModelSet | None = None,
     store: FeedbackStore | None = None,
     lifecycle: Lifecycle = PROCESS,
+    now: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
+    """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here.
+    ``now`` is the unix time the service reads (a test replaying dated ratings passes their time)."""
     require_drivers(settings)
     model_set = models if models is not None else model_set_of(settings)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
@@ -84,7 +86,14 @@ def create_app(
     cache = _shared_cache(settings, telemetry)
     prediction_log = _prediction_log(settings, telemetry)
     services = wire_services(
-        settings, model_set, feedback_store, cache=cache, telemetry=telemetry, log=prediction_log, health=health
+        settings,
+        model_set,
+        feedback_store,
+        cache=cache,
+        telemetry=telemetry,
+        log=prediction_log,
+        health=health,
+        now=now,
     )
     service, feedback, user_views = services.predictions, services.feedback, services.user_views
     keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
