@@ -2,14 +2,15 @@
 service's ``ModelSet``, and fed the ratings through the code path of ``/feedback`` and ``/predict``.
 
 Nothing here re-implements the personalised model: each prediction is a ``/predict`` body handed to the
-``PredictionService``, each revealed rating a ``/feedback`` body handed to the ``FeedbackService``, on a SQLite
-store in a file, with the replay's time as the service's clock.
+``PredictionService``, each revealed rating a ``/feedback`` body handed to the ``FeedbackService``, on the
+service's SQLite store (in memory), with the replay's time as the service's clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +66,18 @@ def request_body(user_id: object, movie_id: object, x: Sequence[float]) -> bytes
 
 def feedback_body(rows: pd.DataFrame, to_api: float) -> bytes:
     """The /feedback body of these ratings (API scale, with their own timestamps)."""
-    ratings = [
+    columns = ("user_id", "movie_id", "rating", "timestamp")
+    return _feedback_body(*(rows[c].tolist() for c in columns), to_api=to_api)
+
+
+def _feedback_body(
+    users: Sequence[Any], movies: Sequence[Any], ratings: Sequence[float], times: Sequence[float], *, to_api: float
+) -> bytes:
+    body = [
         {"user_id": u, "movie_id": m, "rating": r * to_api, "timestamp": t}
-        for u, m, r, t in zip(
-            rows["user_id"].tolist(),
-            rows["movie_id"].tolist(),
-            rows["rating"].tolist(),
-            rows["timestamp"].tolist(),
-            strict=True,
-        )
+        for u, m, r, t in zip(users, movies, ratings, times, strict=True)
     ]
-    return orjson.dumps({"ratings": ratings})
+    return orjson.dumps({"ratings": body})
 
 
 def write_six_features(directory: Path, text: str, scale: RatingScale, data: dict[str, Any]) -> ModelCard:
@@ -127,6 +129,15 @@ class ServedModels:
         default_factory=lambda: {"fit": 0.0, "seed": 0.0, "feedback": 0.0, "predict": 0.0}
     )
 
+    def __post_init__(self) -> None:
+        # The frame's columns as Python lists and one matrix, taken once: a replay slices them at every timestamp.
+        frame = self.frame
+        self._users: list[Any] = frame["user_id"].tolist()
+        self._movies: list[Any] = frame["movie_id"].tolist()
+        self._ratings: list[float] = frame["rating"].tolist()
+        self._times: list[float] = frame["timestamp"].tolist()
+        self._x = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+
     def clock(self) -> float:
         return self.now
 
@@ -156,7 +167,9 @@ class ServedModels:
         if self.model_set is None:
             self.model_set = ModelSet(self.directory)
             self.model_set.load()
-            url = f"sqlite:///{self.directory / 'feedback.sqlite3'}"
+            # SQLite in memory, shared by the connections of this process (the service's threads): the store's
+            # classes and queries are the service's; only the disk's fsync per /feedback is left out.
+            url = f"sqlite:///file:moviematch-replay-{uuid.uuid4().hex}?mode=memory&cache=shared&uri=true"
             self.store = FeedbackStore.from_url(url)
             settings = replay_settings(url, self.directory)
             self.services = wire_services(settings, self.model_set, self.store, clock=self.clock, now=self.clock)
@@ -190,14 +203,23 @@ class ServedModels:
         self.seconds["feedback"] += time.perf_counter() - t0
 
     def _feedback_bodies(self, rows: IntArray) -> list[bytes]:
-        if len(rows) and int(rows[0]) != self.stored:
-            raise ValueError(f"ratings must be revealed in order: row {int(rows[0])} after {self.stored}")
+        if len(rows) and (int(rows[0]) != self.stored or int(rows[-1]) - int(rows[0]) + 1 != len(rows)):
+            first, last = int(rows[0]), int(rows[-1])
+            raise ValueError(f"ratings must be revealed in order: rows {first}-{last} after {self.stored}")
         self.stored += len(rows)
-        part = self.frame.iloc[rows]
-        return [
-            feedback_body(part.iloc[k : k + MAX_FEEDBACK_BATCH], self.scale.to_api)
-            for k in range(0, len(part), MAX_FEEDBACK_BATCH)
-        ]
+        out = []
+        for k in range(int(rows[0]), int(rows[-1]) + 1, MAX_FEEDBACK_BATCH) if len(rows) else ():
+            end = min(k + MAX_FEEDBACK_BATCH, int(rows[-1]) + 1)
+            out.append(
+                _feedback_body(
+                    self._users[k:end],
+                    self._movies[k:end],
+                    self._ratings[k:end],
+                    self._times[k:end],
+                    to_api=self.scale.to_api,
+                )
+            )
+        return out
 
     async def predict(self, rows: IntArray) -> tuple[FloatArray, FloatArray, BoolArray]:
         """(the service's answers, the six-feature model's, whether the personalised model answered) of these rows,
@@ -206,12 +228,12 @@ class ServedModels:
         if services is None or model_set is None:
             raise RuntimeError("ServedModels.predict before fit")
         t0 = time.perf_counter()
-        part = self.frame.iloc[rows]
-        x = part.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+        x = self._x[rows]
         out = np.empty(len(rows))
         personal = np.zeros(len(rows), dtype=bool)
-        for k, (user, movie) in enumerate(zip(part["user_id"].tolist(), part["movie_id"].tolist(), strict=True)):
-            answer = orjson.loads(await services.predictions.predict_one(request_body(user, movie, x[k].tolist())))
+        for k, row in enumerate(rows.tolist()):
+            body = request_body(self._users[row], self._movies[row], x[k].tolist())
+            answer = orjson.loads(await services.predictions.predict_one(body))
             out[k] = answer["predicted_rating"]
             personal[k] = answer["source"] == PERSONALIZED
         # Without a user id the service answers with the six-feature model alone (as /predict does).
