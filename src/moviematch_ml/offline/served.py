@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pandas as pd
+from sqlalchemy import create_engine
+from sqlalchemy.pool import StaticPool
 
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.boosting import TrainConfig, fit_booster
@@ -167,10 +168,12 @@ class ServedModels:
         if self.model_set is None:
             self.model_set = ModelSet(self.directory)
             self.model_set.load()
-            # SQLite in memory, shared by the connections of this process (the service's threads): the store's
-            # classes and queries are the service's; only the disk's fsync per /feedback is left out.
-            url = f"sqlite:///file:moviematch-replay-{uuid.uuid4().hex}?mode=memory&cache=shared&uri=true"
-            self.store = FeedbackStore.from_url(url)
+            # SQLite in memory, one connection shared by the service's threads (they never run two store calls at
+            # once here): the store's classes and queries are the service's; only the disk's fsync is left out.
+            url = "sqlite://"
+            engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+            self.store = FeedbackStore(engine)
+            self.store.migrate()
             settings = replay_settings(url, self.directory)
             self.services = wire_services(settings, self.model_set, self.store, clock=self.clock, now=self.clock)
         else:
