@@ -293,6 +293,7 @@ def model_set_of(settings: Settings) -> ModelSet:
         weights=parse_weights(settings.variant_weights),
         salt=settings.experiment_salt,
         noncommercial=settings.serve_noncommercial_models,
+        movie_id_space=settings.movie_id_space,
     )
 
 

@@ -29,7 +29,14 @@ from moviematch_ml.online.feedback import MAX_FEEDBACK_BATCH
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.service import PERSONALIZED, Services, wire_services
 from moviematch_ml.online.store import FeedbackStore
-from moviematch_ml.runtime.cards import PERSONALIZED_DIR, ModelCard, RatingScale, content_versioned, write_card
+from moviematch_ml.runtime.cards import (
+    APP_SPACE,
+    PERSONALIZED_DIR,
+    ModelCard,
+    RatingScale,
+    content_versioned,
+    write_card,
+)
 from moviematch_ml.runtime.personalized import PersonalizedConfig
 from moviematch_ml.settings import Settings
 
@@ -163,7 +170,7 @@ class ServedModels:
         }
         write_six_features(self.directory, fitted.text, self.scale, data)
         model = fit_frame(train, self.scale, self.config)
-        model.save(self.directory / PERSONALIZED_DIR, created_at="replay", data=data)
+        model.save(self.directory / PERSONALIZED_DIR, created_at="replay", data=data, movie_id_space=APP_SPACE)
         self.now = now
         if self.model_set is None:
             self.model_set = ModelSet(self.directory)
