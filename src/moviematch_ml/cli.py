@@ -423,8 +423,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args, progress)
     if args.protocol == "replay":
         from moviematch_ml.offline.replay import replay
+        from moviematch_ml.online.harness import ServiceHarness
 
-        summary = replay(dataset, refit_days=args.refit_days, progress=progress)
+        summary = replay(dataset, refit_days=args.refit_days, service=ServiceHarness, progress=progress)
     else:
         summary = evaluate(
             dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features, progress=progress

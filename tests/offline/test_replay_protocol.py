@@ -15,9 +15,10 @@ from moviematch_ml.api.app import create_app
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.boosting import TrainConfig
 from moviematch_ml.offline.data import Dataset
+from moviematch_ml.offline.live import ServedModels, feedback_body, request_body
 from moviematch_ml.offline.point_in_time import compute_features
 from moviematch_ml.offline.replay import REPLAY_MODELS, history_cut, replay, replay_served
-from moviematch_ml.offline.served import ServedModels, feedback_body, request_body
+from moviematch_ml.online.harness import ServiceHarness
 from moviematch_ml.runtime.cards import RatingScale
 from moviematch_ml.runtime.factors import MFConfig
 from moviematch_ml.runtime.personalized import PersonalizedConfig
@@ -65,7 +66,7 @@ def test_the_replay_answers_what_predict_answers_after_the_same_feedback(tmp_pat
     config = TrainConfig()
     frame = pd.concat([dataset.ratings, compute_features(dataset, config.features)], axis=1)
     cut = history_cut(frame["timestamp"].to_numpy())
-    served = ServedModels(frame, dataset.scale, tmp_path / "replay", six_config=config, config=SMALL)
+    served = ServedModels(frame, dataset.scale, tmp_path / "replay", ServiceHarness, six_config=config, config=SMALL)
     try:
         answers, _, personal = asyncio.run(replay_served(served, cut))
     finally:
@@ -87,8 +88,8 @@ def test_the_replay_answers_what_predict_answers_after_the_same_feedback(tmp_pat
         history = frame.iloc[:cut]
         for k in range(0, cut, 1000):
             assert client.post("/feedback", content=feedback_body(history.iloc[k : k + 1000], to_api)).is_success
-        for t, group in test.groupby("timestamp", sort=True):
-            clock[0] = float(t)
+        for _, group in test.groupby("timestamp", sort=True):
+            clock[0] = float(group["timestamp"].iloc[0])
             for row in group.itertuples():
                 x = [getattr(row, name) for name in FEATURE_NAMES]
                 answer = client.post("/predict", content=request_body(row.user_id, row.movie_id, x))
@@ -99,7 +100,7 @@ def test_the_replay_answers_what_predict_answers_after_the_same_feedback(tmp_pat
 
 
 def test_replay_reports_every_model_with_its_learning_curve(tmp_path: Path) -> None:
-    out = replay(_dataset(), personalized=SMALL, directory=tmp_path / "replay")
+    out = replay(_dataset(), personalized=SMALL, service=ServiceHarness, directory=tmp_path / "replay")
     assert list(out["models"]) == list(REPLAY_MODELS)
     assert (out["n_history"], out["n_test"]) == (560, 140)
     assert sum(out["bucket_test_ratings"].values()) == 140

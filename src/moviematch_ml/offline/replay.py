@@ -24,11 +24,11 @@ from moviematch_ml.offline.baselines import BaselineConfig, Bias, GlobalMean
 from moviematch_ml.offline.boosting import TrainConfig
 from moviematch_ml.offline.data import RATING_COLUMNS, Dataset
 from moviematch_ml.offline.evaluation import TEMPORAL_TRAIN_FRACTION, EvaluationError, check_predictions
+from moviematch_ml.offline.live import ServedModels, ServiceFactory
 from moviematch_ml.offline.metrics import mae, ndcg_at_k, rmse
 from moviematch_ml.offline.online_models import SECONDS_PER_DAY, OnlineBias, OnlineMF, OnlineModel, Stream
 from moviematch_ml.offline.point_in_time import compute_features
 from moviematch_ml.offline.progress import QUIET, Progress
-from moviematch_ml.offline.served import ServedModels
 from moviematch_ml.runtime.personalized import PersonalizedConfig
 
 FloatArray = npt.NDArray[np.float64]
@@ -167,6 +167,7 @@ def replay(
     config: TrainConfig | None = None,
     personalized: PersonalizedConfig | None = None,
     models: Sequence[str] = REPLAY_MODELS,
+    service: ServiceFactory | None = None,
     directory: Path | None = None,
     progress: Progress = QUIET,
 ) -> dict[str, Any]:
@@ -175,8 +176,10 @@ def replay(
     ``refit_days``: the service's models (``six_features``, ``personalized``) are refitted on every earlier rating
     when that many days have begun since their last fit (None: fitted once, on the history); between fits they
     learn only through /feedback. The online baselines keep their own schedules (a day, a week); ``global_mean``
-    and ``bias`` stay as fitted on the history. ``directory``: where the service's models and store are written
-    (default: a temporary directory, removed afterwards).
+    and ``bias`` stay as fitted on the history. ``service``: makes the service that runs ``six_features`` and
+    ``personalized`` (``online.harness.ServiceHarness``; the CLI passes it: offline does not import the online
+    layer). ``directory``: where the service's models are written (default: a temporary directory, removed
+    afterwards).
     """
     unknown = set(models) - set(REPLAY_MODELS)
     if unknown:
@@ -191,6 +194,8 @@ def replay(
     n_test = len(ratings) - cut
     n_groups = len(group_starts(ts, cut)) - 1
     served_wanted = "six_features" in models or "personalized" in models
+    if served_wanted and service is None:
+        raise EvaluationError("six_features and personalized run through the service: pass service=")
     online: list[OnlineModel] = []
     stream = Stream.of(ratings)
     if "online_bias" in models:
@@ -224,10 +229,12 @@ def replay(
         with progress.step(f"the service's models: {n_test:,} ratings through /predict and /feedback"):
             frame = pd.concat([ratings, compute_features(dataset, cfg.features)], axis=1)
             with tempfile.TemporaryDirectory(prefix="moviematch-replay-") as tmp:
+                assert service is not None
                 served = ServedModels(
                     frame,
                     dataset.scale,
                     directory or Path(tmp),
+                    service,
                     six_config=cfg,
                     config=personalized or PersonalizedConfig.model_validate({}),
                     refit_seconds=None if refit_days is None else refit_days * SECONDS_PER_DAY,

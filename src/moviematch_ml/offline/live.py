@@ -1,34 +1,28 @@
-"""The service's own models in the replay protocol: fitted and written as ``train`` writes them, loaded by the
-service's ``ModelSet``, and fed the ratings through the code path of ``/feedback`` and ``/predict``.
+"""The service's own models in the replay protocol: fitted and written as ``train`` writes them, then run by the
+service itself (a ``ReplayService``: ``online/harness.py``'s, which the CLI hands in) and fed the ratings through
+``/feedback`` and ``/predict``.
 
-Nothing here re-implements the personalised model: each prediction is a ``/predict`` body handed to the
-``PredictionService``, each revealed rating a ``/feedback`` body handed to the ``FeedbackService``, on the
-service's SQLite store (in memory), with the replay's time as the service's clock.
+Nothing here re-implements the personalised model: each prediction is a ``/predict`` body handed to the service,
+each revealed rating a ``/feedback`` body, with the replay's time as the service's clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 import pandas as pd
-from sqlalchemy import create_engine
-from sqlalchemy.pool import StaticPool
 
 from moviematch_ml.features import FEATURE_NAMES
 from moviematch_ml.offline.boosting import TrainConfig, fit_booster
 from moviematch_ml.offline.stacking import fit_frame
-from moviematch_ml.online.feedback import MAX_FEEDBACK_BATCH
-from moviematch_ml.online.models import ModelSet
-from moviematch_ml.online.service import PERSONALIZED, Services, wire_services
-from moviematch_ml.online.store import FeedbackStore
 from moviematch_ml.runtime.cards import (
     APP_SPACE,
     PERSONALIZED_DIR,
@@ -38,7 +32,6 @@ from moviematch_ml.runtime.cards import (
     write_card,
 )
 from moviematch_ml.runtime.personalized import PersonalizedConfig
-from moviematch_ml.settings import Settings
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -50,19 +43,33 @@ MODEL_FILE: Final[str] = "model.txt"
 REPLAY_DATASET: Final[str] = "feedback"
 
 
-def replay_settings(database_url: str, model_path: Path) -> Settings:
-    """The service's settings in a replay: its defaults, with the replay's model and store. The store read timeout
-    is raised: on a busy machine a slow read would hand a row to the six-feature model, which measures the machine,
-    not the model."""
-    return Settings(
-        model_path=model_path,
-        database_url=database_url,
-        store_read_timeout=60.0,
-        store_write_timeout=60.0,
-        prediction_cache_size=0,
-        metrics_enabled=False,
-        prediction_log=False,
-    )
+# The most ratings in one /feedback body (the service's FEEDBACK_BATCH).
+FEEDBACK_BATCH: Final[int] = 1000
+PERSONALIZED: Final[str] = "personalized"  # the source of a personalised answer
+
+
+class ReplayService(Protocol):
+    """The service as the replay drives it: the models of a directory, /predict and /feedback, on a clock."""
+
+    def load(self) -> None:
+        """Load the directory's models (the first time) or reload them."""
+        ...
+
+    async def predict_one(self, body: bytes) -> bytes: ...
+
+    async def record(self, body: bytes) -> None: ...
+
+    def record_now(self, body: bytes) -> None: ...
+
+    def six_features(self, x: FloatArray) -> FloatArray:
+        """The six-feature model's answers (0-10)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Makes the service of a model directory, on a clock (unix seconds).
+ServiceFactory = Callable[[Path, Callable[[], float]], ReplayService]
 
 
 def request_body(user_id: object, movie_id: object, x: Sequence[float]) -> bytes:
@@ -123,15 +130,14 @@ class ServedModels:
     frame: pd.DataFrame
     scale: RatingScale
     directory: Path
+    make_service: ServiceFactory
     six_config: TrainConfig = field(default_factory=TrainConfig)
     config: PersonalizedConfig = field(default_factory=lambda: PersonalizedConfig.model_validate({}))
     refit_seconds: float | None = None
     now: float = 0.0  # the replay's clock: the time of the ratings being predicted
     fitted_period: int | None = None
     fits: int = 0
-    services: Services | None = None
-    model_set: ModelSet | None = None
-    store: FeedbackStore | None = None
+    service: ReplayService | None = None
     stored: int = 0  # the frame's rows [0, stored) went through /feedback
     seconds: dict[str, float] = field(
         default_factory=lambda: {"fit": 0.0, "seed": 0.0, "feedback": 0.0, "predict": 0.0}
@@ -172,24 +178,9 @@ class ServedModels:
         model = fit_frame(train, self.scale, self.config)
         model.save(self.directory / PERSONALIZED_DIR, created_at="replay", data=data, movie_id_space=APP_SPACE)
         self.now = now
-        if self.model_set is None:
-            self.model_set = ModelSet(self.directory)
-            self.model_set.load()
-            # SQLite in memory, one connection shared by the service's threads (they never run two store calls at
-            # once here): the store's classes and queries are the service's; only the disk's fsync is left out.
-            url = "sqlite://"
-            engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
-            self.store = FeedbackStore(engine)
-            self.store.migrate()
-            settings = replay_settings(url, self.directory)
-            self.services = wire_services(settings, self.model_set, self.store, clock=self.clock, now=self.clock)
-        else:
-            outcome = self.model_set.reload()
-            if not outcome.reloaded:
-                raise RuntimeError(f"the refitted models did not load: {outcome.reason}")
-        report = self.model_set.current.personalized_report
-        if report.status != "ok":
-            raise RuntimeError(f"the personalised model did not load: {report.reason}")
+        if self.service is None:
+            self.service = self.make_service(self.directory, self.clock)
+        self.service.load()
         self.fitted_period = None if self.refit_seconds is None else int(now // self.refit_seconds)
         self.fits += 1
         self.seconds["fit"] += time.perf_counter() - t0
@@ -198,18 +189,18 @@ class ServedModels:
 
     def reveal_sync(self, rows: IntArray) -> None:
         """``reveal``, blocking (the store write without its worker thread): the history, before the replay."""
-        assert self.services is not None
+        assert self.service is not None
         t0 = time.perf_counter()
         for body in self._feedback_bodies(rows):
-            self.services.feedback.record_now(body, None)
+            self.service.record_now(body)
         self.seconds["seed"] += time.perf_counter() - t0
 
     async def reveal(self, rows: IntArray) -> None:
-        """These rows' ratings go through /feedback (in bodies of at most MAX_FEEDBACK_BATCH ratings)."""
-        assert self.services is not None
+        """These rows' ratings go through /feedback (in bodies of at most FEEDBACK_BATCH ratings)."""
+        assert self.service is not None
         t0 = time.perf_counter()
         for body in self._feedback_bodies(rows):
-            await self.services.feedback.record(body, None)
+            await self.service.record(body)
         self.seconds["feedback"] += time.perf_counter() - t0
 
     def _feedback_bodies(self, rows: IntArray) -> list[bytes]:
@@ -218,8 +209,8 @@ class ServedModels:
             raise ValueError(f"ratings must be revealed in order: rows {first}-{last} after {self.stored}")
         self.stored += len(rows)
         out = []
-        for k in range(int(rows[0]), int(rows[-1]) + 1, MAX_FEEDBACK_BATCH) if len(rows) else ():
-            end = min(k + MAX_FEEDBACK_BATCH, int(rows[-1]) + 1)
+        for k in range(int(rows[0]), int(rows[-1]) + 1, FEEDBACK_BATCH) if len(rows) else ():
+            end = min(k + FEEDBACK_BATCH, int(rows[-1]) + 1)
             out.append(
                 _feedback_body(
                     self._users[k:end],
@@ -234,8 +225,8 @@ class ServedModels:
     async def predict(self, rows: IntArray) -> tuple[FloatArray, FloatArray, BoolArray]:
         """(the service's answers, the six-feature model's, whether the personalised model answered) of these rows,
         on the data's scale: one /predict per row, with the user id, as the app sends it."""
-        services, model_set = self.services, self.model_set
-        if services is None or model_set is None:
+        service = self.service
+        if service is None:
             raise RuntimeError("ServedModels.predict before fit")
         t0 = time.perf_counter()
         x = self._x[rows]
@@ -243,15 +234,15 @@ class ServedModels:
         personal = np.zeros(len(rows), dtype=bool)
         for k, row in enumerate(rows.tolist()):
             body = request_body(self._users[row], self._movies[row], x[k].tolist())
-            answer = orjson.loads(await services.predictions.predict_one(body))
+            answer = orjson.loads(await service.predict_one(body))
             out[k] = answer["predicted_rating"]
             personal[k] = answer["source"] == PERSONALIZED
         # Without a user id the service answers with the six-feature model alone (as /predict does).
-        six = model_set.current.six.predict(x)
+        six = service.six_features(x)
         self.seconds["predict"] += time.perf_counter() - t0
         to_api = self.scale.to_api
         return out / to_api, six / to_api, personal
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        if self.service is not None:
+            self.service.close()
