@@ -112,3 +112,16 @@ def test_replay_reports_every_model_with_its_learning_curve(tmp_path: Path) -> N
     models = out["models"]
     assert models["online_bias"]["rmse_cold_users"] < models["bias"]["rmse_cold_users"]
     assert out["personalized_answered"] > 0
+
+
+def test_refit_days_refits_the_services_models_once_a_day(tmp_path: Path) -> None:
+    dataset = _dataset()
+    out = replay(
+        dataset, personalized=SMALL, models=["personalized"], refit_days=1, service=ServiceHarness, directory=tmp_path
+    )
+    ts = dataset.ratings["timestamp"].to_numpy()
+    days = np.unique(ts[history_cut(ts) :] // 86_400)
+    # Fitted on the history, then again at the first rating of every later day.
+    assert len(days) > 1
+    assert out["service_fits"] == len(days)
+    assert list(out["models"]) == ["personalized"]
