@@ -418,6 +418,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from moviematch_ml.offline.evaluation import evaluate
 
+    if args.protocol != "replay" and (args.refit_days is not None or args.report is not None):
+        print("moviematch-ml evaluate: --refit-days and --report belong to --protocol replay", file=sys.stderr)
+        return 2
     progress = _progress(args)
     progress.expect(1)  # loading data; evaluate announces the features and every fold's models
     dataset = _load_dataset(args, progress)

@@ -125,3 +125,10 @@ def test_refit_days_refits_the_services_models_once_a_day(tmp_path: Path) -> Non
     assert len(days) > 1
     assert out["service_fits"] == len(days)
     assert list(out["models"]) == ["personalized"]
+
+
+def test_replay_options_are_refused_with_another_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    from moviematch_ml import cli
+
+    assert cli.main(["evaluate", "--protocol", "temporal", "--refit-days", "7"]) == 2
+    assert "--refit-days and --report belong to --protocol replay" in capsys.readouterr().err
