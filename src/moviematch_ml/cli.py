@@ -47,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate every model and baseline on a protocol")
     _add_data_options(evaluate)
-    evaluate.add_argument("--protocol", choices=("temporal", "kfold"), default="temporal")
+    evaluate.add_argument("--protocol", choices=("temporal", "kfold", "replay"), default="temporal")
     evaluate.add_argument("--folds", type=int, default=5, help="folds of the kfold protocol (default 5)")
     evaluate.add_argument(
         "--features",
@@ -55,6 +55,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default="online",
         help="online: from all earlier ratings (default); frozen: only training ratings reach any feature",
     )
+    evaluate.add_argument(
+        "--refit-days",
+        type=float,
+        default=None,
+        help="replay: refit the service's models every N days on all earlier ratings (default: fitted once)",
+    )
+    evaluate.add_argument("--report", type=Path, help="replay: write the table and learning-curve plot into DIR")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _add_quiet(evaluate)
     evaluate.set_defaults(func=_evaluate)
@@ -514,13 +521,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from moviematch_ml.offline.evaluation import evaluate
 
+    if args.protocol != "replay" and (args.refit_days is not None or args.report is not None):
+        print("moviematch-ml evaluate: --refit-days and --report belong to --protocol replay", file=sys.stderr)
+        return 2
     progress = _progress(args)
     progress.expect(1)  # loading data; evaluate announces the features and every fold's models
     dataset = _load_dataset(args, progress)
-    summary = evaluate(
-        dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features, progress=progress
-    )
+    if args.protocol == "replay":
+        from moviematch_ml.offline.replay import replay
+        from moviematch_ml.online.harness import ServiceHarness
+
+        summary = replay(dataset, refit_days=args.refit_days, service=ServiceHarness, progress=progress)
+    else:
+        summary = evaluate(
+            dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features, progress=progress
+        )
     progress.close("evaluate")  # before the answer, which goes to stdout
+    if args.report is not None and args.protocol == "replay":
+        from moviematch_ml.offline.report import write_replay_report
+
+        print(f"replay report: {write_replay_report(args.report, summary)}", file=sys.stderr)
 
     def clean(x: object) -> object:
         # JSON has no NaN: a metric that cannot be computed (e.g. no cold users in k-fold) is null.
@@ -534,6 +554,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.json:
         print(json.dumps(clean(summary), sort_keys=False))
+        return 0
+    if args.protocol == "replay":
+        from moviematch_ml.offline.report import replay_text
+
+        print(replay_text(summary))
         return 0
     print(f"{summary['protocol']}: train {summary['n_train']:,} ratings, test {summary['n_test']:,}")
     print(f"{'model':<14}{'RMSE':>8}{'MAE':>8}{'NDCG@10':>9}{'RMSE cold':>11}")

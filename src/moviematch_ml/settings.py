@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "sqlite:///moviematch.sqlite3",
         description="Feedback store: SQLite file by default, postgresql://... for PostgreSQL.",
     )
+    movie_id_space: str = Field(
+        "app",
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="Whose movie ids the app's requests and feedback use ('app': its own, e.g. TMDB's). A "
+        "personalised model whose card declares another space (the bundled one: 'movielens') serves without its "
+        "movie-side learned state: only the users' own feedback and the store's movie statistics reach it.",
+    )
     state_ttl_seconds: float = Field(
         1.0,
         ge=0,

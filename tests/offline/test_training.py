@@ -19,6 +19,7 @@ from moviematch_ml.offline.data import MIN_FEEDBACK_RATINGS, Dataset
 from moviematch_ml.offline.stacking import predict_pairs
 from moviematch_ml.offline.training import (
     min_training_ratings,
+    movie_id_space,
     personalized_config,
     remove_personalized,
     train_models,
@@ -282,6 +283,8 @@ def test_cli_train_from_feedback_end_to_end(tmp_path: Path, capsys: pytest.Captu
     pm = PersonalizedModel.load(out / PERSONALIZED_DIR)
     assert pm.card is not None
     assert pm.card.data == d
+    # Its movie state is keyed by the app's own movie ids: served as such under MOVIE_ID_SPACE=app (the default).
+    assert (pm.card.movie_id_space, pm.card.id_space()) == ("app", "app")
     # The app's own data: the cards say so, with no terms the tool could know, and no commercial restriction.
     [terms] = card.data_terms
     assert terms.name == f"the app's own users' ratings (POST /feedback), with the movies of {movies.name}"
@@ -417,3 +420,9 @@ def test_two_different_models_never_share_a_version(tmp_path: Path) -> None:
     # The model directory's version (what answers and the answer cache's keys carry) names both parts.
     assert model_version(a.card.version, None) != model_version(b.card.version, None)
     assert model_version(a.card.version, None) != model_version(a.card.version, "personalized-0")
+
+
+def test_movie_id_space_of_the_training_data() -> None:
+    assert movie_id_space("feedback") == "app"
+    assert movie_id_space("movielens-small") == "movielens"
+    assert movie_id_space("ratings") is None  # a CSV file: whose ids they are is not known

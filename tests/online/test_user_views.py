@@ -403,12 +403,12 @@ def test_a_failed_poll_drops_every_cached_state(store: FeedbackStore, personaliz
 
 
 def _polling(
-    store: FeedbackStore, personalized: PersonalizedModel, **kw: int
+    store: FeedbackStore, personalized: PersonalizedModel, max_users: int = 20_000
 ) -> tuple[UserViews, CountingStore, FakeClock]:
     """Users' views on a counting store and a fake clock, polling the change feed once per second."""
     clock = FakeClock()
     counting = CountingStore(store)
-    p = UserViews(counting, ttl=1.0, clock=clock, **kw)
+    p = UserViews(counting, ttl=1.0, clock=clock, max_users=max_users)
     return p, counting, clock
 
 
@@ -453,9 +453,9 @@ def test_a_row_committed_late_is_news_when_it_shows(store: FeedbackStore, person
 
 
 def _warming(
-    store: FeedbackStore, personalized: PersonalizedModel, **kw: int
+    store: FeedbackStore, personalized: PersonalizedModel, max_users: int = 20_000
 ) -> tuple[UserViews, CountingStore, FakeClock]:
-    p, counting, clock = _polling(store, personalized, **kw)
+    p, counting, clock = _polling(store, personalized, max_users)
     p.warm_ahead = True
     p.sync()  # the first look
     return p, counting, clock

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -28,15 +28,14 @@ from moviematch_ml.online.access import AccessKeys, RateLimiter
 from moviematch_ml.online.caches import AsyncAnswerCache, RedisCache
 from moviematch_ml.online.contract import BatchDecoder, FloatArray, decode_answer, decode_one, encode_answer
 from moviematch_ml.online.counters import NO_CALLS
-from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.journal import PredictionLog
 from moviematch_ml.online.lifecycle import PROCESS, Lifecycle
 from moviematch_ml.online.models import ModelSet
 from moviematch_ml.online.reloads import Reloader
-from moviematch_ml.online.service import PredictionService
+from moviematch_ml.online.service import wire_services
 from moviematch_ml.online.store import FeedbackStore, StoreHealth, make_engine, watch
 from moviematch_ml.online.telemetry import PROCESS_SAMPLE_SECONDS, Telemetry
-from moviematch_ml.online.user_views import UserViews, maintain
+from moviematch_ml.online.user_views import maintain
 from moviematch_ml.runtime.cards import BUNDLED_MODEL_DIR
 from moviematch_ml.runtime.registry import Registry
 from moviematch_ml.settings import Settings, load_settings, parse_rate, parse_weights, require_drivers
@@ -58,8 +57,10 @@ def create_app(
     models: ModelSet | None = None,
     store: FeedbackStore | None = None,
     lifecycle: Lifecycle = PROCESS,
+    now: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here."""
+    """Build the service from its settings; the models are loaded and the store migrated by the lifespan, not here.
+    ``now`` is the unix time the service reads (a test replaying dated ratings passes their time)."""
     require_drivers(settings)
     model_set = models if models is not None else model_set_of(settings)
     # Creating the engine does not connect: a database that is down costs /feedback, not the predictions.
@@ -82,26 +83,19 @@ def create_app(
         feedback_store.calls = telemetry.store_calls
         telemetry.models_changed(model_set.current)
         model_set.listeners.append(telemetry.models_changed)
-    user_views = UserViews(feedback_store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users)
     cache = _shared_cache(settings, telemetry)
     prediction_log = _prediction_log(settings, telemetry)
-    service = PredictionService(
+    services = wire_services(
+        settings,
         model_set,
-        max_batch_size=settings.max_batch_size,
-        cache_size=settings.prediction_cache_size,
+        feedback_store,
         cache=cache,
-        user_views=user_views,
-        store_read_timeout=settings.store_read_timeout,
         telemetry=telemetry,
         log=prediction_log,
-    )
-    feedback = FeedbackService(
-        feedback_store,
-        user_views.forget,
-        write_timeout=settings.store_write_timeout,
         health=health,
-        telemetry=telemetry,
+        now=now,
     )
+    service, feedback, user_views = services.predictions, services.feedback, services.user_views
     keys = AccessKeys.parse(None if settings.api_keys is None else settings.api_keys.get_secret_value())
     reloader = Reloader(model_set, on_outcome=None if telemetry is None else telemetry.reload_done)
 
@@ -302,6 +296,7 @@ def model_set_of(settings: Settings) -> ModelSet:
         weights=parse_weights(settings.variant_weights),
         salt=settings.experiment_salt,
         noncommercial=settings.serve_noncommercial_models,
+        movie_id_space=settings.movie_id_space,
     )
 
 

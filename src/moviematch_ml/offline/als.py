@@ -83,8 +83,14 @@ def fit_mf(
     item_ids: Sequence[Id] | npt.NDArray[np.generic],
     ratings: Sequence[float] | FloatArray,
     config: MFConfig,
+    *,
+    start: MFModel | None = None,
 ) -> MFModel:
-    """Fit by ALS; deterministic for a given config (seeded initialisation, no randomness afterwards)."""
+    """Fit by ALS; deterministic for a given config (seeded initialisation, no randomness afterwards).
+
+    ``start``: a model fitted earlier (on fewer ratings) whose movie factors the sweeps start from instead of random
+    ones, for the movies it knows: a refit on a few more ratings then needs a sweep or two, not ``iterations``.
+    """
     r = np.asarray(ratings, dtype=np.float64)
     if r.ndim != 1 or len(r) == 0 or len(user_ids) != len(r) or len(item_ids) != len(r):
         raise ValueError("user_ids, item_ids and ratings must be non-empty 1-d sequences of the same length")
@@ -95,8 +101,14 @@ def fit_mf(
     rng = np.random.default_rng(config.seed)
     p = rng.normal(0.0, config.init_scale, (n_u, k))
     q = rng.normal(0.0, config.init_scale, (n_i, k))
-    bu = np.zeros(n_u)
     bi = np.zeros(n_i)
+    if start is not None and start.config.factors == k:
+        # Only the movie side matters: the first sweep solves every user against it.
+        old = np.array([start.item_index.get(v, -1) for v in iids], dtype=np.int64)
+        known = old >= 0
+        q[known] = start.item_factors[old[known]]
+        bi[known] = start.item_bias[old[known]]
+    bu = np.zeros(n_u)
     cu = np.bincount(u, minlength=n_u).astype(np.float64)
     ci = np.bincount(i, minlength=n_i).astype(np.float64)
     # Sort once per side: the Gram accumulation needs each owner's ratings contiguous.

@@ -235,3 +235,84 @@ def write_report(directory: Path, result: TrainResult) -> Path:
     path = directory / "report.md"
     path.write_text(render_markdown(result), encoding="utf-8")
     return path
+
+
+# --- the replay protocol -----------------------------------------------------------------------------------------
+
+REPLAY_REPORT = "replay.md"
+LEARNING_CURVE_PLOT = "learning_curve.png"
+
+
+def replay_table(summary: dict[str, Any]) -> list[str]:
+    """The replay's metrics as Markdown tables: one row per model, then the learning curve (RMSE by the number
+    of the user's earlier ratings)."""
+    models: dict[str, dict[str, Any]] = summary["models"]
+    lines = [
+        "| model | RMSE | MAE | NDCG@10 | RMSE cold users | RMSE warm users |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        cells = [m["rmse"], m["mae"], m["ndcg@10"], m["rmse_cold_users"], m["rmse_warm_users"]]
+        lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    buckets: dict[str, int] = summary["bucket_test_ratings"]
+    lines += [
+        "",
+        "| earlier ratings of the user | " + " | ".join(buckets) + " |",
+        "|---|" + "---|" * len(buckets),
+        "| test ratings | " + " | ".join(f"{n:,}" for n in buckets.values()) + " |",
+    ]
+    for name, m in models.items():
+        curve = m["learning_curve_rmse"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(curve[b]) for b in buckets) + " |")
+    return lines
+
+
+def replay_text(summary: dict[str, Any]) -> str:
+    """What ``evaluate --protocol replay`` prints without ``--json``."""
+    head = (
+        f"replay: history {summary['n_history']:,} ratings, then {summary['n_test']:,} predicted one timestamp at a "
+        f"time ({summary['cold_user_test_ratings']:,} by cold users); {summary['seconds']['total']:.1f} s"
+    )
+    costs = "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in cost.items()) for name, cost in summary["per_rating"].items()
+    )
+    return "\n".join([head, *replay_table(summary), f"per rating (ms): {costs}"])
+
+
+def write_replay_report(directory: Path, summary: dict[str, Any]) -> Path:
+    """Write the replay's Markdown table and its learning-curve plot into ``directory``; returns the Markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    buckets = list(summary["bucket_test_ratings"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = np.arange(len(buckets))
+    for name, m in summary["models"].items():
+        curve = m["learning_curve_rmse"]
+        ys = [np.nan if curve[b] is None else curve[b] for b in buckets]
+        ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if name == "personalized" else 1.2)
+    ax.set_xticks(xs, buckets)
+    ax.set_xlabel("ratings the user had made before")
+    ax.set_ylabel(f"RMSE ({scale_label(RatingScale(**summary['rating_scale'])).split(',')[0]})")
+    ax.set_title("Replay: RMSE by the user's number of earlier ratings")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(directory / LEARNING_CURVE_PLOT, dpi=100)
+    plt.close(fig)
+    text = [
+        f"# Replay of {summary['dataset']}",
+        "",
+        replay_text(summary).split("\n")[0],
+        "",
+        *replay_table(summary),
+        "",
+        f"![learning curve]({LEARNING_CURVE_PLOT})",
+        "",
+    ]
+    path = directory / REPLAY_REPORT
+    path.write_text("\n".join(text), encoding="utf-8")
+    return path

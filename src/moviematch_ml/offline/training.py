@@ -22,7 +22,15 @@ from moviematch_ml.offline.evaluation import TEMPORAL_TRAIN_FRACTION, FoldResult
 from moviematch_ml.offline.metrics import mae, rmse
 from moviematch_ml.offline.progress import QUIET, Progress
 from moviematch_ml.offline.stacking import fit_frame
-from moviematch_ml.runtime.cards import CARD_NAME, PERSONALIZED_DIR, ModelCard, content_versioned, write_card
+from moviematch_ml.runtime.cards import (
+    APP_SPACE,
+    CARD_NAME,
+    MOVIELENS_SPACE,
+    PERSONALIZED_DIR,
+    ModelCard,
+    content_versioned,
+    write_card,
+)
 from moviematch_ml.runtime.factors import JSON_NAME, NPZ_NAME, MFConfig
 from moviematch_ml.runtime.personalized import MODEL_FILE as PERSONALIZED_FILE
 from moviematch_ml.runtime.personalized import STATE_FILE, PersonalizedConfig, PersonalizedModel
@@ -240,8 +248,17 @@ def write_model(directory: Path, result: TrainResult) -> Path:
             data=p.data,
             data_terms=result.card.data_terms,
             metrics=p.metrics,
+            movie_id_space=movie_id_space(str(p.data.get("dataset", ""))),
         )
     return card_file
+
+
+def movie_id_space(dataset: str) -> str | None:
+    """The id space of a data set's movie ids: the app's for its own feedback (``train --from-feedback``),
+    MovieLens' for MovieLens; None (not declared) for a CSV file, whose ids the card cannot know."""
+    if dataset == "feedback":
+        return APP_SPACE
+    return MOVIELENS_SPACE if dataset.startswith("movielens") else None
 
 
 def remove_personalized(directory: Path) -> bool:

@@ -149,9 +149,11 @@ class FeedbackService:
         write_timeout: float = 10.0,
         health: StoreHealth | None = None,
         telemetry: Telemetry | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.on_stored = on_stored
+        self.clock = clock  # "now" of a rating sent without a timestamp, and of its arrival: a replay's own time
         self.write_timeout = write_timeout
         self.health = health
         self.telemetry = telemetry
@@ -201,5 +203,6 @@ class FeedbackService:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
-        ratings = parse_feedback(obj, idempotency_key, time.time())
-        return ratings, self.store.add(ratings)
+        now = self.clock()
+        ratings = parse_feedback(obj, idempotency_key, now)
+        return ratings, self.store.add(ratings, received_at=now)

@@ -24,6 +24,7 @@ import numpy as np
 from moviematch_ml.errors import ModelError, ModelTermsError, RegistryError
 from moviematch_ml.features import example_matrix
 from moviematch_ml.runtime.cards import (
+    APP_SPACE,
     BUNDLED_MODEL_DIR,
     PERSONALIZED_DIR,
     ModelCard,
@@ -189,7 +190,8 @@ def load_personalized(model_path: Path) -> PersonalizedModel | None:
 def canned_personalized(model: PersonalizedModel) -> float:
     """The personalised model's answer to a canned request: a user who rated three of its movies, the example
     features, one of those movies. Raises whatever the model raises."""
-    ids = list(model.mf.item_ids[:3])
+    # A model without movie-side state (another id space: PersonalizedModel.without_movie_state) knows no movie.
+    ids = list(model.mf.item_ids[:3]) or ["canned-1", "canned-2", "canned-3"]
     view = model.user_view_of_ratings(ids, [model.scale.max] * len(ids), [0.0, 1.0, 2.0][: len(ids)])
     if view is None:
         raise ModelError("the canned user has no view")
@@ -223,8 +225,12 @@ class ModelSet:
         load_six: Callable[[Path], Predictor] = load_six_features,
         load_personal: Callable[[Path], PersonalizedModel | None] = load_personalized,
         noncommercial: bool = True,
+        movie_id_space: str = APP_SPACE,
     ) -> None:
         self.path = model_path
+        # Whose movie ids the requests carry (MOVIE_ID_SPACE): a personalised model trained in another space
+        # serves without its movie-side state (PersonalizedModel.without_movie_state).
+        self.movie_id_space = movie_id_space
         self.registry = registry
         self.weights = dict(weights or {})
         self.salt = salt
@@ -373,6 +379,13 @@ class ModelSet:
             return None, ModelReport("refused", None, self._public(reason))
         if model is None:
             return None, ModelReport("absent", None)
+        space = model.card.id_space() if model.card is not None else APP_SPACE
+        if space != self.movie_id_space:
+            log.warning(
+                "personalised model trained in another movie id space: its movie-side state is not used",
+                extra={"model_version": model.version, "model_space": space, "movie_id_space": self.movie_id_space},
+            )
+            model = model.without_movie_state()
         try:
             y = canned_personalized(model)
             ok = math.isfinite(y) and 0.0 <= y <= 10.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Final, TypeVar
 
@@ -31,11 +32,14 @@ from moviematch_ml.online.contract import (
     render_batch,
     render_one,
 )
+from moviematch_ml.online.feedback import FeedbackService
 from moviematch_ml.online.journal import Entry, PredictionLog
 from moviematch_ml.online.models import Models, ModelSet
+from moviematch_ml.online.store import FeedbackStore, StoreHealth
 from moviematch_ml.online.telemetry import ENDPOINTS, Telemetry
 from moviematch_ml.online.user_views import Inputs, UserViews
 from moviematch_ml.runtime.personalized import PersonalizedModel
+from moviematch_ml.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -357,3 +361,52 @@ class PredictionService:
             cache.put(key, answer, rows)
         else:
             cache.aput(key, answer, rows)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The service's core without HTTP: what /predict, /predict-batch and /feedback call, and the users' views
+    between them."""
+
+    predictions: PredictionService
+    feedback: FeedbackService
+    user_views: UserViews
+
+
+def wire_services(
+    settings: Settings,
+    models: ModelSet,
+    store: FeedbackStore,
+    *,
+    cache: AsyncAnswerCache | None = None,
+    telemetry: Telemetry | None = None,
+    log: PredictionLog | None = None,
+    health: StoreHealth | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    now: Callable[[], float] = time.time,
+) -> Services:
+    """The services the app serves (``api/app.py`` adds HTTP around them), wired as the settings say. ``clock``
+    (what the users' views' TTLs are measured on) and ``now`` (unix time: a rating without a timestamp, the
+    recency inputs) are the machine's; the replay protocol (``offline/replay.py``) passes the ratings' time."""
+    user_views = UserViews(
+        store, ttl=settings.state_ttl_seconds, max_users=settings.state_cache_users, clock=clock, now=now
+    )
+    predictions = PredictionService(
+        models,
+        max_batch_size=settings.max_batch_size,
+        cache_size=settings.prediction_cache_size,
+        cache=cache,
+        user_views=user_views,
+        store_read_timeout=settings.store_read_timeout,
+        telemetry=telemetry,
+        log=log,
+    )
+    feedback = FeedbackService(
+        store,
+        user_views.forget,
+        write_timeout=settings.store_write_timeout,
+        health=health,
+        telemetry=telemetry,
+        clock=now,
+    )
+    return Services(predictions, feedback, user_views)

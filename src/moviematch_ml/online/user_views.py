@@ -77,10 +77,13 @@ class UserViews:
         ttl: float = 1.0,
         max_users: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.ttl = ttl
-        self._clock = clock
+        self._clock = clock  # what the TTLs are measured on
+        # The unix time the recency inputs are measured from: the wall clock, or the ratings' time in a replay.
+        self._now = now
         self._users: TTLCache[str, tuple[PersonalizedModel, UserView | None]] = TTLCache(
             max(ttl, USER_MAX_AGE_SECONDS) if ttl > 0 else 0.0, max_users, clock
         )
@@ -285,7 +288,7 @@ class UserViews:
     ) -> tuple[FloatArray, BoolArray] | None:
         """The user's ratings (0-10) of the movies of ``x`` from their inputs (``cached`` or ``load``), and the mask
         of those the model answered; None when it answered none."""
-        pred, mask = model.predict(inputs[0], x, movie_ids, inputs[1])
+        pred, mask = model.predict(inputs[0], x, movie_ids, inputs[1], self._now())
         if model.config.personalize == "known_user":
             return pred, mask  # every movie: no need to look
         return (pred, mask) if mask.any() else None

@@ -21,6 +21,9 @@ CONTENT_VERSIONED: Final = 2
 BUNDLED_MODEL_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "bundled"
 # The personalised model lives in this subdirectory of the six-feature model's directory.
 PERSONALIZED_DIR: Final[str] = "personalized"
+# The movie id spaces a model's movie-side state can be keyed by (a card may name another).
+APP_SPACE: Final[str] = "app"
+MOVIELENS_SPACE: Final[str] = "movielens"
 # Every answer of the API is a rating on 0 to this (TMDB's vote_average scale), whatever scale a model learnt on.
 API_SCALE_MAX: Final[float] = 10.0
 
@@ -119,6 +122,20 @@ class ModelCard(BaseModel):
     extra_files: dict[str, str] = Field(
         default_factory=dict, description="Other files of the model (name -> sha256), e.g. collaborative factors."
     )
+    movie_id_space: str | None = Field(
+        None,
+        description="Whose movie ids key the model's movie-side learned state: 'app' (the ids the app sends, as "
+        "in the feedback store), 'movielens'... (None: not declared, see ``movie_id_space``).",
+    )
+
+    def id_space(self) -> str:
+        """The id space of the model's movie-side state: the declared one; else ``app`` for a model trained from
+        the feedback store, ``movielens`` for one trained on MovieLens, and ``app`` for any other data (a CSV
+        export is taken to use the app's ids, as before cards declared it)."""
+        if self.movie_id_space:
+            return self.movie_id_space
+        dataset = str(self.data.get("dataset", ""))
+        return MOVIELENS_SPACE if dataset.startswith("movielens") else APP_SPACE
 
 
 def content_version(card: ModelCard) -> str:
@@ -126,6 +143,8 @@ def content_version(card: ModelCard) -> str:
     holds the sha256 of every file the model loads (and they are checked at load), so two models that differ in
     any byte, their data's provenance included, never share a version, and the same model always gets the same."""
     body = card.model_dump(mode="json", exclude={"version", "created_at", "format_version"})
+    if body.get("movie_id_space") is None:  # cards from before the field keep their versions
+        body.pop("movie_id_space", None)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
     prefix = "six" if card.kind == "six_features" else "personalized"
     return f"{prefix}-{digest[:16]}"

@@ -345,6 +345,7 @@ class PersonalizedModel:
         self.booster = booster
         self.scale = scale
         self.card: ModelCard | None = None
+        self._movieless = False  # set by without_movie_state: no trained moments, the store's totals always count
         keys = list(state.mf.item_index)
         self.int_ids = bool(keys) and all(isinstance(k, int) for k in keys[:100])
         # C-contiguous float64 blocks for the kernels (a loaded model's already are: no copy).
@@ -365,6 +366,8 @@ class PersonalizedModel:
     def counts_store_ratings(self) -> bool:
         """Trained from the service's own store: its movie moments already count every stored rating, so the
         store's totals must not be added again."""
+        if self._movieless:
+            return False
         return self.card is not None and self.card.data.get("dataset") == "feedback"
 
     def store_keys(self, movie_ids: list[str]) -> list[Id]:
@@ -394,6 +397,45 @@ class PersonalizedModel:
         # Two in-place ufuncs: np.clip's Python-level wrapper costs more than this on a batch.
         out: FloatArray = np.minimum(np.maximum(y, self.scale.min, out=y), self.scale.max, out=y)
         return out
+
+    def without_movie_state(self) -> PersonalizedModel:
+        """This model with no movie-side learned state: for requests whose movie ids are in another id space than
+        the one it was trained in (``ModelCard.id_space``), where its movie factors, biases and moments would
+        belong to other movies. Every movie is then unknown to it: the movie inputs come from what the store's
+        movies received through ``/feedback`` alone, a user's view keeps their count, mean, spread and recency
+        (their own ratings) while their fold-in has no movie to stand on (bias and factors 0). The same trees."""
+        mf, st = self.mf, self.state
+        k = mf.config.factors
+        movieless = MFModel(
+            mf.config,
+            mf.global_mean,
+            mf.user_bias,
+            np.zeros(0),
+            mf.user_factors,
+            np.zeros((0, k)),
+            mf.user_ids,
+            [],
+            mf.user_index,
+            {},
+        )
+        empty = np.zeros(0)
+        state = RatingState(
+            movieless,
+            st.user_count,
+            st.user_total,
+            st.user_total_sq,
+            empty,
+            empty,
+            empty,
+            st.hist_user,
+            st.hist_time,
+            st.hist_resid,
+        )
+        model = PersonalizedModel(self.config, state, self.booster, self.scale)
+        model.card = self.card
+        # Every movie of the store counts: none of its ratings is in the (absent) trained moments.
+        model._movieless = True
+        return model
 
     # --- the user side ------------------------------------------------------------------------------------------
 
@@ -567,9 +609,11 @@ class PersonalizedModel:
         data: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         data_terms: list[DataSource] | None = None,
+        movie_id_space: str | None = None,
     ) -> ModelCard:
         """Write the trees (LightGBM text), the state (npz without pickle + JSON) and a card with every sha256; the
-        card's version is its content's (``cards.content_version``)."""
+        card's version is its content's (``cards.content_version``). ``movie_id_space``: whose movie ids the
+        training data used (the card's ``movie_id_space``)."""
         directory.mkdir(parents=True, exist_ok=True)
         text = self.booster.model_to_string(num_iteration=-1).encode("utf-8")
         (directory / MODEL_FILE).write_bytes(text)
@@ -594,6 +638,7 @@ class PersonalizedModel:
             training={"config": self.config.model_dump(mode="json")},
             metrics=metrics or {},
             extra_files=dict(sorted(extra.items())),
+            movie_id_space=movie_id_space,
         )
         card = content_versioned(card)
         write_card(directory, card)
