@@ -342,6 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
             header_timeout=settings.header_timeout,
             body_timeout=settings.body_timeout,
             drain_seconds=settings.drain_seconds,
+            max_concurrency=settings.max_concurrency,
         )
     finally:
         if temporary is not None:

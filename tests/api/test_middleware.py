@@ -4,7 +4,10 @@ oversized body that the client reads instead of a reset connection."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +67,39 @@ def test_past_max_concurrency_requests_get_503_at_once(small_server: Server) -> 
             assert status == 200
             assert orjson.loads(payload)["source"] == "model"
     assert call(port, "POST", "/predict", EXAMPLE).status == 200
+
+
+def test_a_burst_past_max_concurrency_is_refused_at_once_not_queued(small_server: Server) -> None:
+    """Defect 5, overload: with 1,000 connections no request ever got a 503, since the middleware's count (requests
+    inside the app) stays at 1 or 2 however many wait: the event loop parses every ready request before it runs
+    any, so they queue unseen. The server counts them where they start. Twenty requests that arrive at once (the
+    server stopped while they are sent, then resumed): MAX_CONCURRENCY=4 of them are answered, the others get 503
+    ``overloaded`` with Retry-After, and a health probe sent in the same burst is answered, never refused."""
+    port = small_server.port
+    body = orjson.dumps(EXAMPLE)
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=10)) for _ in range(21)]
+        for sock in socks:  # each connection accepted and idle: nothing in flight
+            sock.sendall(request_head("GET", "/health/live", 0))
+            assert read_response(sock)[0] == 200
+        small_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for sock in socks[:20]:
+                sock.sendall(request_head("POST", "/predict", len(body)) + body)
+            socks[20].sendall(request_head("GET", "/health/live", 0))
+            time.sleep(0.2)  # every request in the kernel's buffers before the server reads any
+        finally:
+            small_server.proc.send_signal(signal.SIGCONT)
+        answers = [read_response(sock) for sock in socks]
+    statuses = Counter(status for status, _, _ in answers[:20])
+    assert answers[20][0] == 200
+    assert statuses[200] >= MAX_CONCURRENCY
+    assert statuses[503] >= 20 - 2 * MAX_CONCURRENCY  # read in one pass, or two at most
+    assert statuses[200] + statuses[503] == 20
+    for status, headers, payload in answers[:20]:
+        if status == 503:
+            assert (orjson.loads(payload)["error"], headers["retry-after"]) == ("overloaded", "1")
+    assert call(port, "POST", "/predict", EXAMPLE).status == 200  # and it takes requests again
 
 
 @pytest.mark.parametrize("size", [10_000, 5_000_000], ids=["within-the-drain-bound", "1000-times-the-limit"])

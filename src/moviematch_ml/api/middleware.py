@@ -21,7 +21,7 @@ from moviematch_ml.api.handlers import error_response, input_error_response, int
 from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.online.contract import new_id
-from moviematch_ml.online.lifecycle import Lifecycle
+from moviematch_ml.online.lifecycle import OVERLOADED, Lifecycle
 from moviematch_ml.online.telemetry import HttpMetrics
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
@@ -146,7 +146,7 @@ class RequestContextMiddleware:
         limited = route_path(scope) not in _NOT_LIMITED
         counted = False
         try:
-            if limited and self.in_flight >= self.max_concurrency:
+            if limited and (self.in_flight >= self.max_concurrency or state.get(OVERLOADED, False)):
                 response = error_response(
                     503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "1"}
                 )

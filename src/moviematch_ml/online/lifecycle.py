@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 log = logging.getLogger(__name__)
+
+# The request-state key the server sets on a request that arrived past MAX_CONCURRENCY unfinished requests
+# (supervisor.DeadlineProtocol); the request middleware answers it 503 without running the app.
+OVERLOADED: Final[str] = "overloaded"
 
 
 class Lifecycle:

@@ -27,7 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
-from moviematch_ml.online.lifecycle import PROCESS
+from moviematch_ml.online.lifecycle import OVERLOADED, PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,25 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     header_timeout: ClassVar[float] = 10.0
     body_timeout: ClassVar[float] = 30.0
+    # MAX_CONCURRENCY, counted where a request starts: the worker's admitted requests that have not finished. Under
+    # a burst the event loop parses every ready connection's request before it runs any of them, so they queue
+    # here, each waiting for all those before it, while the middleware's own count (requests inside the app) stays
+    # at 1 or 2: each runs to its end in one go. A request past the bound is marked, and the middleware answers it
+    # 503 at once without running the app (with its usual log line, headers and metrics). Refusals are not counted:
+    # clients that retry at once would otherwise keep the count up with refusals alone, and admit nothing. The
+    # health probes are neither counted nor refused.
+    max_tasks: ClassVar[int | None] = None
+    admitted: ClassVar[int] = 0  # one server per worker process: its connections share the count
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if self.max_tasks is None or _route(cycle.scope) in _PROBES:
+            super()._start_asgi_task(cycle, app)
+        elif DeadlineProtocol.admitted >= self.max_tasks:
+            cycle.scope.setdefault("state", {})[OVERLOADED] = True
+            super()._start_asgi_task(cycle, app)
+        else:
+            DeadlineProtocol.admitted += 1
+            super()._start_asgi_task(cycle, _counted(app))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -109,6 +128,28 @@ class DeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+_PROBES: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
+
+
+def _route(scope: dict[str, Any]) -> str:
+    """The path without the root path a proxy serves the service under (as the router sees it)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
+def _counted(app: Any) -> Any:
+    """``app``, its request uncounted from ``DeadlineProtocol.admitted`` when it ends, however it ends."""
+
+    async def run(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            DeadlineProtocol.admitted -= 1
+
+    return run
+
+
 def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT, listening unless ``listen`` is False."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -136,6 +177,7 @@ class _Worker(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         DeadlineProtocol.header_timeout = getattr(self.config, "header_timeout", DeadlineProtocol.header_timeout)
         DeadlineProtocol.body_timeout = getattr(self.config, "body_timeout", DeadlineProtocol.body_timeout)
+        DeadlineProtocol.max_tasks = getattr(self.config, "max_concurrency", DeadlineProtocol.max_tasks)
         _Worker.drain_seconds = getattr(self.config, "drain_seconds", 0.0)
         await super().startup(sockets=sockets)
 
@@ -218,15 +260,17 @@ def run(
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
     drain_seconds: float = 0.0,
+    max_concurrency: int | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` (an import string; ``factory``: a function that builds it) on host:port with ``workers``
-    processes; requests get ``header_timeout`` and ``body_timeout``, SIGTERM ``drain_seconds`` (see ``_Worker``)."""
+    processes; requests get ``header_timeout`` and ``body_timeout``, SIGTERM ``drain_seconds``, and past
+    ``max_concurrency`` unfinished requests a worker refuses new ones (see ``DeadlineProtocol``)."""
     if options.get("http", "auto") == "auto":
         options["http"] = DeadlineProtocol
     if workers == 1 or not hasattr(socket, "SO_REUSEPORT"):
         config = uvicorn.Config(app, factory=factory, host=host, port=port, workers=1, **options)
-        _settle(config, header_timeout, body_timeout, drain_seconds)
+        _settle(config, header_timeout, body_timeout, drain_seconds, max_concurrency)
         _Worker(config).run()
         return
     # Bound but not listening, it receives no connection; it holds the port for the workers' sockets (which
@@ -237,7 +281,7 @@ def run(
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     port = guard.getsockname()[1]  # port 0: the one the system picked, for every worker
     config = uvicorn.Config(app, factory=factory, host=host, port=port, workers=workers, **options)
-    _settle(config, header_timeout, body_timeout, drain_seconds)
+    _settle(config, header_timeout, body_timeout, drain_seconds, max_concurrency)
     # uvicorn's supervisor builds its workers from the module's Process class; this process is only the
     # supervisor, so swapping the class here changes nothing else.
     multiprocess.Process = _OwnSocketProcess  # type: ignore[misc]
@@ -247,8 +291,15 @@ def run(
         guard.close()
 
 
-def _settle(config: uvicorn.Config, header_timeout: float, body_timeout: float, drain_seconds: float) -> None:
-    """Carry the deadlines to the workers with their config (it is what uvicorn hands each worker process)."""
+def _settle(
+    config: uvicorn.Config,
+    header_timeout: float,
+    body_timeout: float,
+    drain_seconds: float,
+    max_concurrency: int | None,
+) -> None:
+    """Carry the deadlines and the bound to the workers with their config (what uvicorn hands each worker process)."""
+    config.max_concurrency = max_concurrency  # type: ignore[attr-defined]
     config.header_timeout = header_timeout  # type: ignore[attr-defined]
     config.body_timeout = body_timeout  # type: ignore[attr-defined]
     config.drain_seconds = drain_seconds  # type: ignore[attr-defined]
