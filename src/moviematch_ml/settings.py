@@ -202,7 +202,12 @@ class Settings(BaseSettings):
 
     # --- overload and timeouts ----------------------------------------------------------------------------------
     max_concurrency: int = Field(
-        256, ge=1, le=100_000, description="Requests a worker handles at once; past it, 503 with Retry-After."
+        # Small, because a worker runs its started requests one after the other: the last waits for all the others,
+        # and so does a health probe that arrives meanwhile (docs/operations.md, Overload, has the measurements).
+        64,
+        ge=1,
+        le=100_000,
+        description="Requests a worker handles at once; past it, 503 with Retry-After.",
     )
     header_timeout: float = Field(
         10.0, gt=0, le=3600, description="Seconds a client has to send a request's headers; then it is disconnected."

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 PARENT_CHECK_SECONDS: Final[float] = 1.0
 # At shutdown, how long a connection without a request in progress stays open for one that is already on its way.
 SHUTDOWN_GRACE_SECONDS: Final[float] = 0.5
+# How long a connection is not read after a 503 overloaded: its Retry-After.
+REFUSED_HOLD_SECONDS: Final[float] = 1.0
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -60,6 +63,7 @@ class DeadlineProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
         elif DeadlineProtocol.admitted >= self.max_tasks:
             cycle.scope.setdefault("state", {})[OVERLOADED] = True
+            self._refused = True
             super()._start_asgi_task(cycle, app)
         else:
             DeadlineProtocol.admitted += 1
@@ -69,6 +73,8 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._too_slow)
         self._shutting_down = False
+        self._refused = False  # the request in progress was refused (503 overloaded)
+        self._resume: asyncio.TimerHandle | None = None
 
     def on_headers_complete(self) -> None:
         self._cancel_deadline()
@@ -91,6 +97,28 @@ class DeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self._cancel_deadline()
             self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+            if self._refused:
+                self._hold()
+
+    def _hold(self) -> None:
+        """After a 503 overloaded, stop reading this connection for the Retry-After second. A client that honours it
+        loses nothing; one that sends at once waits in the kernel's buffer, not in the worker's event loop, whose
+        every turn would otherwise parse, refuse and log each such client's next request (at 1,000 connections a
+        turn, and so /health/live, took most of a second). The header deadline restarts when reading does."""
+        self._refused = False
+        if self._resume is None and not self.flow.read_paused:
+            self.transport.pause_reading()
+            self._cancel_deadline()
+            # Spread over a second around Retry-After: held connections released together would come back as one
+            # burst, in one turn of the loop.
+            hold = REFUSED_HOLD_SECONDS * (0.5 + random.random())
+            self._resume = self.loop.call_later(hold, self._release)
+
+    def _release(self) -> None:
+        self._resume = None
+        if not self.transport.is_closing() and not self.flow.read_paused:
+            self.transport.resume_reading()
+            self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
 
     def shutdown(self) -> None:
         """The server stops (its listener is closed already): a request in progress is finished, then the connection
@@ -99,6 +127,9 @@ class DeadlineProtocol(HttpToolsProtocol):
         closing with its bytes unread resets the connection under the client, which loses the request. So such a
         connection gets SHUTDOWN_GRACE_SECONDS for a request, which is answered, before it is closed."""
         self._shutting_down = True
+        if self._resume is not None:  # a held connection is read again: a request waiting there is answered
+            self._resume.cancel()
+            self._release()
         if self.cycle is not None and not self.cycle.response_complete:
             super().shutdown()
             return
@@ -112,6 +143,9 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         super().connection_lost(exc)
 
     def _cancel_deadline(self) -> None:
