@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moviematch_ml.api.handlers import input_error_response
 from moviematch_ml.errors import InputError, UnsupportedMediaTypeError
+from moviematch_ml.online.lifecycle import route_path
 from moviematch_ml.online.service import PredictionService
 
 _JSON: Final[bytes] = b"application/json"
@@ -26,15 +27,6 @@ def check_content_type(scope: Scope) -> None:
             if media != "application/json" and not media.endswith("+json"):
                 raise UnsupportedMediaTypeError(f"Content-Type must be application/json (got {content_type!r})")
             return
-
-
-def route_path(scope: Scope) -> str:
-    """The path the router matches: without the root path when served under a prefix (as Starlette does)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
-        return path[len(root) :]
-    return path
 
 
 async def read_body(receive: Receive) -> bytes | None:

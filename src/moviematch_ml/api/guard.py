@@ -9,12 +9,11 @@ from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from moviematch_ml.api.fastpath import route_path
 from moviematch_ml.api.handlers import error_response
 from moviematch_ml.online.access import AccessKey, AccessKeys, RateLimiter
+from moviematch_ml.online.lifecycle import HEALTH_PROBES, route_path
 
 # Routes open to anyone, keys or not: the platform's probes carry no key.
-OPEN_PATHS: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
 # The scope each route needs; any other route (GET /, the docs, the schema...) needs a key of any scope.
 ROUTE_SCOPES: Final[dict[str, str]] = {
     "/predict": "predict",
@@ -61,7 +60,7 @@ class AccessGuard:
         # The path the router and the fast path match: without the root path when served under a prefix, so that
         # /ml/predict needs the predict scope as /predict does.
         path = route_path(scope)
-        if path in OPEN_PATHS:
+        if path in HEALTH_PROBES:
             await self.app(scope, receive, send)
             return
         token = bearer(scope)

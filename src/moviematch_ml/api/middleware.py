@@ -16,12 +16,11 @@ from typing import Final
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moviematch_ml.api.fastpath import route_path
 from moviematch_ml.api.handlers import error_response, input_error_response, internal_error_response
 from moviematch_ml.errors import BodyTooLargeError, InputError
 from moviematch_ml.logs import ACCESS_LOGGER, DirectLog
 from moviematch_ml.online.contract import new_id
-from moviematch_ml.online.lifecycle import OVERLOADED, Lifecycle
+from moviematch_ml.online.lifecycle import HEALTH_PROBES, OVERLOADED, Lifecycle, route_path
 from moviematch_ml.online.telemetry import HttpMetrics
 
 # The access line of every request: without a LogRecord when the service's logging is in place (logs.DirectLog).
@@ -38,8 +37,6 @@ CLIENT_CLOSED: Final[int] = 499
 # deadline (supervisor.DeadlineProtocol): closing it at once would reset the connection under a client still
 # sending, which never sees its 413.
 DRAIN_FACTOR: Final[int] = 4
-# Probes answer even when the worker is saturated: a platform restarting a busy worker makes things worse.
-_NOT_LIMITED: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
 _HEADER_KEY: Final[bytes] = b"x-request-id"
 _SECURITY_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"x-content-type-options", b"nosniff"),
@@ -143,7 +140,8 @@ class RequestContextMiddleware:
             return message
 
         # The route's path: behind a proxy's prefix (root_path) the probes must still skip the limit.
-        limited = route_path(scope) not in _NOT_LIMITED
+        # Probes answer even when the worker is saturated: a platform restarting a busy worker makes things worse.
+        limited = route_path(scope) not in HEALTH_PROBES
         counted = False
         try:
             if limited and (self.in_flight >= self.max_concurrency or state.get(OVERLOADED, False)):

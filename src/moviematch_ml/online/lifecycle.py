@@ -8,14 +8,25 @@ SIGHUP reloads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 log = logging.getLogger(__name__)
 
 # The request-state key the server sets on a request that arrived past MAX_CONCURRENCY unfinished requests
 # (supervisor.DeadlineProtocol); the request middleware answers it 503 without running the app.
 OVERLOADED: Final[str] = "overloaded"
+# The health probes: never refused for overload (server and middleware), never asked for a key (guard).
+HEALTH_PROBES: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path the router matches: without the root path when served under a prefix (as Starlette does)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 class Lifecycle:

@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
-from moviematch_ml.online.lifecycle import OVERLOADED, PROCESS
+from moviematch_ml.online.lifecycle import HEALTH_PROBES, OVERLOADED, PROCESS, route_path
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     admitted: ClassVar[int] = 0  # one server per worker process: its connections share the count
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if self.max_tasks is None or _route(cycle.scope) in _PROBES:
+        if self.max_tasks is None or route_path(cycle.scope) in HEALTH_PROBES:
             super()._start_asgi_task(cycle, app)
         elif DeadlineProtocol.admitted >= self.max_tasks:
             cycle.scope.setdefault("state", {})[OVERLOADED] = True
@@ -160,16 +160,6 @@ class DeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             log.info("request not received in time; connection closed", extra={"client": str(self.client)})
             self.transport.close()
-
-
-_PROBES: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
-
-
-def _route(scope: dict[str, Any]) -> str:
-    """The path without the root path a proxy serves the service under (as the router sees it)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
 def _counted(app: Any) -> Any:
