@@ -75,6 +75,25 @@ SWITCHES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 }
 
 
+def serve(
+    sides: list[tuple[str, str, dict[str, str]]],
+    args: argparse.Namespace,
+    tmp: Path,
+    procs: list[Any],
+    bases: list[str],
+) -> None:
+    """Start one service per (name, python, environment), each with a SQLite store of its own, and wait until all
+    are ready; their processes and base URLs are appended to ``procs`` and ``bases`` (the caller stops them)."""
+    for side, python, side_env in sides:
+        port = free_port()
+        cmd = [python, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        side_env = {**side_env, "DATABASE_URL": f"sqlite:///{tmp / f'{side}.sqlite3'}"}
+        procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{side}.log"))
+        bases.append(f"http://127.0.0.1:{port}")
+    for base in bases:
+        wait_ready(base + "/health/ready", 60)
+
+
 def compare(
     what: str,
     args: argparse.Namespace,
@@ -85,16 +104,12 @@ def compare(
 ) -> int:
     """--metrics, --log, --keys: the six-feature workloads against a service with the feature on, and one with it
     off, in turn."""
-    procs, bases = [], []
+    on, off = SWITCHES[what]
+    sides = [("on", sys.executable, {**env, **on}), ("off", sys.executable, {**env, **off})]
+    procs: list[Any] = []
+    bases: list[str] = []
     try:
-        for side, switch in zip(("on", "off"), SWITCHES[what], strict=True):
-            port = free_port()
-            cmd = [sys.executable, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            side_env = {**env, **switch, "DATABASE_URL": f"sqlite:///{tmp / f'{side}.sqlite3'}"}
-            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{side}.log"))
-            bases.append(f"http://127.0.0.1:{port}")
-        for base in bases:
-            wait_ready(base + "/health/ready", 60)
+        serve(sides, args, tmp, procs, bases)
         for name, path, conns, six, _ in pairs:
             rps, ratios = in_turn([(bases[0] + path, six), (bases[1] + path, six)], conns, args, lua)
             print(
@@ -109,17 +124,12 @@ def compare(
 
 def against(other: Path, args: argparse.Namespace, env: dict[str, str], tmp: Path, lua: Path, pairs: list[Any]) -> int:
     """--against: this checkout's service and ``other``'s, seeded alike, every workload driven at each in turn."""
-    pythons = [sys.executable, str(other.resolve() / ".venv" / "bin" / "python")]
-    procs, bases = [], []
+    sides = [("this", sys.executable, env), ("other", str(other.resolve() / ".venv" / "bin" / "python"), env)]
+    procs: list[Any] = []
+    bases: list[str] = []
     try:
-        for side, python in zip(("this", "other"), pythons, strict=True):
-            port = free_port()
-            cmd = [python, "-m", "moviematch_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            side_env = {**env, "DATABASE_URL": f"sqlite:///{tmp / f'{side}.sqlite3'}"}
-            procs.append(start([*cmd, "--workers", str(args.workers)], side_env, tmp / f"service-{side}.log"))
-            bases.append(f"http://127.0.0.1:{port}")
+        serve(sides, args, tmp, procs, bases)
         for base in bases:
-            wait_ready(base + "/health/ready", 60)
             seed(base, random.Random(7))
         for name, path, conns, six, personal in pairs:
             for label, bodies in (("", six), ("personalised ", personal)):
