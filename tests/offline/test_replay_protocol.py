@@ -17,7 +17,7 @@ from moviematch_ml.offline.boosting import TrainConfig
 from moviematch_ml.offline.data import Dataset
 from moviematch_ml.offline.live import ServedModels, feedback_body, request_body
 from moviematch_ml.offline.point_in_time import compute_features
-from moviematch_ml.offline.replay import REPLAY_MODELS, history_cut, replay, replay_served
+from moviematch_ml.offline.replay import BUCKET_LABELS, REPLAY_MODELS, bucket_gaps, history_cut, replay, replay_served
 from moviematch_ml.online.harness import ServiceHarness
 from moviematch_ml.runtime.cards import RatingScale
 from moviematch_ml.runtime.factors import MFConfig
@@ -112,6 +112,37 @@ def test_replay_reports_every_model_with_its_learning_curve(tmp_path: Path) -> N
     models = out["models"]
     assert models["online_bias"]["rmse_cold_users"] < models["bias"]["rmse_cold_users"]
     assert out["personalized_answered"] > 0
+    gaps = out["personalized_vs_best_online"]
+    assert list(gaps) == list(BUCKET_LABELS[1:])
+    for label, gap in gaps.items():
+        if out["bucket_test_ratings"][label] == 0:
+            assert gap is None
+            continue
+        best = gap["best_peer"]
+        curve = {name: models[name]["learning_curve_rmse"][label] for name in ("personalized", best)}
+        assert gap["difference"] == pytest.approx(curve["personalized"] - curve[best], abs=2e-4)
+        assert gap["ci95"][0] <= gap["difference"] <= gap["ci95"][1]
+
+
+def test_bucket_gaps_compare_with_the_best_peer_and_resample_users() -> None:
+    # Bucket 1 (one earlier rating): three users, one rating each. The model misses user 0 by 1; peer a is exact,
+    # peer b misses everyone by 1. Best peer a; difference sqrt(1/3) - 0. Resampling three users: no user 0 drawn
+    # (probability 8/27) gives 0, user 0 drawn three times (1/27 > 2.5 %) gives 1, so the interval is [0, 1].
+    # Bucket 3-5: one user with two ratings, the model misses both by 2 and peer b by 1: +1, the only resample.
+    truth = np.zeros(5)
+    preds = {
+        "m": np.array([1.0, 0.0, 0.0, 2.0, 2.0]),
+        "a": np.zeros(5),
+        "b": np.array([1.0, 1.0, 1.0, 1.0, 1.0]),
+    }
+    preds["a"][3:] = 3.0
+    users = np.array(["u0", "u1", "u2", "u3", "u3"])
+    bucket = np.array([1, 1, 1, 3, 3])
+    gaps = bucket_gaps(truth, preds, users, bucket, model="m", peers=("a", "b"))
+    assert gaps["1"] == {"best_peer": "a", "difference": round(3**-0.5, 4), "ci95": [0.0, 1.0], "users": 3}
+    assert gaps["2"] is None
+    assert gaps["3-5"] == {"best_peer": "b", "difference": 1.0, "ci95": [1.0, 1.0], "users": 1}
+    assert "0" not in gaps
 
 
 def test_refit_days_refits_the_services_models_once_a_day(tmp_path: Path) -> None:

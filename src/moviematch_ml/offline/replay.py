@@ -10,6 +10,7 @@ rating's timestamp reaches its prediction: not its own rating, not another ratin
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ BUCKETS: Final[tuple[tuple[int, str], ...]] = (
     (51, "51+"),
 )
 BUCKET_LABELS: Final[tuple[str, ...]] = tuple(label for _, label in BUCKETS)
+# The peers the issue's per-bucket target names: the online baselines (six_features is the service's own model).
+ONLINE_BASELINES: Final[tuple[str, ...]] = ("online_bias", "online_mf")
+# Resamples of the users behind each bucket's difference interval (a few milliseconds per bucket).
+GAP_RESAMPLES: Final[int] = 2000
 # Every model of the replay, in output order: frozen at the history, online baselines, the service's models.
 REPLAY_MODELS: Final[tuple[str, ...]] = (
     "global_mean",
@@ -113,6 +118,54 @@ def model_metrics(
         "rmse_warm_users": _round(rmse(truth[~cold], pred[~cold])) if (~cold).any() else None,
         "learning_curve_rmse": curve,
     }
+
+
+def bucket_gaps(
+    truth: FloatArray,
+    preds: dict[str, FloatArray],
+    users: npt.ArrayLike,
+    bucket: IntArray,
+    *,
+    model: str = "personalized",
+    peers: Sequence[str] = ONLINE_BASELINES,
+    resamples: int = GAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, dict[str, Any] | None]:
+    """For each learning-curve bucket from 1 earlier rating up: ``model``'s RMSE minus the best peer's (the peer
+    with the lowest RMSE in that bucket), with a 95 % interval from resampling the bucket's users with
+    replacement. A user's ratings move together (one user's errors are not independent), so resampling ratings
+    would make the interval too narrow; buckets 1 and 2 hold one rating per user, where both are the same.
+    None for an empty bucket."""
+    rng = np.random.default_rng(seed)
+    who = np.asarray(users)
+    out: dict[str, dict[str, Any] | None] = {}
+    for b, label in enumerate(BUCKET_LABELS):
+        if b == 0:  # no earlier rating: nobody to personalise
+            continue
+        sel = np.flatnonzero(bucket == b)
+        if not len(sel):
+            out[label] = None
+            continue
+        inverse = np.unique(who[sel], return_inverse=True)[1].reshape(-1)
+        n = np.bincount(inverse).astype(np.float64)
+        sse = {
+            name: np.bincount(inverse, weights=(preds[name][sel] - truth[sel]) ** 2).astype(np.float64)
+            for name in (model, *peers)
+        }
+        best = min(peers, key=lambda name: float(sse[name].sum()))
+        k = len(n)
+        w = rng.multinomial(k, np.full(k, 1.0 / k), size=resamples).astype(np.float64)
+        count = w @ n
+        diff = np.sqrt((w @ sse[model]) / count) - np.sqrt((w @ sse[best]) / count)
+        point = math.sqrt(sse[model].sum() / n.sum()) - math.sqrt(sse[best].sum() / n.sum())
+        low, high = np.percentile(diff, [2.5, 97.5])
+        out[label] = {
+            "best_peer": best,
+            "difference": _round(point),
+            "ci95": [_round(float(low)), _round(float(high))],
+            "users": k,
+        }
+    return out
 
 
 def _round(x: float) -> float:
@@ -261,6 +314,9 @@ def replay(
     for name in [m for m in REPLAY_MODELS if m in preds and m in models]:
         pred = check_predictions(name, preds[name], n_test, allow_missing=False)
         results[name] = model_metrics(truth, pred, users, cold, bucket)
+    gaps: dict[str, Any] = {}
+    if "personalized" in results and all(name in results for name in ONLINE_BASELINES):
+        gaps["personalized_vs_best_online"] = bucket_gaps(truth, preds, users, bucket)
     summary: dict[str, Any] = {
         "protocol": "replay",
         "dataset": dataset.name,
@@ -274,6 +330,7 @@ def replay(
         "bucket_test_ratings": {label: int((bucket == b).sum()) for b, label in enumerate(BUCKET_LABELS)},
         "models": results,
         **summary_served,
+        **gaps,
         "per_rating": per_rating,
     }
     seconds["total"] = time.perf_counter() - started

@@ -264,6 +264,17 @@ def replay_table(summary: dict[str, Any]) -> list[str]:
     for name, m in models.items():
         curve = m["learning_curve_rmse"]
         lines.append(f"| {name} | " + " | ".join(_fmt(curve[b]) for b in buckets) + " |")
+    gaps: dict[str, dict[str, Any] | None] | None = summary.get("personalized_vs_best_online")
+    if gaps:
+        lines += [
+            "",
+            "| earlier ratings | best online baseline | personalized minus it | 95 % interval (users resampled) |",
+            "|---|---|---|---|",
+        ]
+        for label, gap in gaps.items():
+            if gap is not None:
+                low, high = gap["ci95"]
+                lines.append(f"| {label} | {gap['best_peer']} | {gap['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] |")
     return lines
 
 
