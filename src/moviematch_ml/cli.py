@@ -61,6 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="replay: refit the service's models every N days on all earlier ratings (default: fitted once)",
     )
+    evaluate.add_argument(
+        "--validation",
+        action="store_true",
+        help="replay: replay the last 20%% of the history instead of what follows it (that part is never read): "
+        "for choosing settings",
+    )
     evaluate.add_argument("--report", type=Path, help="replay: write the table and learning-curve plot into DIR")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _add_quiet(evaluate)
@@ -522,8 +528,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from moviematch_ml.offline.evaluation import evaluate
 
-    if args.protocol != "replay" and (args.refit_days is not None or args.report is not None):
-        print("moviematch-ml evaluate: --refit-days and --report belong to --protocol replay", file=sys.stderr)
+    if args.protocol != "replay" and (args.refit_days is not None or args.report is not None or args.validation):
+        print(
+            "moviematch-ml evaluate: --refit-days, --validation and --report belong to --protocol replay",
+            file=sys.stderr,
+        )
         return 2
     progress = _progress(args)
     progress.expect(1)  # loading data; evaluate announces the features and every fold's models
@@ -532,7 +541,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from moviematch_ml.offline.replay import replay
         from moviematch_ml.online.harness import ServiceHarness
 
-        summary = replay(dataset, refit_days=args.refit_days, service=ServiceHarness, progress=progress)
+        summary = replay(
+            dataset, refit_days=args.refit_days, service=ServiceHarness, validation=args.validation, progress=progress
+        )
     else:
         summary = evaluate(
             dataset, args.protocol, folds=args.folds, seed=args.seed, features=args.features, progress=progress

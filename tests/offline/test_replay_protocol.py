@@ -4,6 +4,7 @@ calls, and the whole protocol reports every model with its learning curve."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,22 @@ def test_bucket_gaps_compare_with_the_best_peer_and_resample_users() -> None:
     assert "0" not in gaps
 
 
+def test_validation_replays_within_the_history_and_never_reads_past_it() -> None:
+    dataset = _dataset()
+    cut = history_cut(dataset.ratings["timestamp"].to_numpy())
+    models = ["global_mean", "online_bias"]
+    out = replay(dataset, models=models, validation=True)
+    assert out["validation"] is True
+    assert out["n_history"] + out["n_test"] == cut
+    assert out["n_history"] == history_cut(dataset.ratings["timestamp"].to_numpy()[:cut])
+    # Every rating after the history changed: the validation replay does not move.
+    later = dataset.ratings.copy()
+    later.loc[cut:, "rating"] = dataset.scale.max
+    again = replay(dataclasses.replace(dataset, ratings=later), models=models, validation=True)
+    assert again["models"] == out["models"]
+    assert replay(dataset, models=models)["models"] != out["models"]
+
+
 def test_refit_days_refits_the_services_models_once_a_day(tmp_path: Path) -> None:
     dataset = _dataset()
     out = replay(
@@ -161,5 +178,8 @@ def test_refit_days_refits_the_services_models_once_a_day(tmp_path: Path) -> Non
 def test_replay_options_are_refused_with_another_protocol(capsys: pytest.CaptureFixture[str]) -> None:
     from moviematch_ml import cli
 
+    refused = "--refit-days, --validation and --report belong to --protocol replay"
     assert cli.main(["evaluate", "--protocol", "temporal", "--refit-days", "7"]) == 2
-    assert "--refit-days and --report belong to --protocol replay" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err
+    assert cli.main(["evaluate", "--protocol", "kfold", "--validation"]) == 2
+    assert refused in capsys.readouterr().err

@@ -10,6 +10,7 @@ rating's timestamp reaches its prediction: not its own rating, not another ratin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import tempfile
 import time
@@ -222,6 +223,7 @@ def replay(
     models: Sequence[str] = REPLAY_MODELS,
     service: ServiceFactory | None = None,
     directory: Path | None = None,
+    validation: bool = False,
     progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Run the replay protocol; returns the JSON-ready summary.
@@ -232,7 +234,9 @@ def replay(
     and ``bias`` stay as fitted on the history. ``service``: makes the service that runs ``six_features`` and
     ``personalized`` (``online.harness.ServiceHarness``; the CLI passes it: offline does not import the online
     layer). ``directory``: where the service's models are written (default: a temporary directory, removed
-    afterwards).
+    afterwards). ``validation``: replay within the history only (its first 80 % as the history, the rest
+    replayed; no rating after the history is read): where settings are chosen, never on the replayed part of the
+    whole data.
     """
     unknown = set(models) - set(REPLAY_MODELS)
     if unknown:
@@ -241,6 +245,10 @@ def replay(
         raise EvaluationError(f"--refit-days must be a positive number of days, got {refit_days}")
     cfg = config or TrainConfig()
     started = time.perf_counter()
+    if validation:
+        end = history_cut(dataset.ratings["timestamp"].to_numpy(dtype=np.float64))
+        logged = None if dataset.logged is None else dataset.logged.iloc[:end]
+        dataset = dataclasses.replace(dataset, ratings=dataset.ratings.iloc[:end].reset_index(drop=True), logged=logged)
     ratings = dataset.ratings.loc[:, list(RATING_COLUMNS)].reset_index(drop=True)
     ts = ratings["timestamp"].to_numpy(dtype=np.float64)
     cut = history_cut(ts)
@@ -319,6 +327,7 @@ def replay(
         gaps["personalized_vs_best_online"] = bucket_gaps(truth, preds, users, bucket)
     summary: dict[str, Any] = {
         "protocol": "replay",
+        "validation": validation,
         "dataset": dataset.name,
         "n_ratings": len(ratings),
         "n_history": cut,

@@ -281,7 +281,8 @@ def replay_table(summary: dict[str, Any]) -> list[str]:
 def replay_text(summary: dict[str, Any]) -> str:
     """What ``evaluate --protocol replay`` prints without ``--json``."""
     head = (
-        f"replay: history {summary['n_history']:,} ratings, then {summary['n_test']:,} predicted one timestamp at a "
+        f"replay{' (validation: within the history)' if summary.get('validation') else ''}: "
+        f"history {summary['n_history']:,} ratings, then {summary['n_test']:,} predicted one timestamp at a "
         f"time ({summary['cold_user_test_ratings']:,} by cold users); {summary['seconds']['total']:.1f} s"
     )
     costs = "; ".join(
