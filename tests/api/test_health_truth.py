@@ -7,14 +7,11 @@ from __future__ import annotations
 import re
 import shutil
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from faults import TcpProxy, sqlite_read_only_url, with_port
 from moviematch_ml.api.app import create_app
@@ -23,7 +20,6 @@ from moviematch_ml.online.store import FeedbackStore
 from moviematch_ml.runtime.cards import PERSONALIZED_DIR
 from moviematch_ml.settings import Settings, load_settings
 
-PG_ADMIN_URL: Final[str] = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 RATING: Final[dict[str, Any]] = {"user_id": 7, "movie_id": 1, "rating": 8, "feedback_id": "truth-1"}
 BATCH: Final[dict[str, Any]] = {"user_id": 8, "movies": [{"movie_id": 1, **EXAMPLE}, {"movie_id": 2, **EXAMPLE}]}
 STORE_UNAVAILABLE: Final[dict[str, str]] = {
@@ -95,21 +91,6 @@ def test_a_store_whose_directory_is_missing_is_unavailable_from_the_start(
 
 
 # --- PostgreSQL down --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
-    """A fresh schema on the machine's PostgreSQL (dropped afterwards), as a DATABASE_URL."""
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_engine(PG_ADMIN_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def _pg_settings(model_path: Path, url: str) -> Settings:
