@@ -100,9 +100,9 @@ class PersonalizedConfig(BaseModel):
     feature_fraction: float = Field(default=0.8, gt=0, le=1)
     lambda_l2: float = Field(default=1.0, ge=0)
     new_user_fraction: float = Field(
-        default=0.2, ge=0, lt=1, description="Share of users made to look new in each inner fold (see the docs)."
+        default=0.3, ge=0, lt=1, description="Share of users made to look new in each inner fold (see the docs)."
     )
-    new_user_max_ratings: int = Field(default=20, ge=1, description="Most ratings a simulated new user keeps.")
+    new_user_max_ratings: int = Field(default=30, ge=1, description="Most ratings a simulated new user keeps.")
     min_user_ratings: int = Field(
         default=1, ge=1, description="Ratings a user needs before the model answers for them (see the docs)."
     )
