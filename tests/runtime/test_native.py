@@ -1015,12 +1015,11 @@ def test_matrix_survives_a_getter_that_mutates_the_list() -> None:
 def _positions(
     keys: list[Any], index: dict[Any, int], default: int, dense: Any = None, *, complete: bool = False
 ) -> tuple[list[int], int]:
-    """The C kernel's answer, which must be its twin's (the twin reads only ``index``: ``dense`` and ``complete``
-    hold what it holds)."""
+    """The C kernel's answer, which must be its twin's, given the same arguments."""
     out = np.full(len(keys), 12345, dtype=np.int64)
     not_int = native.codec.positions(keys, index, default, out, dense, complete)
     twin = np.full(len(keys), 12345, dtype=np.int64)
-    assert native.positions_py(keys, index, default, twin) == not_int
+    assert native.positions_py(keys, index, default, twin, dense, complete) == not_int
     assert twin.tolist() == out.tolist()
     return out.tolist(), not_int
 
@@ -1055,6 +1054,18 @@ def test_positions_with_a_complete_dense_array_answers_ids_past_its_end_with_the
     assert _positions(keys, index, 7, dense, complete=True) == expected
     assert _positions(keys, index, 7, dense) == expected
     assert _positions(keys, index, 7) == expected
+
+
+@needs_codec
+def test_positions_with_a_dense_array_of_text_keys_finds_ints_by_their_text() -> None:
+    # A table keyed by text (personalized._dense_text_rows): "7" and "42" are an int's text, "007" and "tt1" are not;
+    # the array finds 7 and 42 by position, the text ids are looked up as they are.
+    index: dict[Any, int] = {"7": 0, "42": 1, "007": 2, "tt1": 3}
+    dense = np.full(43, -1, dtype=np.int32)
+    dense[7], dense[42] = 0, 1
+    keys: list[Any] = [42, 7, "7", "007", "tt1", 8, 43, 10**30, None]
+    expected = ([1, 0, 0, 2, 3, -1, -1, -1, -1], 4)  # "7", "007", "tt1" and None are not ints
+    assert _positions(keys, index, -1, dense, complete=True) == expected
 
 
 def test_positions_of_other_sequences_go_to_the_twin() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moviematch_ml.errors import ModelChecksumError, ModelFormatError
+from moviematch_ml.runtime import native
 from moviematch_ml.runtime.cards import CARD_NAME
 from moviematch_ml.runtime.factors import fold_in
 from moviematch_ml.runtime.inputs import MODEL_FEATURES, RECENT_RATINGS
@@ -479,3 +480,24 @@ def test_load_refuses_a_six_feature_card(tmp_path: Path, synthetic_model: Person
     (tmp_path / CARD_NAME).write_text(json.dumps(card))
     with pytest.raises(ModelFormatError):
         PersonalizedModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_table_without_movie_state_finds_ids_as_key_spells_them(
+    synthetic_model: PersonalizedModel, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without movie state every movie's row comes from the store, keyed by its text: a request's 42 is the store's
+    # "42" (not "042"), a text id is looked up as it is. The batch lookup (by position for ints, C kernel or its
+    # twin) answers what ``position``, one id at a time through ``key``, answers.
+    if not compiled:
+        monkeypatch.setattr(native, "positions", native.positions_py)
+    movieless = synthetic_model.without_movie_state()
+    one = (1.0, 8.0, 64.0)
+    table = movieless.movie_table({"42": one, "042": one, "7": one, "tt1": one, "100": one})
+    ids: list[int | str | None] = [42, "42", "042", 7, "7", "tt1", 100, 8, "8", 43, 10**30, None, "x"]
+    expected = [table.position(m) for m in ids]
+    assert table.positions(ids).tolist() == expected
+    assert len(set(expected[:7])) == 5  # 42, "042", 7, "tt1", 100 have rows of their own
+    assert expected[7:] == [len(table.table) - 1] * 6  # nobody rated the others
+    empty = movieless.movie_table()
+    assert empty.positions([1, "1", None]).tolist() == [0, 0, 0]

@@ -113,10 +113,26 @@ def positions_py(
     dense: npt.NDArray[np.int32] | None = None,
     complete: bool = False,
 ) -> int:
-    """``positions``: ``out[k] = index.get(keys[k], default)``; returns how many keys are not ints. (``dense`` and
-    ``complete`` only make the C kernel faster: they hold what ``index`` holds.)"""
+    """``positions``: ``out[k] = index.get(keys[k], default)``, except for a non-negative int key within ``dense``,
+    whose row is ``dense[key]`` (-1: none), and, with ``complete``, one past its end (none); returns how many keys
+    are not ints. (``dense`` usually holds what ``index`` holds, to be faster; a table keyed by text gives it the
+    rows of the keys that are an int's text, ``personalized._dense_text_rows``.)"""
     n = len(keys)
-    out[:] = np.fromiter(map(index.get, keys, repeat(default, n)), dtype=np.int64, count=n)
+    if dense is None:
+        out[:] = np.fromiter(map(index.get, keys, repeat(default, n)), dtype=np.int64, count=n)
+    else:
+        size = len(dense)
+
+        def one(key: Any) -> int:
+            if type(key) is int and key >= 0:
+                if key < size:
+                    row = int(dense[key])
+                    return row if row >= 0 else default
+                if complete:
+                    return default
+            return index.get(key, default)
+
+        out[:] = np.fromiter(map(one, keys), dtype=np.int64, count=n)
     return sum(type(k) is not int for k in keys)
 
 

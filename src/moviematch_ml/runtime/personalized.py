@@ -316,8 +316,12 @@ class MovieTable:
         default = len(self.table) - 1
         if self.dense is not None and type(movie_ids) is list:
             out: IntArray = np.empty(len(movie_ids), dtype=np.int64)
-            if native.positions(movie_ids, self.rows, default, out, self.dense, True) == 0:
-                return out  # every id an int, as the model spells its ids: no other spelling to try
+            strays = native.positions(movie_ids, self.rows, default, out, self.dense, True)
+            # Every id an int, as the model spells its ids: no other spelling to try. With text keys (a model without
+            # movie state keys the store's movies by their text), ``dense`` holds the keys that are an int's text and
+            # a text id is looked up as it is: what ``key`` does, whatever the ids.
+            if strays == 0 or not self.int_ids:
+                return out
         kinds = set(map(type, movie_ids))
         keys: list[Id] = (
             list(movie_ids)  # type: ignore[arg-type]  # None is not among the types
@@ -325,6 +329,20 @@ class MovieTable:
             else [self.key(m) for m in movie_ids]
         )
         return lookup(self.rows, keys, default)
+
+
+def _dense_text_rows(rows: dict[Id, int]) -> npt.NDArray[np.int32] | None:
+    """``_dense_rows`` of text keys: the rows of the keys that are a non-negative int's text ("42", not "042"), by
+    that int, so that a request's 42 finds "42" by position, as ``MovieTable.key`` spells it (str(42)). An empty
+    array (nothing found by position) when there is none."""
+    ints: dict[Id, int] = {
+        int(k): row
+        for k, row in rows.items()
+        if isinstance(k, str) and k.isascii() and k.isdigit() and k == str(int(k))
+    }
+    if not ints:
+        return np.full(0, -1, dtype=np.int32)
+    return _dense_rows(ints)
 
 
 def _dense_rows(rows: dict[Id, int]) -> npt.NDArray[np.int32] | None:
@@ -508,7 +526,7 @@ class PersonalizedModel:
         if unknown:
             rows = dict(rows)  # the model's own index stays as it is: the rated unknown movies go on a copy
             rows.update({key: n + k for k, key in enumerate(unknown)})
-        return MovieTable(rows, table, n, self.int_ids, _dense_rows(rows) if self.int_ids else None)
+        return MovieTable(rows, table, n, self.int_ids, _dense_rows(rows) if self.int_ids else _dense_text_rows(rows))
 
     # --- predictions --------------------------------------------------------------------------------------------
 
