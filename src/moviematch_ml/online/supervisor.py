@@ -239,7 +239,9 @@ async def _resume(coroutine: Coroutine[Any, Any, None], waited: Any) -> None:
         if waited is None:
             await asyncio.sleep(0)  # a bare yield: give the loop a turn
         else:
-            # The coroutine reads the outcome itself (result, exception, cancellation) when stepped again.
+            # What a task does with a future its coroutine yields: taken over (else awaiting it again is an error)
+            # and waited for. The coroutine reads the outcome itself (result, exception, cancellation) when stepped.
+            waited._asyncio_future_blocking = False
             with suppress(BaseException):
                 await waited
         try:
