@@ -1,14 +1,17 @@
 """Overload: hold the service at 1,000 connections on loopback and print what its clients and its probe see.
 
     python bench/overload.py [--duration 60] [--connections 1000] [--workers 1] [--user-share 0.1]
-                             [--url http://127.0.0.1:PORT] [--set KEY=VALUE ...] [--json results.json]
+                             [--client-nice 0] [--url http://127.0.0.1:PORT] [--set KEY=VALUE ...] [--json results.json]
 
 Starts ``moviematch-ml serve`` on a free port of 127.0.0.1 (as ``bench/run.py`` starts it, with the bundled models
 and a SQLite store of its own) unless ``--url`` names a service already running. Every connection sends /predict
 requests one after the other on a kept-alive connection (a new one when the server closes it), each body new (the
 answer cache cannot help), a ``--user-share`` of them with one of 2,000 user ids (those read the store on a miss).
 The client is asyncio on raw sockets, in one process; a second process probes ``GET /health/live`` every 100 ms on
-a new connection each time, as a platform's liveness probe does, for the whole run.
+a new connection each time, as a platform's liveness probe does, for the whole run. ``--client-nice N`` runs the
+load generator (not the probe, not the service) at that niceness: its clients stand for other machines, but here it
+shares the service's two cores, and at the same priority it takes the CPU from the worker it measures (the worker's
+loop then stops for the scheduler's 20-30 ms slices, whatever the worker does).
 
 Prints: the requests answered, the share of 503s (``overloaded``: past MAX_CONCURRENCY), requests left without an
 answer (reset or closed), p50/p99 of the answers other than 503, and /health/live's p50/p99/max and failures.
@@ -168,6 +171,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=1000, help="client connections held open (default 1000)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes (default 1, as deployed)")
     ap.add_argument("--user-share", type=float, default=0.1, help="share of requests with a user id (default 0.1)")
+    ap.add_argument("--client-nice", type=int, default=0, help="niceness of the load generator (default 0)")
     ap.add_argument("--url", help="a running service to load instead of starting one")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the service")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
@@ -189,6 +193,8 @@ def main() -> int:
         receiver, sender = multiprocessing.get_context("fork").Pipe(duplex=False)
         prober = multiprocessing.get_context("fork").Process(target=probe, args=(host, port, args.duration, sender))
         prober.start()
+        if args.client_nice:
+            os.nice(args.client_nice)  # this process only: the service and the probe were started before
         started = time.monotonic()
         tally = asyncio.run(load(host, port, args.connections, args.duration, args.user_share))
         elapsed = time.monotonic() - started
@@ -203,6 +209,7 @@ def main() -> int:
     share_503 = tally.statuses[503] / answered if answered else float("nan")
     figures = {
         "connections": args.connections,
+        "client_nice": args.client_nice,
         "seconds": round(elapsed, 1),
         "requests": answered,
         "requests_per_s": round(answered / elapsed, 1),

@@ -109,6 +109,65 @@ def test_a_burst_past_max_concurrency_is_refused_at_once_not_queued(small_server
     assert call(port, "POST", "/predict", EXAMPLE).status == 200  # and it takes requests again
 
 
+def _responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` responses read from ``sock`` (pipelined: one read may hold several)."""
+    data = b""
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    while len(answers) < count:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+            length = int(headers.get("content-length", "0"))
+            if len(rest) >= length:
+                answers.append((int(status_line.split()[1]), headers, rest[:length]))
+                data = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed by the server after {len(answers)} answers"
+        data += chunk
+    return answers
+
+
+def test_a_live_probe_at_capacity_gets_the_apps_whole_answer(small_server: Server) -> None:
+    """/health/live is run through the app in the server's callback that parses it, without a task (supervisor):
+    at MAX_CONCURRENCY, with predictions refused, it still gets the app's whole answer (body, JSON, the client's
+    request id, the security headers), also pipelined behind another probe and before a prediction on one kept-alive
+    connection, each answer in order, and the connection then serves a prediction once the worker has room."""
+    port = small_server.port
+    body = orjson.dumps(EXAMPLE)
+    with contextlib.ExitStack() as stack:
+        slow = [stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=10)) for _ in range(4)]
+        for sock in slow:  # MAX_CONCURRENCY requests in the app, each waiting for the rest of its body
+            sock.sendall(request_head("POST", "/predict", len(body)) + body[:10])
+        wait_until(lambda: call(port, "POST", "/predict", EXAMPLE).status == 503, 10, "the worker at MAX_CONCURRENCY")
+        probe = stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=10))
+        probe.sendall(
+            request_head("GET", "/health/live", 0, "X-Request-ID: probe-1\r\n")
+            + request_head("GET", "/health/live", 0, "X-Request-ID: probe-2\r\n")
+            + request_head("POST", "/predict", len(body))
+            + body
+        )
+        first, second, refused = _responses(probe, 3)
+        for (status, headers, payload), request_id in ((first, "probe-1"), (second, "probe-2")):
+            assert (status, orjson.loads(payload)) == (200, {"status": "alive"})
+            assert headers["content-type"] == "application/json"
+            assert headers["x-request-id"] == request_id
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["x-frame-options"] == "DENY"
+            assert headers["cache-control"] == "no-store"
+            assert "connection" not in headers  # kept alive
+        assert (refused[0], orjson.loads(refused[2])["error"]) == (503, "overloaded")
+        for sock in slow:
+            sock.sendall(body[10:])
+        for sock in slow:
+            assert read_response(sock)[0] == 200
+        # Refused, this connection is not read for its Retry-After; then it serves a prediction and a probe again.
+        probe.sendall(request_head("POST", "/predict", len(body)) + body + request_head("GET", "/health/live", 0))
+        (status, _, payload), (live, _, _) = _responses(probe, 2)
+        assert (status, orjson.loads(payload)["source"], live) == (200, "model", 200)
+
+
 @pytest.mark.parametrize("size", [10_000, 5_000_000], ids=["within-the-drain-bound", "1000-times-the-limit"])
 def test_an_oversized_body_sent_whole_gets_its_413(small_server: Server, size: int) -> None:
     """Defect 5, the oversized body: sent whole, without ``Expect: 100-continue``, a body over MAX_BODY_BYTES got a

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # (supervisor.DeadlineProtocol); the request middleware answers it 503 without running the app.
 OVERLOADED: Final[str] = "overloaded"
 # The health probes: never refused for overload (server and middleware), never asked for a key (guard).
-HEALTH_PROBES: Final[frozenset[str]] = frozenset({"/health", "/health/live", "/health/ready"})
+LIVE_PROBE: Final[str] = "/health/live"
+HEALTH_PROBES: Final[frozenset[str]] = frozenset({"/health", LIVE_PROBE, "/health/ready"})
 
 
 def route_path(scope: Mapping[str, Any]) -> str:

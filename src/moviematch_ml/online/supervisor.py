@@ -11,6 +11,7 @@ restarts, graceful SIGTERM) is uvicorn's own supervisor, unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import random
@@ -18,7 +19,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Generator
+from collections import deque
+from collections.abc import Coroutine, Generator
 from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any, ClassVar, Final
@@ -28,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from moviematch_ml.errors import ConfigError
-from moviematch_ml.online.lifecycle import HEALTH_PROBES, OVERLOADED, PROCESS, route_path
+from moviematch_ml.online.lifecycle import HEALTH_PROBES, LIVE_PROBE, OVERLOADED, PROCESS, route_path
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ PARENT_CHECK_SECONDS: Final[float] = 1.0
 SHUTDOWN_GRACE_SECONDS: Final[float] = 0.5
 # How long a connection is not read after a 503 overloaded: its Retry-After.
 REFUSED_HOLD_SECONDS: Final[float] = 1.0
+# How many admitted requests, and how many refusals (503 overloaded), a worker starts in one turn of its event loop;
+# the others wait for the next turns, in order. A burst of requests started in one turn runs to its end in the next
+# one (each request runs in one go), and every connection waits for that whole turn: /health/live, whose accept, read
+# and answer take a turn each, waited for 3 turns of 64 requests' work, and one turn refused the whole first burst
+# of 1,000 connections. The work is the same in more, shorter turns: at 8 a turn, throughput was no lower
+# (docs/operations.md, Overload); a refusal costs about a quarter of an answer, and still goes out well within a
+# second.
+ADMIT_PER_TURN: Final[int] = 8
+REFUSE_PER_TURN: Final[int] = 32
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -59,15 +70,33 @@ class DeadlineProtocol(HttpToolsProtocol):
     admitted: ClassVar[int] = 0  # one server per worker process: its connections share the count
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if self.max_tasks is None or route_path(cycle.scope) in HEALTH_PROBES:
+        path = route_path(cycle.scope)
+        if path == LIVE_PROBE and cycle.scope["method"] in ("GET", "HEAD"):
+            self._run_now(cycle, app)
+        elif self.max_tasks is None or path in HEALTH_PROBES:
             super()._start_asgi_task(cycle, app)
         elif DeadlineProtocol.admitted >= self.max_tasks:
             cycle.scope.setdefault("state", {})[OVERLOADED] = True
             self._refused = True
-            super()._start_asgi_task(cycle, app)
+            _REFUSALS.start(self, cycle, app)
         else:
             DeadlineProtocol.admitted += 1
-            super()._start_asgi_task(cycle, _counted(app))
+            _ADMISSIONS.start(self, cycle, _counted(app))
+
+    def _run_now(self, cycle: Any, app: Any) -> None:
+        """Run the request through the whole app (middleware, guard, route: the same answer, log line and metrics)
+        here, in the loop's callback that parsed it, instead of in a task that would wait for every task scheduled
+        before it: /health/live is answered in the turn that reads it, which is still a turn of this loop (a loop
+        that does not turn answers nothing). If the app waits on something, the rest runs as a task."""
+        context = contextvars.copy_context()  # as a task would: the app's context variables stay its own
+        coroutine = cycle.run_asgi(app)
+        try:
+            waited = context.run(coroutine.send, None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(_resume(coroutine, waited), context=context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -81,7 +110,9 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False  # answered, then closed
-        self._deadline = self.loop.call_later(self.body_timeout, self._too_slow)
+        if self.cycle is None or not self.cycle.response_complete:
+            # (Answered already, as /health/live is: the deadline running is the next request's headers'.)
+            self._deadline = self.loop.call_later(self.body_timeout, self._too_slow)
 
     def on_message_complete(self) -> None:
         # The body is in: the app answers in its own time. Unless it has already answered (a 413, 415 or 503 sent
@@ -160,6 +191,63 @@ class DeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             log.info("request not received in time; connection closed", extra={"client": str(self.client)})
             self.transport.close()
+
+
+class _Turns:
+    """Requests started at most ``budget`` a turn of the event loop, in the order they came; the others wait for the
+    next turns. (One worker, one loop: an instance serves the process's connections.)"""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.started = 0  # in this turn
+        self.waiting: deque[tuple[DeadlineProtocol, Any, Any]] = deque()
+        self.scheduled = False
+
+    def start(self, protocol: DeadlineProtocol, cycle: Any, app: Any) -> None:
+        if self.started < self.budget and not self.waiting:
+            self.started += 1
+            HttpToolsProtocol._start_asgi_task(protocol, cycle, app)
+        else:
+            self.waiting.append((protocol, cycle, app))
+        if not self.scheduled:
+            self.scheduled = True
+            protocol.loop.call_soon(self.next_turn, protocol.loop)
+
+    def next_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A new turn (a callback scheduled now runs in the next one): the next requests that wait are started."""
+        self.started = 0
+        self.scheduled = False
+        while self.waiting and self.started < self.budget:
+            protocol, cycle, app = self.waiting.popleft()
+            self.started += 1
+            # Started even if the client has left meanwhile: the app sees the disconnect (a 499) and an admitted
+            # request's count goes down when it ends, as for any request.
+            HttpToolsProtocol._start_asgi_task(protocol, cycle, app)
+        if self.started:
+            self.scheduled = True
+            loop.call_soon(self.next_turn, loop)
+
+
+_ADMISSIONS = _Turns(ADMIT_PER_TURN)
+_REFUSALS = _Turns(REFUSE_PER_TURN)
+
+
+async def _resume(coroutine: Coroutine[Any, Any, None], waited: Any) -> None:
+    """Go on with ``coroutine``, stepped by hand until it ``waited`` on something (``DeadlineProtocol._run_now``),
+    as its own task would: wait for what it waits on (cancelled with this task), then step it again."""
+    while True:
+        if waited is None:
+            await asyncio.sleep(0)  # a bare yield: give the loop a turn
+        else:
+            # What a task does with a future its coroutine yields: taken over (else awaiting it again is an error)
+            # and waited for. The coroutine reads the outcome itself (result, exception, cancellation) when stepped.
+            waited._asyncio_future_blocking = False
+            with suppress(BaseException):
+                await waited
+        try:
+            waited = coroutine.send(None)
+        except StopIteration:
+            return
 
 
 def _counted(app: Any) -> Any:
