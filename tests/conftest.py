@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moviematch_ml.features import FEATURE_NAMES
+from moviematch_ml.online.store import FeedbackStore
 from moviematch_ml.runtime.cards import ModelCard, RatingScale, content_versioned, model_version, read_card, write_card
 from moviematch_ml.runtime.personalized import PersonalizedModel
 
@@ -57,6 +58,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     with postgres_schema() as url:
         yield url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FeedbackStore]:
+    """A feedback store on a SQLite file of the test's own, closed afterwards."""
+    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    yield s
+    s.close()
 
 
 @pytest.fixture

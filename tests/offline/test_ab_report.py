@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +57,6 @@ SMALL = [
     ("b", "h1", "1", 7.0, 7.5),
     ("b", "h1", "2", 7.0, 6.5),
 ]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'ab.sqlite3'}")
-    yield s
-    s.close()
 
 
 def test_errors_intervals_and_p_value_by_hand(store: FeedbackStore) -> None:
@@ -173,7 +165,7 @@ def test_the_command_writes_markdown_png_and_json(
     store: FeedbackStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fill(store, SMALL)
-    url = f"sqlite:///{tmp_path / 'ab.sqlite3'}"
+    url = str(store.engine.url)
     out = tmp_path / "report"
     code = cli.main(["ab-report", "--database-url", url, "--out", str(out), "--json", "--bootstrap", "200"])
     assert code == 0
@@ -212,7 +204,7 @@ def test_the_window_selects_ratings_by_their_time(
     store: FeedbackStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fill(store, SMALL)  # rated at 1000-1004 (unix seconds, 1970-01-01T00:16:40Z to 00:16:44Z)
-    url = f"sqlite:///{tmp_path / 'ab.sqlite3'}"
+    url = str(store.engine.url)
     args = ["ab-report", "--database-url", url, "--out", str(tmp_path / "r"), "--json", "--bootstrap", "50"]
     assert cli.main([*args, "--since", "1970-01-01T00:16:42Z"]) == 0
     data = json.loads(capsys.readouterr().out)

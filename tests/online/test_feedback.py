@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import orjson
 import pytest
 
@@ -92,13 +89,6 @@ def test_bad_idempotency_key_is_refused() -> None:
 
 
 # --- FeedbackService: the route without HTTP -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}")
-    yield s
-    s.close()
 
 
 def test_record_stores_new_ratings_and_names_their_users(store: FeedbackStore) -> None:

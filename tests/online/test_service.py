@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,6 @@ def _model_set(tmp_path: Path, six: Fixed, personalized: PersonalizedModel | Non
     models = ModelSet(tmp_path / "missing")
     models.swap(_models(six, personalized))
     return models
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 's.sqlite3'}")
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")

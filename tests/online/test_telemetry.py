@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +134,6 @@ def test_prediction_errors_by_reason(telemetry: Telemetry) -> None:
         "moviematch_predictions_total",
         labels(endpoint="predict", variant="champion", version=service.models.current.version, source="model"),
     ) not in got
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    s = FeedbackStore.from_url(f"sqlite:///{tmp_path / 's.sqlite3'}")
-    yield s
-    s.close()
 
 
 def test_personalised_rows_are_counted_with_the_personalised_version(

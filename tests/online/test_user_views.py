@@ -34,11 +34,6 @@ class FakeClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FeedbackStore:
-    return FeedbackStore.from_url(f"sqlite:///{tmp_path / 's.sqlite3'}")
-
-
-@pytest.fixture
 def personalized(tiny_personalized_dir: Path) -> PersonalizedModel:
     return PersonalizedModel.load(tiny_personalized_dir / "personalized")
 
