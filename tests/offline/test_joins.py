@@ -11,6 +11,7 @@ from moviematch_ml.offline.joins import BY_ID, BY_TIME, Joined, join_ratings
 from moviematch_ml.online.feedback import Feedback
 from moviematch_ml.online.journal import Entry, PredictionLog, read, served
 from moviematch_ml.online.store import FeedbackStore
+from moviematch_ml.online.tables import PREDICTION_LOG_COLUMNS
 
 A, B = "a" * 32, "b" * 32
 XA = np.array([[1.0, 7.5, 100.0, 0.0, 3.0, 9.5], [2.0, 6.0, 50.0, 1.0, 10.0, 1.25]])
@@ -41,7 +42,7 @@ LOG = [
 
 
 def test_a_log_row_unpacks_into_its_predictions_with_their_ids() -> None:
-    rows = PredictionLog(max_rows=10).rows(LOG)
+    rows = [dict(zip(PREDICTION_LOG_COLUMNS, r, strict=True)) for r in PredictionLog(max_rows=10).rows(LOG)]
     first, second = served(rows[0])
     assert (first.prediction_id, second.prediction_id) == (f"{A}-0", f"{A}-1")  # batch row i: <request id>-<i>
     assert (first.movie_id, second.movie_id, first.user_id) == ("10", "20", "u1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator, Sequence
 
@@ -66,6 +67,17 @@ def test_entries_are_written_as_one_row_per_request(store: FeedbackStore) -> Non
     assert list(np.frombuffer(bytes(one["features"]), dtype="<f8")) == [EXAMPLE[n] for n in FEATURE_NAMES]  # type: ignore[call-overload]
 
 
+def test_a_queued_predict_entry_is_out_of_the_garbage_collectors_sight() -> None:
+    # Under load thousands wait in the queue for up to a second: as objects, every collection of the collector's
+    # older generations walked them (docs/operations.md, Overload). A /predict's is a tuple of atomic values.
+    log = PredictionLog(max_rows=10)
+    log.add(Entry("f" * 32, 1.0, "predict", "champion", "v", 7, (42,), example_matrix(), (7.5,), "model", None))
+    gc.collect()
+    (queued,) = log.take()
+    assert not gc.is_tracked(queued)
+    assert Entry(*queued).movie_ids == (42,)
+
+
 def test_a_full_queue_drops_and_counts_never_blocks() -> None:
     dropped: list[int] = []
     log = PredictionLog(max_rows=3)
@@ -74,7 +86,7 @@ def test_a_full_queue_drops_and_counts_never_blocks() -> None:
     log.add(_batch("2" * 32))  # 2 more would make 4 > 3: dropped whole
     log.add(Entry("3" * 32, 1.0, "predict", "champion", "v", None, [None], example_matrix(), [1.0], "model", None))
     assert (log.queued, log.dropped, dropped) == (3, 2, [2])
-    assert [e.request_id for e in log.take()] == ["1" * 32, "3" * 32]
+    assert [Entry(*e).request_id for e in log.take()] == ["1" * 32, "3" * 32]
     assert log.queued == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,20 @@ def test_cache_hits_keep_fresh_ids_and_follow_the_model_version(tmp_path: Path) 
     assert orjson.loads(service.predict_one(body))["predicted_rating"] == 3.0  # new version: not the old entry
     assert (second.calls, len(service.cache)) == (1, 2)  # bounded: the oldest entry was evicted
     assert (service.cache.hits, service.cache.misses) == (2, 3)
+
+
+def test_cached_predict_answers_are_out_of_the_garbage_collectors_sight(tmp_path: Path) -> None:
+    # Under load thousands of them stay cached for seconds: as objects, every collection of the collector's older
+    # generations walked them (docs/operations.md, Overload). Kept as tuples of atomic values, they are untracked.
+    service = Service(_model_set(tmp_path, Fixed("v1", 6.0)), max_batch_size=10, cache_size=10)
+    for n in range(3):
+        service.predict_one(orjson.dumps({**EXAMPLE, "popularity": float(n)}))
+    gc.collect()  # untracks the answers' tuples; the cache's (answer, size) pairs holding them, at the next one
+    gc.collect()
+    assert isinstance(service.cache, LRUCache)
+    assert len(service.cache) == 3
+    assert not any(gc.is_tracked(value) for value in service.cache._data.values())
+    assert orjson.loads(service.predict_one(orjson.dumps({**EXAMPLE, "popularity": 1.0})))["predicted_rating"] == 6.0
 
 
 def test_no_cache_without_a_size_and_none_for_big_bodies(tmp_path: Path) -> None:

@@ -287,6 +287,11 @@ class OneAnswer:
     version: str  # the model directory's (Models.version)
     variant: str = "champion"
 
+    def packed(self) -> tuple[float, str, bool, str, str]:
+        """The fields as a plain tuple, in declaration order (``OneAnswer(*packed)`` is the answer): what the
+        in-process cache holds, out of the garbage collector's sight (see ``PredictionLog.add``)."""
+        return (self.rating, self.source, self.cacheable, self.version, self.variant)
+
 
 @dataclass(slots=True)
 class BatchAnswer:

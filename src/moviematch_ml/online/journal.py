@@ -66,6 +66,46 @@ class Entry:
     top_k: int | None = None
     body: bytes | None = None
 
+    def packed(self) -> Packed:
+        """The fields as a plain tuple, in declaration order: what the queue holds (see ``PredictionLog.add``)."""
+        return (
+            self.request_id,
+            self.logged_at,
+            self.endpoint,
+            self.variant,
+            self.model_version,
+            self.user_id,
+            self.movie_ids,
+            self.x,
+            self.predictions,
+            self.source,
+            self.row_sources,
+            self.ranked,
+            self.top_k,
+            self.body,
+        )
+
+
+PREDICTIONS: Final = 8  # Packed's index of the predictions
+
+# An entry as the queue holds it: Entry's fields, in order, in a plain tuple.
+Packed = tuple[
+    str,
+    float,
+    str,
+    str,
+    str,
+    Id | None,
+    Sequence[Id | None] | None,
+    FloatArray | None,
+    Sequence[float],
+    str,
+    list[str] | None,
+    bool,
+    int | None,
+    bytes | None,
+]
+
 
 class PredictionLog:
     """The queue and its writer (see the module). ``decode`` turns a cached answer's body back into its features and
@@ -83,7 +123,7 @@ class PredictionLog:
         self.share = share
         self._decode = decode
         self._clock = clock
-        self._queue: deque[Entry] = deque()
+        self._queue: deque[Packed] = deque()
         self._rows = 0
         self.written = 0  # predictions written
         self.dropped = 0  # predictions not logged: the queue was full, or they could not be written
@@ -103,16 +143,24 @@ class PredictionLog:
         return self._rows
 
     def add(self, entry: Entry) -> None:
-        """Queue an answered request (the request path: no I/O, no copy)."""
+        """Queue an answered request (the request path: no I/O, no copy of its arrays).
+
+        The queue holds the entry's fields in a plain tuple, not the Entry. Under load thousands of entries wait
+        there for up to ``interval`` seconds: long enough for the garbage collector to move them into its older
+        generations, whose every collection walks each object still in them. A tuple of atomic values (strings,
+        numbers, bytes, None, tuples of those, arrays) is dropped from the collector's sight the first time it is
+        seen, so a /predict's entry, whose ids and prediction the request path passes as tuples, costs the
+        collections nothing: with Entry objects queued, a saturated worker's collections paused it for 20-60 ms
+        (docs/operations.md, Overload)."""
         n = len(entry.predictions)
         if self._rows + n > self.max_rows or self._clock() < self._busy_until:
             self._drop(n)
             return
-        self._queue.append(entry)
+        self._queue.append(entry.packed())
         self._rows += n
 
-    def take(self) -> list[Entry]:
-        """Everything queued, oldest first."""
+    def take(self) -> list[Packed]:
+        """Everything queued, oldest first (``Entry(*packed)`` is the entry)."""
         out = []
         while self._queue:
             out.append(self._queue.popleft())
@@ -124,52 +172,54 @@ class PredictionLog:
         if self.on_dropped is not None:
             self.on_dropped(n)
 
-    def rows(self, entries: Sequence[Entry]) -> list[dict[str, object]]:
-        """The table rows of entries (in a worker thread: serialising a big batch takes a while)."""
-        out = []
+    def rows(self, entries: Sequence[Entry | Packed]) -> list[tuple[object, ...]]:
+        """The table rows of entries, their values in ``PREDICTION_LOG_COLUMNS`` order (in a worker thread:
+        serialising a big batch takes a while)."""
+        out: list[tuple[object, ...]] = []
         for e in entries:
-            x, movie_ids = e.x, e.movie_ids
+            (request_id, logged_at, endpoint, variant, version, user_id, movie_ids, x, predictions, source,
+             row_sources, ranked, top_k, body) = e.packed() if isinstance(e, Entry) else e  # fmt: skip
+            n = len(predictions)
             if x is None or movie_ids is None:
-                x, movie_ids = self._decoded(e)
+                x, movie_ids = self._decoded(body, n)
             out.append(
-                {
-                    "request_id": e.request_id,
-                    "logged_at": e.logged_at,
-                    "endpoint": e.endpoint,
-                    "variant": e.variant,
-                    "model_version": e.model_version,
-                    "user_id": None if e.user_id is None else str(e.user_id),
-                    "n": len(e.predictions),
-                    "movie_ids": orjson.dumps(list(movie_ids)).decode(),
-                    "features": np.ascontiguousarray(x, dtype="<f8").tobytes(),
-                    "predictions": np.asarray(e.predictions, dtype="<f8").tobytes(),
-                    "source": e.source,
-                    "row_sources": None if e.row_sources is None else orjson.dumps(e.row_sources).decode(),
-                    "ranked": e.ranked,
-                    "top_k": e.top_k,
-                }
+                (
+                    request_id,
+                    logged_at,
+                    endpoint,
+                    variant,
+                    version,
+                    None if user_id is None else str(user_id),
+                    n,
+                    orjson.dumps(list(movie_ids)).decode(),
+                    np.ascontiguousarray(x, dtype="<f8").tobytes(),
+                    np.asarray(predictions, dtype="<f8").tobytes(),
+                    source,
+                    None if row_sources is None else orjson.dumps(row_sources).decode(),
+                    ranked,
+                    top_k,
+                )
             )
         return out
 
-    def _decoded(self, e: Entry) -> tuple[FloatArray, Sequence[Id | None]]:
-        n = len(e.predictions)
-        if self._decode is not None and e.body is not None:
+    def _decoded(self, body: bytes | None, n: int) -> tuple[FloatArray, Sequence[Id | None]]:
+        if self._decode is not None and body is not None:
             try:
-                x, ids = self._decode(e.body)
+                x, ids = self._decode(body)
                 if x.shape == (n, N_FEATURES) and len(ids) == n:
                     return x, ids
             except (InputError, ValueError):  # a body that no longer decodes: its row keeps NaN features
                 pass
         return np.full((n, N_FEATURES), np.nan), [None] * n
 
-    def write(self, store: FeedbackStore, entries: Sequence[Entry]) -> None:
+    def write(self, store: FeedbackStore, entries: Sequence[Entry | Packed]) -> None:
         """Write entries (blocking); on a store failure they are counted as dropped and the error re-raised."""
+        n = sum(len(e.predictions if isinstance(e, Entry) else e[PREDICTIONS]) for e in entries)
         try:
             store.log_predictions(self.rows(entries))
         except StoreError:
-            self._drop(sum(len(e.predictions) for e in entries))
+            self._drop(n)
             raise
-        n = sum(len(e.predictions) for e in entries)
         self.written += n
         if self.on_written is not None:
             self.on_written(n)

@@ -154,7 +154,7 @@ class PredictionService:
                         None,
                         None,
                         None,
-                        [cached.rating],
+                        (cached.rating,),  # tuples, not lists: see PredictionLog.add
                         cached.source,
                         None,
                         body=body,
@@ -199,9 +199,9 @@ class PredictionService:
                     variant,
                     models.version,
                     request.user_id,
-                    [request.movie_id],
+                    (request.movie_id,),  # tuples, not lists: see PredictionLog.add
                     request.x,
-                    [answer.rating],
+                    (answer.rating,),
                     answer.source,
                     None,
                 )
@@ -346,7 +346,12 @@ class PredictionService:
             return None
         champion = self.models.current
         key = (champion.version, champion.six.source, body)
-        hit: OneAnswer | BatchAnswer | None = cache.get(key) if isinstance(cache, LRUCache) else await cache.aget(key)
+        hit: OneAnswer | BatchAnswer | None
+        if isinstance(cache, LRUCache):
+            got = cache.get(key)
+            hit = OneAnswer(*got) if type(got) is tuple else got
+        else:
+            hit = await cache.aget(key)
         if self.telemetry is not None:
             (self._misses if hit is None else self._hits).inc()
         return hit
@@ -358,7 +363,9 @@ class PredictionService:
         champion = self.models.current
         key = (champion.version, champion.six.source, body)
         if isinstance(cache, LRUCache):
-            cache.put(key, answer, rows)
+            # A /predict answer is kept packed: thousands of them live there for seconds, each walked by every
+            # collection of the garbage collector's older generations as an object, and not at all as a tuple.
+            cache.put(key, answer.packed() if isinstance(answer, OneAnswer) else answer, rows)
         else:
             cache.aput(key, answer, rows)
 

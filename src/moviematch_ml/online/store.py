@@ -12,7 +12,7 @@ import functools
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
@@ -28,7 +28,12 @@ from moviematch_ml.errors import ConfigError, MissingExtraError, StoreError
 from moviematch_ml.online import migrations
 from moviematch_ml.online.counters import NO_CALLS, CallTimer
 from moviematch_ml.online.feedback import Feedback
-from moviematch_ml.online.tables import feedback_table, movie_state_table, prediction_log_table
+from moviematch_ml.online.tables import (
+    PREDICTION_LOG_COLUMNS,
+    feedback_table,
+    movie_state_table,
+    prediction_log_table,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,11 @@ class FeedbackStore:
         compiled = q.compile(dialect=engine.dialect)
         self._user_ratings_sql = str(compiled)
         self._positional = compiled.positional
+        # The prediction log's insert, for the driver's executemany with rows of values (log_predictions).
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"  # sqlite3; psycopg
+        columns = ", ".join(PREDICTION_LOG_COLUMNS)
+        marks = ", ".join([mark] * len(PREDICTION_LOG_COLUMNS))
+        self._log_insert = f"INSERT INTO {prediction_log_table.name} ({columns}) VALUES ({marks})"
         # On a SQLite file that read runs on connections of its own, taken out of the engine's pool (with their
         # pragmas) and kept in a list: checking one out of SQLAlchemy's pool and resetting it on return costs as
         # much as the read of a few ratings. list.pop and list.append are atomic, so each thread of anyio's pool
@@ -256,14 +266,16 @@ class FeedbackStore:
         return StoreResult(tuple(stored))
 
     @_timed("log_predictions")
-    def log_predictions(self, rows: Sequence[Mapping[str, object]]) -> None:
-        """Append rows to the prediction log (``tables.prediction_log_table``) in one transaction."""
+    def log_predictions(self, rows: Sequence[Sequence[object]]) -> None:
+        """Append rows (their values in ``tables.PREDICTION_LOG_COLUMNS`` order) to the prediction log in one
+        transaction. Straight to the driver's executemany: SQLAlchemy's insert processes every row's parameters in
+        Python, which held the GIL for most of the writer's time, away from the event loop."""
         if not rows:
             return
         self._ensure_migrated()
         try:
             with self.engine.begin() as conn:
-                conn.execute(prediction_log_table.insert(), list(rows))
+                conn.exec_driver_sql(self._log_insert, list(rows))
         except FAILURES as exc:
             raise StoreError(f"could not write the prediction log: {exc.__class__.__name__}") from exc
 

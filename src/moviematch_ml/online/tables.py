@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
@@ -61,3 +63,5 @@ prediction_log_table = Table(
     Index("ix_prediction_log_user_id", "user_id", "logged_at"),
     Index("ix_prediction_log_logged_at", "logged_at"),
 )
+# The columns a prediction-log row is written with (all but ``id``), in the order of ``PredictionLog.rows``' values.
+PREDICTION_LOG_COLUMNS: Final[tuple[str, ...]] = tuple(c.name for c in prediction_log_table.columns if c.name != "id")
