@@ -14,7 +14,8 @@ shares the service's two cores, and at the same priority it takes the CPU from t
 loop then stops for the scheduler's 20-30 ms slices, whatever the worker does).
 
 Prints: the requests answered, the share of 503s (``overloaded``: past MAX_CONCURRENCY), requests left without an
-answer (reset or closed), p50/p99 of the answers other than 503, and /health/live's p50/p99/max and failures.
+answer (reset or closed), p50/p99 of the answers other than 503, /health/live's p50/p99/max and failures, and the
+predictions the prediction log wrote and dropped (it spends at most PREDICTION_LOG_SHARE of the worker's time).
 Bounded by --duration (plus the server's start and the connections' close).
 """
 
@@ -32,6 +33,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,6 +160,23 @@ def probe(host: str, port: int, duration: float, out: Connection) -> None:
     out.close()
 
 
+def prediction_log(host: str, port: int) -> dict[str, float]:
+    """The worker's prediction-log counts (``moviematch_prediction_log_total`` by outcome, from /metrics): how much
+    of what was answered the log kept under this load. Empty when /metrics cannot be read (keys, metrics off)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("moviematch_prediction_log_total{"):
+            labels, _, value = line.rpartition(" ")
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(value)
+    return counts
+
+
 def quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -200,6 +219,7 @@ def main() -> int:
         elapsed = time.monotonic() - started
         live, failed_probes = receiver.recv()
         prober.join()
+        logged = prediction_log(host, port)
         rss = tree_rss_mb(proc.pid) if proc is not None else (float("nan"), float("nan"))
     finally:
         if proc is not None:
@@ -225,6 +245,7 @@ def main() -> int:
         "live_p99_ms": quantile(live, 0.99) * 1000,
         "live_max_ms": max(live, default=float("nan")) * 1000,
         "worker_rss_mb": rss[0],
+        "prediction_log": logged,
     }
     print(
         f"{args.connections} connections for {elapsed:.1f} s: {answered:,} answers ({answered / elapsed:,.0f}/s), "
@@ -236,6 +257,12 @@ def main() -> int:
         f"/health/live every {PROBE_EVERY * 1000:.0f} ms ({figures['live_probes']} probes, {failed_probes} failed): "
         f"p50 {figures['live_p50_ms']:.1f} ms, p99 {figures['live_p99_ms']:.1f} ms, max {figures['live_max_ms']:.1f} ms"
     )
+    if logged:
+        total = sum(logged.values())
+        print(
+            f"prediction log: {logged.get('written', 0):,.0f} written, {logged.get('dropped', 0):,.0f} dropped "
+            f"({logged.get('written', 0) / total if total else float('nan'):.1%} kept)"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -90,6 +90,17 @@ def _wait(condition: Callable[[], bool], timeout: float = 30.0, what: object = N
         time.sleep(0.05)
 
 
+def _settled(count: Callable[[], int], quiet: float = 1.0, timeout: float = 30.0) -> None:
+    """Wait until ``count`` has not moved for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the count kept moving"
+        time.sleep(0.05)
+        if (now := count()) != last:
+            last, since = now, time.monotonic()
+
+
 @pytest.fixture
 def served(tmp_path: Path, tiny_model_dir: Path, other_model_dir: Path) -> tuple[Server, Registry, str, str]:
     registry = Registry(tmp_path / "registry")
@@ -120,6 +131,9 @@ def test_reloads_and_rollbacks_under_load_fail_no_request(served: tuple[Server, 
             status, body = _reload(server.port)  # one worker at once; the other within the poll interval
             assert (status, body["reloaded"]) == (200, True)
             _wait(lambda: load.answers[(200, "champion", b)] > 200)
+            # And the other worker too: b answers no one as the challenger any more. (A worker that has not polled
+            # yet still holds a, and would reuse it from memory in the reload below, its damaged file unread.)
+            _settled(lambda: load.answers[(200, "b", b)])
             # A broken model is refused: the registered copy of a is damaged on disk, then a is promoted back.
             model_file = registry.model_dir(a) / "model.txt"
             good = model_file.read_bytes()
