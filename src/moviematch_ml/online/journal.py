@@ -212,9 +212,10 @@ class PredictionLog:
                 pass
         return np.full((n, N_FEATURES), np.nan), [None] * n
 
-    def write(self, store: FeedbackStore, entries: Sequence[Entry | Packed]) -> None:
-        """Write entries (blocking); on a store failure they are counted as dropped and the error re-raised."""
-        n = sum(len(e.predictions if isinstance(e, Entry) else e[PREDICTIONS]) for e in entries)
+    def write(self, store: FeedbackStore, entries: Sequence[Packed]) -> None:
+        """Write entries, as ``take`` gives them (blocking); on a store failure they are counted as dropped and the
+        error re-raised."""
+        n = sum(len(e[PREDICTIONS]) for e in entries)
         try:
             store.log_predictions(self.rows(entries))
         except StoreError:
