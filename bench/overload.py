@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from prometheus_client.parser import text_string_to_metric_families
 from run import features, free_port, start, stop, tree_rss_mb, wait_ready
 
 PROBE_EVERY = 0.1  # seconds between two liveness probes
@@ -169,11 +170,11 @@ def prediction_log(host: str, port: int) -> dict[str, float]:
     except OSError:
         return {}
     counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("moviematch_prediction_log_total{"):
-            labels, _, value = line.rpartition(" ")
-            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = counts.get(outcome, 0.0) + float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "moviematch_prediction_log_total":
+                outcome = sample.labels["outcome"]
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
     return counts
 
 
